@@ -1,0 +1,259 @@
+"""
+Sealing and opening envelopes: pure functions over bytes.
+
+Suite C{rsa} (1), the only one so far::
+
+    header      version u8 = 1, suite u8 = 1,
+                sender id, sender key fingerprint (32),
+                recipient id, recipient key fingerprint (32),
+                message id (16), timestamp u64 (Unix seconds)
+    wrapped key u16 length + RSA-OAEP(SHA-256, MGF1-SHA-256) of a fresh AES-256 key
+    nonce       12 random bytes
+    ciphertext  u32 length + AES-256-GCM(plaintext, associated data = header)
+    signature   u16 length + RSA-PSS-SHA256 by the sender over every byte above
+
+Identities are encoded as in L{mailrelay.encoding} (u8 length + ASCII).
+The relay reads the header (L{parse}) to route an envelope; only the
+recipient can open it (L{open_envelope}), and only after the signature checks
+out against the sender key the recipient already trusts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from mailrelay import keys
+from mailrelay.encoding import Reader, Writer
+from mailrelay.wire import MAX_ENVELOPE, MESSAGE_ID_SIZE
+
+VERSION = 1
+SUITE_RSA = 1
+FINGERPRINT_SIZE = 32
+NONCE_SIZE = 12
+AES_KEY_SIZE = 32
+MAX_WRAPPED_KEY = 1024
+MAX_SIGNATURE = 1024
+
+OAEP = padding.OAEP(
+    mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None
+)
+
+
+class EnvelopeError(Exception):
+    """An envelope that is malformed, not for us, or not authentic."""
+
+
+class EnvelopeTooLarge(EnvelopeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Header:
+    version: int
+    suite: int
+    sender: str
+    sender_fingerprint: bytes
+    recipient: str
+    recipient_fingerprint: bytes
+    message_id: bytes
+    timestamp: int
+
+    def encode(self) -> bytes:
+        return (
+            Writer()
+            .u8(self.version)
+            .u8(self.suite)
+            .identity(self.sender)
+            .raw(self.sender_fingerprint)
+            .identity(self.recipient)
+            .raw(self.recipient_fingerprint)
+            .raw(self.message_id)
+            .u64(self.timestamp)
+            .getvalue()
+        )
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A parsed, not yet verified, envelope."""
+
+    header: Header
+    header_bytes: bytes
+    wrapped_key: bytes
+    nonce: bytes
+    ciphertext: bytes
+    signed: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A verified, decrypted message."""
+
+    header: Header
+    plaintext: bytes
+
+    @property
+    def sender(self) -> str:
+        return self.header.sender
+
+    @property
+    def message_id(self) -> bytes:
+        return self.header.message_id
+
+
+def new_message_id() -> bytes:
+    """128 random bits."""
+    return os.urandom(MESSAGE_ID_SIZE)
+
+
+def overhead(sender: str, recipient: str, key_bytes: int = keys.KEY_BITS // 8) -> int:
+    """Bytes an envelope adds to its plaintext, for C{key_bytes}-byte RSA keys."""
+    header = 2 + 2 + len(sender) + len(recipient) + 2 * FINGERPRINT_SIZE + MESSAGE_ID_SIZE + 8
+    return header + 2 + key_bytes + NONCE_SIZE + 4 + 16 + 2 + key_bytes
+
+
+def seal(
+    sender: keys.Identity,
+    recipient: str,
+    recipient_key: rsa.RSAPublicKey,
+    plaintext: bytes,
+    message_id: bytes | None = None,
+    timestamp: int | None = None,
+    max_envelope: int = MAX_ENVELOPE,
+) -> bytes:
+    """
+    Encrypt C{plaintext} for C{recipient} and sign it as C{sender}.
+    Raises L{EnvelopeTooLarge} when the result would exceed C{max_envelope}.
+    """
+    if message_id is None:
+        message_id = new_message_id()
+    if len(message_id) != MESSAGE_ID_SIZE:
+        raise ValueError("a message id is 16 bytes")
+    limit = max_envelope - overhead(
+        sender.name, recipient, max(sender.public_key.key_size, recipient_key.key_size) // 8
+    )
+    if len(plaintext) > limit:
+        raise EnvelopeTooLarge(
+            f"message of {len(plaintext)} bytes is over the limit of {max(limit, 0)} bytes"
+        )
+    header = Header(
+        version=VERSION,
+        suite=SUITE_RSA,
+        sender=sender.name,
+        sender_fingerprint=sender.fingerprint,
+        recipient=recipient,
+        recipient_fingerprint=keys.fingerprint(keys.public_der(recipient_key)),
+        message_id=message_id,
+        timestamp=int(time.time()) if timestamp is None else timestamp,
+    )
+    header_bytes = header.encode()
+    content_key = AESGCM.generate_key(bit_length=AES_KEY_SIZE * 8)
+    nonce = os.urandom(NONCE_SIZE)
+    ciphertext = AESGCM(content_key).encrypt(nonce, plaintext, header_bytes)
+    wrapped = recipient_key.encrypt(content_key, OAEP)
+    signed = Writer().raw(header_bytes).blob16(wrapped).raw(nonce).blob32(ciphertext).getvalue()
+    signature = sender.sign(signed)
+    envelope = Writer().raw(signed).blob16(signature).getvalue()
+    if len(envelope) > max_envelope:
+        raise EnvelopeTooLarge(f"envelope of {len(envelope)} bytes is over {max_envelope}")
+    return envelope
+
+
+def parse(data: bytes, max_envelope: int = MAX_ENVELOPE) -> Envelope:
+    """
+    Split an envelope into its parts, strictly, without any cryptography.
+    Anything malformed raises L{EnvelopeError}.
+    """
+    if len(data) > max_envelope:
+        raise EnvelopeTooLarge(f"envelope of {len(data)} bytes is over {max_envelope}")
+    r = Reader(data, EnvelopeError)
+    version = r.u8("envelope version")
+    if version != VERSION:
+        raise EnvelopeError(f"unsupported envelope version {version}")
+    suite = r.u8("suite")
+    if suite != SUITE_RSA:
+        raise EnvelopeError(f"unsupported envelope suite {suite}")
+    header = Header(
+        version,
+        suite,
+        r.identity("sender"),
+        r.raw(FINGERPRINT_SIZE, "sender fingerprint"),
+        r.identity("recipient"),
+        r.raw(FINGERPRINT_SIZE, "recipient fingerprint"),
+        r.raw(MESSAGE_ID_SIZE, "message id"),
+        r.u64("timestamp"),
+    )
+    header_end = len(data) - r.remaining()
+    wrapped = r.blob16("wrapped key", MAX_WRAPPED_KEY)
+    nonce = r.raw(NONCE_SIZE, "nonce")
+    ciphertext = r.blob32("ciphertext", max_envelope)
+    signed_end = len(data) - r.remaining()
+    signature = r.blob16("signature", MAX_SIGNATURE)
+    r.end("envelope")
+    return Envelope(
+        header,
+        bytes(data[:header_end]),
+        wrapped,
+        nonce,
+        ciphertext,
+        bytes(data[:signed_end]),
+        signature,
+    )
+
+
+def open_envelope(
+    envelope: Envelope | bytes,
+    recipient: keys.Identity,
+    sender_key: rsa.RSAPublicKey,
+) -> Opened:
+    """
+    Verify and decrypt an envelope addressed to C{recipient}.
+
+    C{sender_key} is the key the recipient trusts for the sender the header
+    names (its pinned key).  The checks run in this order, and the first
+    failure raises L{EnvelopeError}, returning nothing of the plaintext:
+    addressed to this identity and key; sender key fingerprint matches the
+    trusted key; signature valid; key unwraps; ciphertext authentic.
+    """
+    if isinstance(envelope, (bytes, bytearray, memoryview)):
+        envelope = parse(bytes(envelope))
+    h = envelope.header
+    if h.recipient != recipient.name:
+        raise EnvelopeError(
+            f"envelope is addressed to {h.recipient!r}, not to {recipient.name!r}"
+        )
+    if h.recipient_fingerprint != recipient.fingerprint:
+        raise EnvelopeError(
+            f"envelope is sealed for another key of {h.recipient!r} "
+            f"({keys.format_fingerprint(h.recipient_fingerprint)})"
+        )
+    trusted = keys.fingerprint(keys.public_der(sender_key))
+    if h.sender_fingerprint != trusted:
+        raise EnvelopeError(
+            f"envelope claims a key for {h.sender!r} "
+            f"({keys.format_fingerprint(h.sender_fingerprint)}) that is not the one "
+            f"trusted ({keys.format_fingerprint(trusted)})"
+        )
+    if not keys.verify(sender_key, envelope.signature, envelope.signed):
+        raise EnvelopeError(f"signature of {h.sender!r} does not verify: envelope altered or forged")
+    try:
+        content_key = recipient.private_key.decrypt(envelope.wrapped_key, OAEP)
+    except ValueError:
+        raise EnvelopeError("content key does not unwrap with our private key") from None
+    if len(content_key) != AES_KEY_SIZE:
+        raise EnvelopeError("content key has the wrong size")
+    try:
+        plaintext = AESGCM(content_key).decrypt(
+            envelope.nonce, envelope.ciphertext, envelope.header_bytes
+        )
+    except InvalidTag:
+        raise EnvelopeError("ciphertext does not authenticate") from None
+    return Opened(h, plaintext)

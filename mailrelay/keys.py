@@ -1,0 +1,275 @@
+"""
+Identities, fingerprints, PEM files and the client's pinned contact keys.
+
+A home directory (C{~/.mailrelay} by default) holds one identity::
+
+    identity            the identity's id, one line
+    private_key.pem     PKCS#8 PEM, mode 0600
+    public_key.pem      SubjectPublicKeyInfo PEM
+    contacts/ID.pem     each contact's key, pinned on first use
+
+Both PEM files are the formats C{openssl pkey} reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from mailrelay.encoding import valid_identity
+
+KEY_BITS = 3072
+MIN_KEY_BITS = 2048
+PUBLIC_EXPONENT = 65537
+
+
+class IdentityError(Exception):
+    """Base of the errors about keys and homes; the message says what to do."""
+
+
+class BadKey(IdentityError):
+    """A key that is malformed, too small or not RSA."""
+
+
+class NoIdentity(IdentityError):
+    """The home directory holds no identity yet."""
+
+
+class IdentityExists(IdentityError):
+    """C{init} would overwrite an identity."""
+
+
+class KeyConflict(IdentityError):
+    """A key for a known identity differs from the pinned one."""
+
+    def __init__(self, identity: str, pinned: str, offered: str) -> None:
+        self.identity = identity
+        self.pinned = pinned
+        self.offered = offered
+        super().__init__(
+            f"the key offered for {identity!r} differs from the one pinned:\n"
+            f"  pinned:  {pinned}\n"
+            f"  offered: {offered}\n"
+            f"Someone may be impersonating {identity!r}. Check the fingerprint "
+            f"with them through another channel before trusting the new key."
+        )
+
+
+def check_identity(identity: str) -> str:
+    if not valid_identity(identity):
+        raise IdentityError(
+            f"{identity!r} is not a valid identity: use 1 to 64 letters, digits "
+            f"or ._@+- starting with a letter or digit"
+        )
+    return identity
+
+
+def fingerprint(public_key_der: bytes) -> bytes:
+    """SHA-256 of the DER SubjectPublicKeyInfo."""
+    return hashlib.sha256(public_key_der).digest()
+
+
+def format_fingerprint(digest: bytes) -> str:
+    """A fingerprint in groups of four hex digits, for people to compare."""
+    text = digest.hex().upper()
+    return " ".join(text[i : i + 4] for i in range(0, len(text), 4))
+
+
+def load_public_der(der: bytes) -> rsa.RSAPublicKey:
+    """Parse a DER SubjectPublicKeyInfo; refuse anything but RSA >= 2048 bits."""
+    try:
+        key = serialization.load_der_public_key(der)
+    except (ValueError, TypeError) as e:
+        raise BadKey(f"not a DER public key: {e}") from None
+    return _check_rsa(key)
+
+
+def _check_rsa(key: object) -> rsa.RSAPublicKey:
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise BadKey("only RSA keys are supported")
+    if key.key_size < MIN_KEY_BITS:
+        raise BadKey(f"RSA key of {key.key_size} bits is under the minimum of {MIN_KEY_BITS}")
+    return key
+
+
+def public_der(key: rsa.RSAPublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def public_pem(key: rsa.RSAPublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
+
+
+def verify(public_key: rsa.RSAPublicKey, signature: bytes, data: bytes) -> bool:
+    """Check an RSA-PSS-SHA256 signature."""
+    try:
+        public_key.verify(signature, data, PSS, hashes.SHA256())
+    except InvalidSignature:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Identity:
+    """An id and its RSA private key."""
+
+    name: str
+    private_key: rsa.RSAPrivateKey
+
+    @classmethod
+    def generate(cls, name: str, bits: int = KEY_BITS) -> Identity:
+        check_identity(name)
+        if bits < MIN_KEY_BITS:
+            raise BadKey(f"refusing to generate a {bits}-bit key; the minimum is {MIN_KEY_BITS}")
+        key = rsa.generate_private_key(public_exponent=PUBLIC_EXPONENT, key_size=bits)
+        return cls(name, key)
+
+    @property
+    def public_key(self) -> rsa.RSAPublicKey:
+        return self.private_key.public_key()
+
+    @property
+    def public_der(self) -> bytes:
+        return public_der(self.public_key)
+
+    @property
+    def fingerprint(self) -> bytes:
+        return fingerprint(self.public_der)
+
+    def sign(self, data: bytes) -> bytes:
+        """RSA-PSS-SHA256 with a digest-length salt."""
+        return self.private_key.sign(data, PSS, hashes.SHA256())
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """Write C{path} atomically (temp file, fsync, rename) with C{mode}."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class Home:
+    """The files of one person's client: their identity and pinned contacts."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser()
+
+    @property
+    def _id_file(self) -> Path:
+        return self.path / "identity"
+
+    @property
+    def private_key_file(self) -> Path:
+        return self.path / "private_key.pem"
+
+    @property
+    def public_key_file(self) -> Path:
+        return self.path / "public_key.pem"
+
+    @property
+    def contacts_dir(self) -> Path:
+        return self.path / "contacts"
+
+    def has_identity(self) -> bool:
+        return self._id_file.exists()
+
+    def create(self, name: str, bits: int = KEY_BITS) -> Identity:
+        """Generate and store a new identity; refuse to overwrite one."""
+        check_identity(name)
+        if self.has_identity():
+            raise IdentityExists(
+                f"{self.path} already holds the identity {self._id_file.read_text().strip()!r}; "
+                f"use another --home to create a second identity"
+            )
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        identity = Identity.generate(name, bits)
+        private_pem = identity.private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        _write_file(self.private_key_file, private_pem, 0o600)
+        _write_file(self.public_key_file, public_pem(identity.public_key), 0o644)
+        # Written last: an identity exists only once both keys do.
+        _write_file(self._id_file, name.encode("ascii") + b"\n", 0o644)
+        return identity
+
+    def load(self) -> Identity:
+        if not self.has_identity():
+            raise NoIdentity(
+                f"no identity in {self.path}; create one with `mailrelay init ID`"
+            )
+        name = check_identity(self._id_file.read_text().strip())
+        try:
+            key = serialization.load_pem_private_key(
+                self.private_key_file.read_bytes(), password=None
+            )
+        except FileNotFoundError:
+            raise NoIdentity(f"{self.private_key_file} is missing") from None
+        except (ValueError, TypeError) as e:
+            raise BadKey(f"cannot read {self.private_key_file}: {e}") from None
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise BadKey(f"{self.private_key_file} is not an RSA private key")
+        _check_rsa(key.public_key())
+        return Identity(name, key)
+
+    def _contact_file(self, name: str) -> Path:
+        return self.contacts_dir / f"{check_identity(name)}.pem"
+
+    def pinned(self, name: str) -> rsa.RSAPublicKey | None:
+        """The key pinned for C{name}, or None when none is."""
+        path = self._contact_file(name)
+        try:
+            pem = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            key = serialization.load_pem_public_key(pem)
+        except ValueError as e:
+            raise BadKey(f"cannot read pinned key {path}: {e}") from None
+        return _check_rsa(key)
+
+    def pin(self, name: str, der: bytes) -> rsa.RSAPublicKey:
+        """
+        Trust C{der} for C{name} if nothing is pinned yet (trust on first
+        use), or if it is the key already pinned.  A different key raises
+        L{KeyConflict} showing both fingerprints and changes nothing.
+        """
+        key = load_public_der(der)
+        current = self.pinned(name)
+        if current is not None:
+            if public_der(current) != public_der(key):
+                raise KeyConflict(
+                    name,
+                    format_fingerprint(fingerprint(public_der(current))),
+                    format_fingerprint(fingerprint(der)),
+                )
+            return current
+        self.contacts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _write_file(self._contact_file(name), public_pem(key), 0o644)
+        return key

@@ -1,0 +1,338 @@
+"""
+Frames of the relay protocol and their codec: pure functions over bytes.
+
+On the wire each frame is a 4-byte big-endian length, then that many bytes:
+one type byte and the frame's body.  L{docs/protocol.md} describes every
+frame, the session state in which it is allowed and every error code; this
+module is its executable form.  Decoding is strict: an unknown type, a
+truncated or over-long field, trailing bytes or an out-of-range value raise
+L{ProtocolError}, never anything else.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import ClassVar, Union
+
+from mailrelay.encoding import Reader, Writer
+
+PROTOCOL_VERSION = 1
+
+MAX_ENVELOPE = 256 * 1024
+"""The default largest envelope, in bytes, a relay accepts."""
+
+FRAME_OVERHEAD = 64
+"""Room in a frame for the type, a message id and length prefixes."""
+
+CHALLENGE_SIZE = 32
+MESSAGE_ID_SIZE = 16
+PING_SIZE = 8
+MAX_KEY_SIZE = 4096
+"""The largest DER public key accepted: ample for RSA-8192."""
+MAX_SIGNATURE_SIZE = 2048
+MAX_ERROR_TEXT = 1024
+MAX_ERROR_REF = 64
+
+LENGTH_PREFIX = struct.Struct(">I")
+
+
+def max_frame_for(max_envelope: int) -> int:
+    return max_envelope + FRAME_OVERHEAD
+
+
+class ProtocolError(Exception):
+    """A peer sent bytes that are not a valid frame."""
+
+
+class ErrorCode(enum.IntEnum):
+    """
+    The codes of an L{Error} frame.  Codes below 100 are fatal: the relay
+    closes the connection after sending them.  Codes of 100 and above answer
+    one request and the session goes on.
+    """
+
+    MALFORMED_FRAME = 1
+    UNSUPPORTED_VERSION = 2
+    UNEXPECTED_FRAME = 3
+    AUTH_FAILED = 4
+    AUTH_TIMEOUT = 5
+    KEY_CONFLICT = 6
+    IDLE_TIMEOUT = 7
+    SUPERSEDED = 8
+    SHUTTING_DOWN = 9
+
+    UNKNOWN_IDENTITY = 100
+    BAD_ENVELOPE = 101
+    SENDER_MISMATCH = 102
+    RECIPIENT_KEY_MISMATCH = 103
+    ENVELOPE_TOO_LARGE = 104
+    MAILBOX_FULL = 105
+    DUPLICATE_ID = 106
+    UNKNOWN_MESSAGE = 107
+    STORE_FAILED = 108
+
+    @property
+    def fatal(self) -> bool:
+        return self.value < 100
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Relay to client, first frame of a session: who the relay is and the challenge."""
+
+    TYPE: ClassVar[int] = 0x01
+    version: int
+    relay: str
+    challenge: bytes
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Client to relay: the identity, its public key and proof of holding its private key."""
+
+    TYPE: ClassVar[int] = 0x02
+    version: int
+    identity: str
+    public_key: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """Relay to client: authentication succeeded."""
+
+    TYPE: ClassVar[int] = 0x03
+    registered: bool
+    queued: int
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Client to relay: ask the directory for an identity's public key."""
+
+    TYPE: ClassVar[int] = 0x10
+    identity: str
+
+
+@dataclass(frozen=True)
+class Key:
+    """Relay to client: the directory's public key for an identity."""
+
+    TYPE: ClassVar[int] = 0x11
+    identity: str
+    public_key: bytes
+
+
+@dataclass(frozen=True)
+class Send:
+    """Client to relay: a sealed envelope for the recipient it names."""
+
+    TYPE: ClassVar[int] = 0x20
+    envelope: bytes
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """Relay to client: the envelope with this message id is committed to the store."""
+
+    TYPE: ClassVar[int] = 0x21
+    message_id: bytes
+
+
+@dataclass(frozen=True)
+class Deliver:
+    """Relay to client: a message from the client's mailbox."""
+
+    TYPE: ClassVar[int] = 0x22
+    message_id: bytes
+    envelope: bytes
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Client to relay: the delivered message is safely received; delete it."""
+
+    TYPE: ClassVar[int] = 0x23
+    message_id: bytes
+
+
+@dataclass(frozen=True)
+class Ping:
+    TYPE: ClassVar[int] = 0x30
+    opaque: bytes
+
+
+@dataclass(frozen=True)
+class Pong:
+    TYPE: ClassVar[int] = 0x31
+    opaque: bytes
+
+
+@dataclass(frozen=True)
+class Error:
+    """
+    Either side: a request failed.  C{ref} names what failed: a message id
+    for L{Send} and L{Ack}, the identity (UTF-8) for L{Lookup}, else empty.
+    """
+
+    TYPE: ClassVar[int] = 0x7F
+    code: ErrorCode
+    ref: bytes
+    text: str
+
+    @property
+    def fatal(self) -> bool:
+        return self.code.fatal
+
+
+Frame = Union[
+    Hello, Auth, Welcome, Lookup, Key, Send, Accepted, Deliver, Ack, Ping, Pong, Error
+]
+
+
+def _fixed(reader: Reader, size: int, what: str) -> bytes:
+    return reader.raw(size, what)
+
+
+def _check_fixed(value: bytes, size: int, what: str) -> None:
+    if len(value) != size:
+        raise ValueError(f"{what} must be {size} bytes, not {len(value)}")
+
+
+def encode(frame: Frame) -> bytes:
+    """
+    Encode C{frame} with its length prefix, ready for the transport.
+    Raises C{ValueError} for a frame that could never be decoded.
+    """
+    w = Writer().u8(frame.TYPE)
+    if isinstance(frame, Hello):
+        _check_fixed(frame.challenge, CHALLENGE_SIZE, "challenge")
+        w.u16(frame.version).identity(frame.relay).raw(frame.challenge)
+    elif isinstance(frame, Auth):
+        w.u16(frame.version).identity(frame.identity)
+        w.blob16(frame.public_key).blob16(frame.signature)
+    elif isinstance(frame, Welcome):
+        w.u8(1 if frame.registered else 0).u32(frame.queued)
+    elif isinstance(frame, Lookup):
+        w.identity(frame.identity)
+    elif isinstance(frame, Key):
+        w.identity(frame.identity).blob16(frame.public_key)
+    elif isinstance(frame, Send):
+        w.blob32(frame.envelope)
+    elif isinstance(frame, (Accepted, Ack)):
+        _check_fixed(frame.message_id, MESSAGE_ID_SIZE, "message id")
+        w.raw(frame.message_id)
+    elif isinstance(frame, Deliver):
+        _check_fixed(frame.message_id, MESSAGE_ID_SIZE, "message id")
+        w.raw(frame.message_id).blob32(frame.envelope)
+    elif isinstance(frame, (Ping, Pong)):
+        _check_fixed(frame.opaque, PING_SIZE, "ping payload")
+        w.raw(frame.opaque)
+    elif isinstance(frame, Error):
+        w.u16(int(frame.code)).blob16(frame.ref[:MAX_ERROR_REF])
+        text = frame.text.encode("utf-8")[:MAX_ERROR_TEXT]
+        w.blob16(text.decode("utf-8", "ignore").encode("utf-8"))
+    else:
+        raise TypeError(f"not a frame: {frame!r}")
+    body = w.getvalue()
+    return LENGTH_PREFIX.pack(len(body)) + body
+
+
+def decode(body: bytes, max_envelope: int = MAX_ENVELOPE) -> Frame:
+    """
+    Decode one frame from C{body}: the bytes after the length prefix.
+    """
+    r = Reader(body, ProtocolError)
+    kind = r.u8("frame type")
+    frame: Frame
+    if kind == Hello.TYPE:
+        frame = Hello(r.u16("version"), r.identity("relay id"),
+                      _fixed(r, CHALLENGE_SIZE, "challenge"))
+    elif kind == Auth.TYPE:
+        frame = Auth(r.u16("version"), r.identity("identity"),
+                     r.blob16("public key", MAX_KEY_SIZE),
+                     r.blob16("signature", MAX_SIGNATURE_SIZE))
+    elif kind == Welcome.TYPE:
+        flag = r.u8("registered flag")
+        if flag > 1:
+            raise ProtocolError(f"registered flag must be 0 or 1, not {flag}")
+        frame = Welcome(bool(flag), r.u32("queued count"))
+    elif kind == Lookup.TYPE:
+        frame = Lookup(r.identity("identity"))
+    elif kind == Key.TYPE:
+        frame = Key(r.identity("identity"), r.blob16("public key", MAX_KEY_SIZE))
+    elif kind == Send.TYPE:
+        frame = Send(r.blob32("envelope", max_envelope))
+    elif kind == Accepted.TYPE:
+        frame = Accepted(_fixed(r, MESSAGE_ID_SIZE, "message id"))
+    elif kind == Deliver.TYPE:
+        frame = Deliver(_fixed(r, MESSAGE_ID_SIZE, "message id"),
+                        r.blob32("envelope", max_envelope))
+    elif kind == Ack.TYPE:
+        frame = Ack(_fixed(r, MESSAGE_ID_SIZE, "message id"))
+    elif kind == Ping.TYPE:
+        frame = Ping(_fixed(r, PING_SIZE, "ping payload"))
+    elif kind == Pong.TYPE:
+        frame = Pong(_fixed(r, PING_SIZE, "pong payload"))
+    elif kind == Error.TYPE:
+        raw_code = r.u16("error code")
+        try:
+            code = ErrorCode(raw_code)
+        except ValueError:
+            raise ProtocolError(f"unknown error code {raw_code}") from None
+        frame = Error(code, r.blob16("error reference", MAX_ERROR_REF),
+                      r.text("error text", MAX_ERROR_TEXT))
+    else:
+        raise ProtocolError(f"unknown frame type 0x{kind:02x}")
+    r.end(type(frame).__name__)
+    return frame
+
+
+class FrameBuffer:
+    """
+    Reassembles frames from a byte stream.
+
+    The length prefix is checked before any of the body is kept, so a peer
+    announcing a huge frame is refused at once.  Bytes are appended to one
+    C{bytearray} and consumed frames are cut from its front in one step per
+    L{feed}, so a frame trickled a byte at a time costs linear, not
+    quadratic, time.
+    """
+
+    def __init__(self, max_envelope: int = MAX_ENVELOPE) -> None:
+        self.max_envelope = max_envelope
+        self.max_frame = max_frame_for(max_envelope)
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """
+        Add C{data}; return every frame now complete, in order.  Raises
+        L{ProtocolError} at the first malformed frame; the stream is unusable
+        after that.
+        """
+        self._buffer += data
+        frames: list[Frame] = []
+        offset = 0
+        buf = self._buffer
+        while len(buf) - offset >= LENGTH_PREFIX.size:
+            (length,) = LENGTH_PREFIX.unpack_from(buf, offset)
+            if length == 0:
+                raise ProtocolError("empty frame: a frame needs at least a type byte")
+            if length > self.max_frame:
+                raise ProtocolError(
+                    f"frame of {length} bytes is over the limit of {self.max_frame}"
+                )
+            start = offset + LENGTH_PREFIX.size
+            if len(buf) - start < length:
+                break
+            frames.append(decode(bytes(buf[start : start + length]), self.max_envelope))
+            offset = start + length
+        if offset:
+            del buf[:offset]
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
