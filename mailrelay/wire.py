@@ -38,8 +38,27 @@ MAX_ERROR_REF = 64
 LENGTH_PREFIX = struct.Struct(">I")
 
 
+AUTH_CONTEXT = b"mailrelay auth v1"
+
+
 def max_frame_for(max_envelope: int) -> int:
     return max_envelope + FRAME_OVERHEAD
+
+
+def auth_transcript(challenge: bytes, relay: str, identity: str) -> bytes:
+    """
+    What a client signs to authenticate: a context label, the relay's
+    challenge, the relay's id and the client's own id, each length-prefixed
+    so no two transcripts share an encoding.
+    """
+    return (
+        Writer()
+        .blob16(AUTH_CONTEXT)
+        .blob16(challenge)
+        .identity(relay)
+        .identity(identity)
+        .getvalue()
+    )
 
 
 class ProtocolError(Exception):
@@ -62,16 +81,16 @@ class ErrorCode(enum.IntEnum):
     IDLE_TIMEOUT = 7
     SUPERSEDED = 8
     SHUTTING_DOWN = 9
+    INTERNAL_ERROR = 10
 
     UNKNOWN_IDENTITY = 100
     BAD_ENVELOPE = 101
     SENDER_MISMATCH = 102
     RECIPIENT_KEY_MISMATCH = 103
-    ENVELOPE_TOO_LARGE = 104
-    MAILBOX_FULL = 105
-    DUPLICATE_ID = 106
-    UNKNOWN_MESSAGE = 107
-    STORE_FAILED = 108
+    MAILBOX_FULL = 104
+    DUPLICATE_ID = 105
+    UNKNOWN_MESSAGE = 106
+    STORE_FAILED = 107
 
     @property
     def fatal(self) -> bool:
@@ -101,11 +120,17 @@ class Auth:
 
 @dataclass(frozen=True)
 class Welcome:
-    """Relay to client: authentication succeeded."""
+    """
+    Relay to client: authentication succeeded.  C{registered} tells whether
+    the key was registered by this session (first use of the identity),
+    C{queued} how many messages wait in the mailbox, C{max_envelope} the
+    largest envelope this relay accepts.
+    """
 
     TYPE: ClassVar[int] = 0x03
     registered: bool
     queued: int
+    max_envelope: int
 
 
 @dataclass(frozen=True)
@@ -214,7 +239,7 @@ def encode(frame: Frame) -> bytes:
         w.u16(frame.version).identity(frame.identity)
         w.blob16(frame.public_key).blob16(frame.signature)
     elif isinstance(frame, Welcome):
-        w.u8(1 if frame.registered else 0).u32(frame.queued)
+        w.u8(1 if frame.registered else 0).u32(frame.queued).u32(frame.max_envelope)
     elif isinstance(frame, Lookup):
         w.identity(frame.identity)
     elif isinstance(frame, Key):
@@ -231,9 +256,8 @@ def encode(frame: Frame) -> bytes:
         _check_fixed(frame.opaque, PING_SIZE, "ping payload")
         w.raw(frame.opaque)
     elif isinstance(frame, Error):
-        w.u16(int(frame.code)).blob16(frame.ref[:MAX_ERROR_REF])
-        text = frame.text.encode("utf-8")[:MAX_ERROR_TEXT]
-        w.blob16(text.decode("utf-8", "ignore").encode("utf-8"))
+        text = frame.text.encode("utf-8")[:MAX_ERROR_TEXT].decode("utf-8", "ignore")
+        w.u16(int(frame.code)).blob16(frame.ref[:MAX_ERROR_REF]).text(text)
     else:
         raise TypeError(f"not a frame: {frame!r}")
     body = w.getvalue()
@@ -258,7 +282,7 @@ def decode(body: bytes, max_envelope: int = MAX_ENVELOPE) -> Frame:
         flag = r.u8("registered flag")
         if flag > 1:
             raise ProtocolError(f"registered flag must be 0 or 1, not {flag}")
-        frame = Welcome(bool(flag), r.u32("queued count"))
+        frame = Welcome(bool(flag), r.u32("queued count"), r.u32("max envelope"))
     elif kind == Lookup.TYPE:
         frame = Lookup(r.identity("identity"))
     elif kind == Key.TYPE:

@@ -1,0 +1,1 @@
+"""The relay: the server side of mailrelay."""

@@ -1,0 +1,389 @@
+"""
+The relay's side of the protocol: one L{RelaySession} per connection, built
+by L{RelayFactory}.
+
+A session goes through three states.  C{handshake}: the relay has sent
+L{wire.Hello} with a fresh challenge and accepts only L{wire.Auth}, until
+the auth deadline.  C{ready}: the client may look keys up, send, receive and
+acknowledge.  C{closed}: after a fatal error or the end of the connection;
+nothing more is read.
+
+Frames are handled strictly one after another, each finishing (store
+commits included) before the next starts, so a client's sends are committed
+in the order it sent them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
+
+from mailrelay import envelope, keys, wire
+from mailrelay.relay.directory import Directory, KeyConflict
+from mailrelay.relay.mailbox import DEFAULT_WINDOW, Mailboxes, Outbox
+from mailrelay.relay.store import DuplicateId, MailboxFull, MailboxStore, StoredMessage
+
+E = wire.ErrorCode
+
+
+class Fatal(Exception):
+    """End the session with this error frame."""
+
+    def __init__(self, code: wire.ErrorCode, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+class Refused(Exception):
+    """Answer one request with this error frame; the session goes on."""
+
+    def __init__(self, code: wire.ErrorCode, ref: bytes, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.ref = ref
+        self.text = text
+
+
+@implementer(IPushProducer)
+class RelaySession(Protocol, TimeoutMixin):
+    log = Logger()
+
+    def __init__(self, factory: RelayFactory) -> None:
+        self.factory = factory
+        self.state = "handshake"
+        self.identity: str | None = None
+        self.public_key: bytes | None = None
+        self.outbox: Outbox | None = None
+        self.accepted = 0
+        self._frames = wire.FrameBuffer(factory.max_envelope)
+        self._queue: deque[wire.Frame] = deque()
+        self._busy = False
+        self._draining = False
+        self._deadline = None
+        self._challenge = b""
+        self.peer = "?"
+
+    # Twisted's TimeoutMixin schedules through this attribute.
+    @property
+    def callLater(self):
+        return self.factory.clock.callLater
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        self.log.info("connection from {peer}", peer=self.peer)
+        self.factory.sessions.add(self)
+        self._challenge = os.urandom(wire.CHALLENGE_SIZE)
+        self._write(wire.Hello(wire.PROTOCOL_VERSION, self.factory.name, self._challenge))
+        self._deadline = self.factory.clock.callLater(
+            self.factory.auth_timeout, self._authDeadline
+        )
+        self.setTimeout(self.factory.idle_timeout)
+        self.transport.registerProducer(self, True)
+
+    def _write(self, frame: wire.Frame) -> None:
+        self.transport.write(wire.encode(frame))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == "closed":
+            return
+        self.resetTimeout()
+        try:
+            frames = self._frames.feed(data)
+        except wire.ProtocolError as e:
+            self.fatal(E.MALFORMED_FRAME, str(e))
+            return
+        self._queue.extend(frames)
+        self._drain()
+
+    def _drain(self) -> None:
+        if self._draining:
+            return  # the loop below is already running further up the stack
+        self._draining = True
+        try:
+            while self._queue and not self._busy and self.state != "closed":
+                frame = self._queue.popleft()
+                self._busy = True
+                d = maybeDeferred(self._handle, frame)
+                d.addErrback(self._failed, frame)
+                d.addBoth(self._handled)
+        finally:
+            self._draining = False
+
+    def _handled(self, ignored) -> None:
+        self._busy = False
+        self._drain()
+
+    def _failed(self, failure, frame: wire.Frame) -> None:
+        if failure.check(Fatal):
+            self.fatal(failure.value.code, failure.value.text)
+        elif failure.check(Refused):
+            err = failure.value
+            self._write(wire.Error(err.code, err.ref, err.text))
+        else:
+            self.log.failure(
+                "unexpected error handling {frame} from {identity}",
+                failure, frame=type(frame).__name__, identity=self.identity,
+            )
+            self.fatal(E.INTERNAL_ERROR, "internal relay error")
+
+    def fatal(self, code: wire.ErrorCode, text: str) -> None:
+        """Send an error frame and close the connection."""
+        if self.state == "closed":
+            return
+        self.log.info(
+            "closing {peer} ({identity}): {code}: {text}",
+            peer=self.peer, identity=self.identity or "unauthenticated",
+            code=code.name, text=text,
+        )
+        self.state = "closed"
+        self._queue.clear()
+        self._write(wire.Error(code, b"", text))
+        self.transport.loseConnection()
+
+    # Frame handlers
+
+    def _handle(self, frame: wire.Frame):
+        if self.state == "handshake":
+            if isinstance(frame, wire.Auth):
+                return self._auth(frame)
+            raise Fatal(E.UNEXPECTED_FRAME, f"{type(frame).__name__} before authentication")
+        if isinstance(frame, wire.Send):
+            return self._send(frame)
+        if isinstance(frame, wire.Ack):
+            return self._ack(frame)
+        if isinstance(frame, wire.Lookup):
+            return self._lookup(frame)
+        if isinstance(frame, wire.Ping):
+            self._write(wire.Pong(frame.opaque))
+            return None
+        if isinstance(frame, wire.Pong):
+            return None
+        if isinstance(frame, wire.Error):
+            self.log.info("{identity} reported {code}: {text}",
+                          identity=self.identity, code=frame.code.name, text=frame.text)
+            if frame.fatal:
+                self.state = "closed"
+                self.transport.loseConnection()
+            return None
+        raise Fatal(E.UNEXPECTED_FRAME, f"{type(frame).__name__} is not sent by clients")
+
+    @inlineCallbacks
+    def _auth(self, frame: wire.Auth):
+        if frame.version != wire.PROTOCOL_VERSION:
+            raise Fatal(
+                E.UNSUPPORTED_VERSION,
+                f"protocol version {frame.version} is not supported; "
+                f"this relay speaks {wire.PROTOCOL_VERSION}",
+            )
+        try:
+            key = keys.load_public_der(frame.public_key)
+        except keys.BadKey as e:
+            self.log.info("authentication failed for {identity} from {peer}: {reason}",
+                          identity=frame.identity, peer=self.peer, reason=str(e))
+            raise Fatal(E.AUTH_FAILED, str(e))
+        transcript = wire.auth_transcript(self._challenge, self.factory.name, frame.identity)
+        if not keys.verify(key, frame.signature, transcript):
+            self.log.info("authentication failed for {identity} from {peer}: bad signature",
+                          identity=frame.identity, peer=self.peer)
+            raise Fatal(E.AUTH_FAILED, "signature does not prove possession of the key")
+        yield self.factory.ready()
+        try:
+            registered = yield self.factory.directory.claim(frame.identity, frame.public_key)
+        except KeyConflict:
+            self.log.warn(
+                "authentication refused for {identity} from {peer}: "
+                "a different key is registered for this identity",
+                identity=frame.identity, peer=self.peer,
+            )
+            raise Fatal(
+                E.KEY_CONFLICT,
+                f"{frame.identity!r} is registered with another key on this relay",
+            )
+        if self.state == "closed":
+            return
+        self._cancelDeadline()
+        self.identity = frame.identity
+        self.public_key = frame.public_key
+        self.state = "ready"
+        queued = yield self.factory.store.count(frame.identity)
+        if self.state == "closed":
+            return
+        self.log.info(
+            "{identity} authenticated from {peer} ({how}); {queued} messages waiting",
+            identity=frame.identity, peer=self.peer, queued=queued,
+            how="new identity registered" if registered else "known key",
+        )
+        self._write(wire.Welcome(registered, queued, self.factory.max_envelope))
+        self.outbox = Outbox(frame.identity, self._push)
+        previous = self.factory.mailboxes.attach(self.outbox)
+        if previous is not None:
+            for session in list(self.factory.sessions):
+                if session.outbox is previous:
+                    session.fatal(E.SUPERSEDED, "another session of this identity connected")
+
+    @inlineCallbacks
+    def _send(self, frame: wire.Send):
+        try:
+            env = envelope.parse(frame.envelope, self.factory.max_envelope)
+        except envelope.EnvelopeError as e:
+            raise Refused(E.BAD_ENVELOPE, b"", f"envelope is malformed: {e}")
+        h = env.header
+        ref = h.message_id
+        if h.sender != self.identity:
+            raise Refused(
+                E.SENDER_MISMATCH, ref,
+                f"envelope names sender {h.sender!r} but this session is {self.identity!r}",
+            )
+        if h.sender_fingerprint != keys.fingerprint(self.public_key):
+            raise Refused(E.SENDER_MISMATCH, ref, "envelope names another key of the sender")
+        recipient_key = yield self.factory.directory.lookup(h.recipient)
+        if recipient_key is None:
+            raise Refused(E.UNKNOWN_IDENTITY, ref, f"no identity {h.recipient!r} on this relay")
+        if keys.fingerprint(recipient_key) != h.recipient_fingerprint:
+            raise Refused(
+                E.RECIPIENT_KEY_MISMATCH, ref,
+                f"envelope is sealed for a key of {h.recipient!r} that is not the one registered",
+            )
+        try:
+            new = yield self.factory.mailboxes.accept(
+                h.recipient, h.sender, h.message_id, frame.envelope
+            )
+        except MailboxFull as e:
+            raise Refused(E.MAILBOX_FULL, ref, f"mailbox of {h.recipient!r} is full ({e})")
+        except DuplicateId:
+            raise Refused(E.DUPLICATE_ID, ref, "message id already used for another message")
+        except Exception:
+            self.log.failure("store failed to accept a message for {recipient}",
+                             recipient=h.recipient)
+            raise Refused(E.STORE_FAILED, ref, "the relay could not store the message; retry")
+        if new:
+            self.accepted += 1
+        if self.state != "closed":
+            self._write(wire.Accepted(h.message_id))
+
+    @inlineCallbacks
+    def _ack(self, frame: wire.Ack):
+        found = yield self.factory.mailboxes.acknowledge(self.outbox, frame.message_id)
+        if not found:
+            raise Refused(
+                E.UNKNOWN_MESSAGE, frame.message_id,
+                "no delivered, unacknowledged message has this id",
+            )
+
+    @inlineCallbacks
+    def _lookup(self, frame: wire.Lookup):
+        key = yield self.factory.directory.lookup(frame.identity)
+        if key is None:
+            raise Refused(
+                E.UNKNOWN_IDENTITY, frame.identity.encode("ascii"),
+                f"no identity {frame.identity!r} on this relay",
+            )
+        if self.state != "closed":
+            self._write(wire.Key(frame.identity, key))
+
+    def _push(self, message: StoredMessage) -> None:
+        self._write(wire.Deliver(message.message_id, message.envelope))
+
+    # Timers
+
+    def _authDeadline(self) -> None:
+        self._deadline = None
+        if self.state == "handshake":
+            self.fatal(E.AUTH_TIMEOUT, "no valid authentication in time")
+
+    def _cancelDeadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def timeoutConnection(self) -> None:
+        self.fatal(E.IDLE_TIMEOUT, f"no frame for {self.factory.idle_timeout} seconds")
+
+    # IPushProducer: the transport tells us when its buffer is full.
+
+    def pauseProducing(self) -> None:
+        if self.outbox is not None:
+            self.factory.mailboxes.pause(self.outbox)
+
+    def resumeProducing(self) -> None:
+        if self.outbox is not None and self.state == "ready":
+            self.factory.mailboxes.resume(self.outbox)
+
+    def stopProducing(self) -> None:
+        pass
+
+    def connectionLost(self, reason) -> None:
+        self.state = "closed"
+        self._queue.clear()
+        self._cancelDeadline()
+        self.setTimeout(None)
+        self.factory.sessions.discard(self)
+        if self.outbox is not None:
+            self.factory.mailboxes.detach(self.outbox)
+            self.log.info(
+                "session of {identity} ended: accepted {accepted}, delivered {delivered}, "
+                "acknowledged {acked}",
+                identity=self.identity, accepted=self.accepted,
+                delivered=self.outbox.delivered, acked=self.outbox.acknowledged,
+            )
+        else:
+            self.log.info("connection from {peer} closed", peer=self.peer)
+
+
+class RelayFactory(Factory):
+    """
+    Shared state of the relay's sessions: configuration, the store, the
+    directory and the mailboxes.  C{clock} is the reactor (or a
+    L{task.Clock} in tests).
+    """
+
+    log = Logger()
+    noisy = False
+
+    def __init__(
+        self,
+        store: MailboxStore,
+        clock,
+        name: str = "mailrelay",
+        max_envelope: int = wire.MAX_ENVELOPE,
+        window: int = DEFAULT_WINDOW,
+        auth_timeout: float = 10.0,
+        idle_timeout: float = 300.0,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.name = name
+        self.max_envelope = max_envelope
+        self.auth_timeout = auth_timeout
+        self.idle_timeout = idle_timeout
+        self.directory = Directory(store, clock)
+        self.mailboxes = Mailboxes(store, clock, window)
+        self.sessions: set[RelaySession] = set()
+        self._ready = False
+        self._waiting: list[Deferred] = []
+
+    def buildProtocol(self, addr) -> RelaySession:
+        return RelaySession(self)
+
+    def storeReady(self) -> None:
+        """The store is open: sessions waiting for it go on."""
+        self._ready = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def ready(self) -> Deferred[None]:
+        if self._ready:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d

@@ -1,0 +1,91 @@
+"""
+The storage interface every engine implements.
+
+Every method returns a L{Deferred}.  The promises the relay builds on:
+
+  - L{MailboxStore.enqueue} fires only after the message is durably
+    committed (for engines that are durable at all).
+  - Messages of one mailbox come back from L{MailboxStore.pending} in the
+    order they were enqueued (by C{seq}, which only grows).
+  - A message leaves its mailbox only through L{MailboxStore.delete}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+
+
+class StoreError(Exception):
+    """The store could not do what was asked; nothing was changed."""
+
+
+class MailboxFull(StoreError):
+    """The recipient's mailbox is at its quota of messages or bytes."""
+
+
+class DuplicateId(StoreError):
+    """The message id is already used in that mailbox for another envelope."""
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Per-mailbox limits; 0 means no limit."""
+
+    messages: int = 10_000
+    bytes: int = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    seq: int
+    recipient: str
+    sender: str
+    message_id: bytes
+    envelope: bytes
+    accepted_at: int
+
+
+def digest(envelope: bytes) -> bytes:
+    """What makes a retry of the same message recognisable."""
+    return hashlib.sha256(envelope).digest()
+
+
+class MailboxStore(Protocol):
+    def start(self) -> Deferred[None]:
+        """Open the store (create or upgrade its schema)."""
+
+    def stop(self) -> Deferred[None]:
+        """Close the store; nothing is lost that was committed."""
+
+    def get_key(self, identity: str) -> Deferred[bytes | None]:
+        """The directory's DER public key for C{identity}, or None."""
+
+    def register_key(self, identity: str, public_key: bytes, now: int) -> Deferred[bytes]:
+        """
+        Register C{public_key} for C{identity} unless a key is already
+        registered; fire with the key on record afterwards (the caller
+        compares it with its own to detect a conflict).
+        """
+
+    def enqueue(
+        self, recipient: str, sender: str, message_id: bytes, envelope: bytes, now: int
+    ) -> Deferred[bool]:
+        """
+        Commit a message to C{recipient}'s mailbox.  Fires True once stored,
+        False when the very same envelope was already accepted (a retry:
+        nothing new is stored), or fails with L{MailboxFull} or
+        L{DuplicateId}.
+        """
+
+    def pending(self, recipient: str, after_seq: int, limit: int) -> Deferred[list[StoredMessage]]:
+        """Up to C{limit} messages of the mailbox with C{seq > after_seq}, oldest first."""
+
+    def delete(self, recipient: str, message_id: bytes, now: int) -> Deferred[bool]:
+        """Remove a delivered message; fires False when it was not there."""
+
+    def count(self, recipient: str) -> Deferred[int]:
+        """How many messages wait in the mailbox."""

@@ -1,0 +1,78 @@
+"""
+A throwaway store in memory, for tests and experiments: everything is lost
+when the relay stops.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, fail, succeed
+
+from mailrelay.relay.store.base import (
+    DuplicateId,
+    MailboxFull,
+    Quota,
+    StoredMessage,
+    digest,
+)
+
+
+class MemoryStore:
+    def __init__(self, quota: Quota = Quota()) -> None:
+        self.quota = quota
+        self._keys: dict[str, bytes] = {}
+        self._mailboxes: dict[str, dict[bytes, tuple[StoredMessage, bytes]]] = {}
+        self._acked: dict[tuple[str, bytes], tuple[str, bytes]] = {}
+        self._seq = 0
+
+    def start(self) -> Deferred[None]:
+        return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+    def get_key(self, identity: str) -> Deferred[bytes | None]:
+        return succeed(self._keys.get(identity))
+
+    def register_key(self, identity: str, public_key: bytes, now: int) -> Deferred[bytes]:
+        return succeed(self._keys.setdefault(identity, public_key))
+
+    def enqueue(
+        self, recipient: str, sender: str, message_id: bytes, envelope: bytes, now: int
+    ) -> Deferred[bool]:
+        box = self._mailboxes.setdefault(recipient, {})
+        d = digest(envelope)
+        previous = box.get(message_id)
+        if previous is not None:
+            same = previous[0].sender == sender and previous[1] == d
+            return succeed(False) if same else fail(DuplicateId(message_id.hex()))
+        if (recipient, message_id) in self._acked:
+            if self._acked[recipient, message_id] == (sender, d):
+                return succeed(False)
+            return fail(DuplicateId(message_id.hex()))
+        if self.quota.messages and len(box) >= self.quota.messages:
+            return fail(MailboxFull(f"{len(box)} messages"))
+        used = sum(len(m.envelope) for m, _ in box.values())
+        if self.quota.bytes and used + len(envelope) > self.quota.bytes:
+            return fail(MailboxFull(f"{used} bytes"))
+        self._seq += 1
+        box[message_id] = (
+            StoredMessage(self._seq, recipient, sender, message_id, envelope, now),
+            d,
+        )
+        return succeed(True)
+
+    def pending(self, recipient: str, after_seq: int, limit: int) -> Deferred[list[StoredMessage]]:
+        box = self._mailboxes.get(recipient, {})
+        found = sorted((m for m, _ in box.values() if m.seq > after_seq), key=lambda m: m.seq)
+        return succeed(found[:limit])
+
+    def delete(self, recipient: str, message_id: bytes, now: int) -> Deferred[bool]:
+        box = self._mailboxes.get(recipient, {})
+        entry = box.pop(message_id, None)
+        if entry is None:
+            return succeed(False)
+        self._acked[recipient, message_id] = (entry[0].sender, entry[1])
+        return succeed(True)
+
+    def count(self, recipient: str) -> Deferred[int]:
+        return succeed(len(self._mailboxes.get(recipient, {})))

@@ -1,0 +1,226 @@
+"""
+The default store: one SQLite file, WAL journal, durable commits.
+
+Every call runs in one transaction on the pool's single connection, so
+calls are serialised in the order they were made: the order of C{enqueue}
+calls is the order of C{seq}.  C{synchronous=FULL} makes each commit reach
+the disk before its Deferred fires, which is what lets the relay answer a
+sender "accepted".
+
+The schema is versioned with C{PRAGMA user_version}; L{MIGRATIONS} holds the
+steps from each version to the next, applied in one transaction at start.
+A database newer than this code knows is refused rather than touched.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+
+from mailrelay.relay.store.base import (
+    DuplicateId,
+    MailboxFull,
+    Quota,
+    StoredMessage,
+    StoreError,
+    digest,
+)
+
+MIGRATIONS: dict[int, str] = {
+    # 0 -> 1: the first schema.
+    1: """
+    CREATE TABLE directory (
+        identity      TEXT PRIMARY KEY,
+        public_key    BLOB NOT NULL,
+        registered_at INTEGER NOT NULL
+    );
+    CREATE TABLE messages (
+        seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+        recipient     TEXT NOT NULL,
+        sender        TEXT NOT NULL,
+        message_id    BLOB NOT NULL,
+        digest        BLOB NOT NULL,
+        envelope      BLOB NOT NULL,
+        size          INTEGER NOT NULL,
+        accepted_at   INTEGER NOT NULL,
+        UNIQUE (recipient, message_id)
+    );
+    CREATE INDEX messages_by_mailbox ON messages (recipient, seq);
+    CREATE TABLE acked (
+        recipient     TEXT NOT NULL,
+        message_id    BLOB NOT NULL,
+        sender        TEXT NOT NULL,
+        digest        BLOB NOT NULL,
+        acked_at      INTEGER NOT NULL,
+        PRIMARY KEY (recipient, message_id)
+    );
+    """,
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+
+def _configure(connection: sqlite3.Connection) -> None:
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=FULL")
+    connection.execute("PRAGMA foreign_keys=ON")
+    connection.execute("PRAGMA busy_timeout=5000")
+
+
+def _migrate(txn) -> int:
+    (version,) = txn.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"the database has schema version {version}, newer than this mailrelay "
+            f"knows ({SCHEMA_VERSION}); upgrade mailrelay or use another --data directory"
+        )
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS[step].split(";"):
+            if statement.strip():
+                txn.execute(statement)
+        txn.execute(f"PRAGMA user_version={step}")
+    return version
+
+
+class SQLiteStore:
+    log = Logger()
+
+    def __init__(self, path: str, quota: Quota = Quota(), reactor=None) -> None:
+        self.path = path
+        self.quota = quota
+        kwargs = {}
+        if reactor is not None:
+            kwargs["cp_reactor"] = reactor
+        self._pool = adbapi.ConnectionPool(
+            "sqlite3",
+            path,
+            cp_min=1,
+            cp_max=1,
+            cp_noisy=False,
+            check_same_thread=False,
+            cp_openfun=_configure,
+            **kwargs,
+        )
+
+    @inlineCallbacks
+    def start(self):
+        self._pool.start()
+        try:
+            before = yield self._pool.runInteraction(_migrate)
+        except sqlite3.Error as e:
+            self._pool.close()
+            raise StoreError(f"cannot open {self.path}: {e}") from None
+        except StoreError:
+            self._pool.close()
+            raise
+        if before != SCHEMA_VERSION:
+            self.log.info(
+                "store {path} schema upgraded from version {old} to {new}",
+                path=self.path, old=before, new=SCHEMA_VERSION,
+            )
+
+    def stop(self) -> Deferred[None]:
+        self._pool.close()
+        from twisted.internet.defer import succeed
+
+        return succeed(None)
+
+    def get_key(self, identity: str) -> Deferred[bytes | None]:
+        def run(txn):
+            row = txn.execute(
+                "SELECT public_key FROM directory WHERE identity = ?", (identity,)
+            ).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return self._pool.runInteraction(run)
+
+    def register_key(self, identity: str, public_key: bytes, now: int) -> Deferred[bytes]:
+        def run(txn):
+            txn.execute(
+                "INSERT OR IGNORE INTO directory (identity, public_key, registered_at) "
+                "VALUES (?, ?, ?)",
+                (identity, public_key, now),
+            )
+            (key,) = txn.execute(
+                "SELECT public_key FROM directory WHERE identity = ?", (identity,)
+            ).fetchone()
+            return bytes(key)
+
+        return self._pool.runInteraction(run)
+
+    def enqueue(
+        self, recipient: str, sender: str, message_id: bytes, envelope: bytes, now: int
+    ) -> Deferred[bool]:
+        d = digest(envelope)
+
+        def run(txn):
+            for table in ("messages", "acked"):
+                row = txn.execute(
+                    f"SELECT sender, digest FROM {table} WHERE recipient = ? AND message_id = ?",
+                    (recipient, message_id),
+                ).fetchone()
+                if row is not None:
+                    if row[0] == sender and bytes(row[1]) == d:
+                        return False
+                    raise DuplicateId(message_id.hex())
+            count, used = txn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE recipient = ?",
+                (recipient,),
+            ).fetchone()
+            if self.quota.messages and count >= self.quota.messages:
+                raise MailboxFull(f"{count} messages")
+            if self.quota.bytes and used + len(envelope) > self.quota.bytes:
+                raise MailboxFull(f"{used} bytes")
+            txn.execute(
+                "INSERT INTO messages (recipient, sender, message_id, digest, envelope, size,"
+                " accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (recipient, sender, message_id, d, envelope, len(envelope), now),
+            )
+            return True
+
+        return self._pool.runInteraction(run)
+
+    def pending(self, recipient: str, after_seq: int, limit: int) -> Deferred[list[StoredMessage]]:
+        def run(txn):
+            rows = txn.execute(
+                "SELECT seq, recipient, sender, message_id, envelope, accepted_at FROM messages"
+                " WHERE recipient = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (recipient, after_seq, limit),
+            ).fetchall()
+            return [
+                StoredMessage(seq, rcpt, sender, bytes(mid), bytes(env), at)
+                for seq, rcpt, sender, mid, env, at in rows
+            ]
+
+        return self._pool.runInteraction(run)
+
+    def delete(self, recipient: str, message_id: bytes, now: int) -> Deferred[bool]:
+        def run(txn):
+            row = txn.execute(
+                "SELECT sender, digest FROM messages WHERE recipient = ? AND message_id = ?",
+                (recipient, message_id),
+            ).fetchone()
+            if row is None:
+                return False
+            txn.execute(
+                "DELETE FROM messages WHERE recipient = ? AND message_id = ?",
+                (recipient, message_id),
+            )
+            txn.execute(
+                "INSERT OR REPLACE INTO acked (recipient, message_id, sender, digest, acked_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (recipient, message_id, row[0], row[1], now),
+            )
+            return True
+
+        return self._pool.runInteraction(run)
+
+    def count(self, recipient: str) -> Deferred[int]:
+        def run(txn):
+            return txn.execute(
+                "SELECT COUNT(*) FROM messages WHERE recipient = ?", (recipient,)
+            ).fetchone()[0]
+
+        return self._pool.runInteraction(run)

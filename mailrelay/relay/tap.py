@@ -1,0 +1,195 @@
+"""
+C{twistd mailrelay}: options and the service tree of the relay.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application import service
+from twisted.application.internet import TimerService
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from mailrelay import wire
+from mailrelay.encoding import valid_identity
+from mailrelay.endpoints import server_description
+from mailrelay.relay.mailbox import DEFAULT_WINDOW
+from mailrelay.relay.protocol import RelayFactory
+from mailrelay.relay.store import Quota, open_store
+
+log = Logger()
+
+
+def _positive(kind):
+    def convert(value):
+        number = kind(value)
+        if number <= 0:
+            raise ValueError(f"must be positive, not {value}")
+        return number
+
+    convert.coerceDoc = "Must be positive."
+    return convert
+
+
+def _non_negative_int(value):
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"must be 0 or more, not {value}")
+    return number
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a mailrelay relay: it stores sealed envelopes in per-recipient "
+        "mailboxes and delivers them when the recipient connects."
+    )
+    optParameters = [
+        ["port", "p", "tcp:9000",
+         "Where to listen: a port number or a Twisted endpoint string "
+         "(tcp:9000:interface=127.0.0.1, ssl:9443:privateKey=key.pem:certKey=cert.pem)."],
+        ["data", "d", "./var", "Directory of the SQLite store (created if missing)."],
+        ["store", None, "sqlite", "Store engine: sqlite (durable) or memory (lost at exit)."],
+        ["name", None, "mailrelay", "This relay's id, bound into every client's authentication."],
+        ["max-envelope", None, wire.MAX_ENVELOPE, "Largest envelope accepted, in bytes.",
+         _positive(int)],
+        ["window", None, DEFAULT_WINDOW, "Unacknowledged deliveries per session.",
+         _positive(int)],
+        ["auth-timeout", None, 10.0, "Seconds a new connection has to authenticate.",
+         _positive(float)],
+        ["idle-timeout", None, 300.0, "Seconds without a frame before a session is closed.",
+         _positive(float)],
+        ["quota-messages", None, 10_000, "Messages per mailbox (0: no limit).",
+         _non_negative_int],
+        ["quota-bytes", None, 256 * 1024 * 1024, "Bytes per mailbox (0: no limit).",
+         _non_negative_int],
+    ]
+
+    def postOptions(self) -> None:
+        self["port"] = server_description(self["port"])
+        if self["store"] not in ("sqlite", "memory"):
+            raise usage.UsageError(f"--store must be sqlite or memory, not {self['store']!r}")
+        if not valid_identity(self["name"]):
+            raise usage.UsageError(f"--name {self['name']!r} is not a valid id")
+        if self["max-envelope"] > 64 * 1024 * 1024:
+            raise usage.UsageError("--max-envelope is limited to 64 MiB")
+        try:
+            from twisted.internet import reactor
+
+            endpoints.serverFromString(reactor, self["port"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise usage.UsageError(f"--port {self['port']!r} is not a valid endpoint: {e}")
+
+
+class Listener(service.Service):
+    """
+    Listens on an endpoint.  A port that cannot be bound raises from
+    C{privilegedStartService}, so twistd exits with the reason instead of
+    running without a listener.
+    """
+
+    def __init__(self, endpoint, factory, description: str) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.description = description
+        self.port = None
+
+    def privilegedStartService(self) -> None:
+        service.Service.privilegedStartService(self)
+        outcome = []
+        d = self.endpoint.listen(self.factory)
+        d.addBoth(outcome.append)
+        if outcome and isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        if outcome:
+            self._listening(outcome[0])
+        else:
+            d.addCallbacks(self._listening, self._cannotListen)
+
+    def _listening(self, port) -> None:
+        self.port = port
+        address = port.getHost()
+        log.info("mailrelay listening on {where}",
+                 where=f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}")
+
+    def _cannotListen(self, failure) -> None:
+        log.failure("cannot listen on {description}", failure, description=self.description)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+
+
+class RelayService(service.MultiService):
+    """The relay: opens the store at start, closes it after the listener stops."""
+
+    def __init__(self, factory: RelayFactory, reactor) -> None:
+        super().__init__()
+        self.factory = factory
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        d = self.factory.store.start()
+        d.addCallbacks(self._opened, self._cannotOpen)
+
+    def _opened(self, ignored) -> None:
+        log.info("store open")
+        self.factory.storeReady()
+
+    def _cannotOpen(self, failure) -> None:
+        log.critical("cannot open the store: {reason}; stopping", reason=failure.getErrorMessage())
+        self.reactor.stop()
+
+    def stopService(self):
+        d = super().stopService()
+        for session in list(self.factory.sessions):
+            session.fatal(wire.ErrorCode.SHUTTING_DOWN, "the relay is shutting down")
+
+        def close(result):
+            return self.factory.store.stop().addCallback(lambda _: result)
+
+        return d.addBoth(close)
+
+    def logTotals(self) -> None:
+        m = self.factory.mailboxes
+        if (m.accepted_total, m.delivered_total) != getattr(self, "_last", (0, 0)):
+            self._last = (m.accepted_total, m.delivered_total)
+            log.info(
+                "totals: {accepted} messages accepted, {delivered} delivered, "
+                "{sessions} sessions open",
+                accepted=m.accepted_total, delivered=m.delivered_total,
+                sessions=len(self.factory.sessions),
+            )
+
+
+def makeService(options: Options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    data = None
+    if options["store"] == "sqlite":
+        data = os.path.abspath(options["data"])
+        os.makedirs(data, mode=0o700, exist_ok=True)
+    quota = Quota(options["quota-messages"], options["quota-bytes"])
+    store = open_store(options["store"], data, quota, reactor=reactor)
+    factory = RelayFactory(
+        store,
+        reactor,
+        name=options["name"],
+        max_envelope=options["max-envelope"],
+        window=options["window"],
+        auth_timeout=options["auth-timeout"],
+        idle_timeout=options["idle-timeout"],
+    )
+    top = RelayService(factory, reactor)
+    endpoint = endpoints.serverFromString(reactor, options["port"])
+    Listener(endpoint, factory, options["port"]).setServiceParent(top)
+    stats = TimerService(60, top.logTotals)
+    stats.clock = reactor
+    stats.setServiceParent(top)
+    return top
