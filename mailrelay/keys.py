@@ -273,3 +273,25 @@ class Home:
         self.contacts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         _write_file(self._contact_file(name), public_pem(key), 0o644)
         return key
+
+
+class MemoryContacts:
+    """Pinned contact keys kept in memory: the same rules as L{Home}, no files."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, bytes] = {}
+
+    def pinned(self, name: str) -> rsa.RSAPublicKey | None:
+        der = self._keys.get(name)
+        return None if der is None else load_public_der(der)
+
+    def pin(self, name: str, der: bytes) -> rsa.RSAPublicKey:
+        key = load_public_der(der)
+        current = self._keys.setdefault(check_identity(name), der)
+        if current != der:
+            raise KeyConflict(
+                name,
+                format_fingerprint(fingerprint(current)),
+                format_fingerprint(fingerprint(der)),
+            )
+        return key

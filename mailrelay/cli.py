@@ -1,0 +1,328 @@
+"""
+The C{mailrelay} command: identities, sending, receiving and chat.
+
+Every subcommand takes C{--home DIR} (default C{$MAILRELAY_HOME}, else
+C{~/.mailrelay}) and C{--server ENDPOINT} (default C{$MAILRELAY_SERVER},
+else C{tcp:localhost:9000}; C{HOST:PORT} works too).  Exit status: 0 on
+success, 1 when the command failed (the reason is on standard error), 2 for
+a usage mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from twisted.internet import defer, endpoints, error
+from twisted.internet.defer import inlineCallbacks
+
+from mailrelay import __version__, envelope, keys
+from mailrelay.client.protocol import Rejected, RelayError, connect
+from mailrelay.client.seen import SeenFile
+from mailrelay.endpoints import client_description
+
+DEFAULT_SERVER = "tcp:localhost:9000"
+
+
+class Failed(Exception):
+    """A command failed for a reason the user can act on."""
+
+
+def _default_home() -> str:
+    return os.environ.get("MAILRELAY_HOME") or os.path.join("~", ".mailrelay")
+
+
+def _default_server() -> str:
+    return os.environ.get("MAILRELAY_SERVER") or DEFAULT_SERVER
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", default=None, metavar="DIR",
+                        help="where the identity and pinned contacts live "
+                             "(default: $MAILRELAY_HOME, else ~/.mailrelay)")
+    common.add_argument("--server", default=None, metavar="ENDPOINT",
+                        help="the relay: HOST:PORT or a Twisted endpoint string "
+                             f"(default: $MAILRELAY_SERVER, else {DEFAULT_SERVER})")
+    common.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="give up connecting to the relay after this long (default 10)")
+
+    parser = argparse.ArgumentParser(
+        prog="mailrelay",
+        description="Send and receive end-to-end encrypted messages through a mailrelay relay.",
+    )
+    parser.add_argument("--version", action="version", version=f"mailrelay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", parents=[common], help="create an identity (an RSA-3072 key pair)")
+    p.add_argument("id", metavar="ID", help="the identity to create, e.g. alice or 123")
+    p.add_argument("--offline", action="store_true",
+                   help="do not try to publish the public key to the relay")
+
+    p = sub.add_parser("fingerprint", parents=[common],
+                       help="show your key's fingerprint, or a contact's")
+    p.add_argument("id", metavar="ID", nargs="?", help="a contact (default: yourself)")
+
+    p = sub.add_parser("send", parents=[common], help="send one message")
+    p.add_argument("--to", required=True, metavar="ID", help="the recipient")
+    p.add_argument("text", nargs="*", metavar="TEXT",
+                   help="the message (default: read standard input)")
+
+    p = sub.add_parser("recv", parents=[common], help="print messages as they arrive")
+    p.add_argument("--count", type=int, metavar="N", help="stop after N messages")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="stop after this long (an error if --count messages did not arrive)")
+    p.add_argument("--json", action="store_true", help="one JSON object per message")
+
+    sub.add_parser("chat", parents=[common], help="interactive: send and receive")
+    return parser
+
+
+def _endpoint(reactor, args):
+    description = client_description(args.server or _default_server())
+    try:
+        return endpoints.clientFromString(reactor, description)
+    except (ValueError, KeyError, TypeError) as e:
+        raise Failed(f"--server {description!r} is not a valid endpoint: {e}") from None
+
+
+def _home(args) -> keys.Home:
+    return keys.Home(args.home or _default_home())
+
+
+@inlineCallbacks
+def _connect(reactor, args, home: keys.Home, identity: keys.Identity, **kwargs):
+    server = args.server or _default_server()
+    try:
+        client = yield connect(
+            reactor, _endpoint(reactor, args), identity, contacts=home,
+            timeout=args.connect_timeout, **kwargs,
+        )
+    except error.ConnectionRefusedError:
+        raise Failed(f"cannot reach the relay at {server}: connection refused "
+                     f"(is `twistd mailrelay` running there?)") from None
+    except (error.DNSLookupError, error.ConnectError) as e:
+        raise Failed(f"cannot reach the relay at {server}: {e}") from None
+    except defer.TimeoutError:
+        raise Failed(f"the relay at {server} did not answer within "
+                     f"{args.connect_timeout} seconds") from None
+    except error.ConnectionDone as e:
+        raise Failed(f"the relay at {server} closed the connection: {e}") from None
+    except RelayError as e:
+        if e.code == e.code.KEY_CONFLICT:
+            raise Failed(f"the relay at {server} refused us: {e.text}. Another key is "
+                         f"registered there for {identity.name!r}.") from None
+        raise Failed(f"the relay at {server} refused us: {e.text}") from None
+    return client
+
+
+def _out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _err(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+@inlineCallbacks
+def cmd_init(reactor, args):
+    home = _home(args)
+    identity = home.create(keys.check_identity(args.id))
+    _out(f"Created identity {identity.name} in {home.path}")
+    _out(f"Fingerprint: {keys.format_fingerprint(identity.fingerprint)}")
+    _out(f"Private key: {home.private_key_file} (keep it secret)")
+    _out(f"Public key:  {home.public_key_file}")
+    if args.offline:
+        return 0
+    try:
+        client = yield _connect(reactor, args, home, identity)
+    except Failed as e:
+        _out(f"Not published: {e}.")
+        _out("The key is published the first time this identity connects.")
+        return 0
+    yield client.close()
+    server = args.server or _default_server()
+    if client.registered:
+        _out(f"Published to the relay at {server}.")
+    else:
+        _out(f"Already registered with the relay at {server}.")
+    return 0
+
+
+@inlineCallbacks
+def cmd_fingerprint(reactor, args):
+    home = _home(args)
+    identity = home.load()
+    if args.id is None or args.id == identity.name:
+        _out(f"{identity.name}: {keys.format_fingerprint(identity.fingerprint)}")
+        return 0
+    name = keys.check_identity(args.id)
+    pinned = home.pinned(name)
+    if pinned is not None:
+        _out(f"{name}: {keys.format_fingerprint(keys.fingerprint(keys.public_der(pinned)))}")
+        return 0
+    client = yield _connect(reactor, args, home, identity)
+    try:
+        key = yield client.contact_key(name)
+    finally:
+        yield client.close()
+    _out(f"{name}: {keys.format_fingerprint(keys.fingerprint(keys.public_der(key)))}"
+         f"  (fetched from the relay and pinned)")
+    return 0
+
+
+@inlineCallbacks
+def cmd_send(reactor, args):
+    home = _home(args)
+    identity = home.load()
+    recipient = keys.check_identity(args.to)
+    if args.text:
+        data = " ".join(args.text).encode("utf-8")
+    else:
+        data = sys.stdin.buffer.read()
+        # `echo hi | mailrelay send` means "hi": drop the one line end the shell added.
+        if data.endswith(b"\r\n"):
+            data = data[:-2]
+        elif data.endswith(b"\n"):
+            data = data[:-1]
+    client = yield _connect(reactor, args, home, identity)
+    try:
+        message_id = yield client.send(recipient, data)
+    except error.ConnectionDone:
+        raise Failed("the connection closed before the relay confirmed the message; "
+                     "it may or may not have been accepted") from None
+    finally:
+        yield client.close()
+    _out(f"Message {message_id.hex()} accepted by the relay for {recipient}.")
+    return 0
+
+
+def _format(opened: envelope.Opened, as_json: bool) -> str:
+    text = opened.plaintext.decode("utf-8", "replace")
+    if as_json:
+        return json.dumps({
+            "id": opened.message_id.hex(),
+            "from": opened.header.sender,
+            "to": opened.header.recipient,
+            "sent_at": opened.header.timestamp,
+            "text": text,
+        }, ensure_ascii=False)
+    return f"Received message from {opened.sender}: {text}"
+
+
+def _show_rejected(rejected: Rejected) -> None:
+    who = rejected.sender or "an unknown sender"
+    _err(f"mailrelay: dropped message {rejected.message_id.hex()} from {who}: {rejected.reason}")
+
+
+def _seen(home: keys.Home) -> SeenFile:
+    return SeenFile(home.path / "seen.sqlite")
+
+
+@inlineCallbacks
+def cmd_recv(reactor, args):
+    if args.count is not None and args.count < 1:
+        raise Failed("--count must be at least 1")
+    if args.timeout is not None and args.timeout <= 0:
+        raise Failed("--timeout must be positive")
+    home = _home(args)
+    identity = home.load()
+    finished = defer.Deferred()
+    received = [0]
+    clients = []
+
+    def on_message(opened):
+        if finished.called:
+            raise RuntimeError("stopped")  # not acknowledged: delivered again later
+        _out(_format(opened, args.json))
+        received[0] += 1
+        if args.count is not None and received[0] >= args.count:
+            clients[0].pause_receiving()
+            reactor.callLater(0, lambda: finished.called or finished.callback("count"))
+
+    client = yield _connect(reactor, args, home, identity, on_message=on_message,
+                            on_rejected=_show_rejected, seen=_seen(home))
+    clients.append(client)
+    timer = None
+    if args.timeout is not None:
+        timer = reactor.callLater(args.timeout, lambda: finished.called or finished.callback("timeout"))
+    client.closed.addCallback(lambda _: finished.called or finished.callback("closed"))
+    why = yield finished
+    if timer is not None and timer.active():
+        timer.cancel()
+    reason = client.close_reason
+    yield client.close()
+    if why == "closed":
+        raise Failed(f"the relay closed the connection: {reason or 'connection lost'}")
+    if args.count is not None and received[0] < args.count:
+        raise Failed(f"only {received[0]} of {args.count} messages arrived "
+                     f"within {args.timeout:g} seconds")
+    return 0
+
+
+@inlineCallbacks
+def cmd_chat(reactor, args):
+    from twisted.internet.stdio import StandardIO
+
+    from mailrelay.client.console import ChatConsole
+
+    home = _home(args)
+    identity = home.load()
+    console = ChatConsole(identity.name)
+    client = yield _connect(reactor, args, home, identity, on_message=console.show,
+                            on_rejected=console.rejected, seen=_seen(home))
+    console.client = client
+    StandardIO(console, reactor=reactor)
+    yield defer.DeferredList([console.done, client.closed], fireOnOneCallback=True,
+                             consumeErrors=True)
+    reason = client.close_reason
+    yield client.close()
+    if reason is not None:
+        raise Failed(f"the relay closed the connection: {reason}")
+    return 0
+
+
+COMMANDS = {
+    "init": cmd_init,
+    "fingerprint": cmd_fingerprint,
+    "send": cmd_send,
+    "recv": cmd_recv,
+    "chat": cmd_chat,
+}
+
+# Errors a user can act on: shown as one line, never as a traceback.
+USER_ERRORS = (
+    Failed,
+    keys.IdentityError,
+    envelope.EnvelopeError,
+    RelayError,
+    OSError,
+)
+
+
+def _run(reactor, args):
+    d = defer.maybeDeferred(COMMANDS[args.command], reactor, args)
+
+    def failed(failure):
+        if failure.check(*USER_ERRORS):
+            _err(f"mailrelay {args.command}: {failure.value}")
+            raise SystemExit(1)
+        return failure
+
+    return d.addErrback(failed)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from twisted.internet import task
+
+    task.react(_run, (args,))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""
+The interactive chat of C{mailrelay chat}, on standard input and output.
+
+Like the seed's client it asks for the receiver, then the message, and
+prints incoming messages as they arrive.  C{/quit} (or end of input) leaves.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.protocols.basic import LineReceiver
+
+from mailrelay import keys
+from mailrelay.client.protocol import RelayError
+
+
+class ChatConsole(LineReceiver):
+    delimiter = b"\n"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.client = None
+        self.receiver: str | None = None
+        self.done: Deferred[None] = Deferred()
+
+    def _say(self, text: str) -> None:
+        self.transport.write(text.encode("utf-8", "replace"))
+
+    def _prompt(self) -> None:
+        self._say("Enter receiver: " if self.receiver is None else f"Message for {self.receiver}: ")
+
+    def connectionMade(self) -> None:
+        self._say(f"Connected as {self.name}. Type /quit to leave.\n")
+        self._prompt()
+
+    def lineReceived(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if text.strip() == "/quit":
+            self.transport.loseConnection()
+            return
+        if self.receiver is None:
+            name = text.strip()
+            if not name:
+                self._prompt()
+                return
+            try:
+                self.receiver = keys.check_identity(name)
+            except keys.IdentityError as e:
+                self._say(f"{e}\n")
+            self._prompt()
+            return
+        receiver, self.receiver = self.receiver, None
+        d = self.client.send(receiver, text.encode("utf-8"))
+        d.addCallbacks(self._sent, self._notSent, callbackArgs=(receiver,),
+                       errbackArgs=(receiver,))
+        self._prompt()
+
+    def _sent(self, message_id: bytes, receiver: str) -> None:
+        self._say(f"\nMessage sent to {receiver} ({message_id.hex()[:8]}).\n")
+        self._prompt()
+
+    def _notSent(self, failure, receiver: str) -> None:
+        if failure.check(RelayError, keys.IdentityError, ValueError, ConnectionError) or True:
+            self._say(f"\nNot sent to {receiver}: {failure.getErrorMessage()}\n")
+        self._prompt()
+
+    def show(self, opened) -> None:
+        """C{on_message}: print a verified, decrypted message."""
+        text = opened.plaintext.decode("utf-8", "replace")
+        self._say(f"\nReceived message from {opened.sender}: {text}\n")
+        self._prompt()
+
+    def rejected(self, rejected) -> None:
+        who = rejected.sender or "an unknown sender"
+        self._say(f"\nDropped a message from {who}: {rejected.reason}\n")
+        self._prompt()
+
+    def connectionLost(self, reason) -> None:
+        if not self.done.called:
+            self.done.callback(None)

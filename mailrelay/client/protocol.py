@@ -1,0 +1,387 @@
+"""
+The client's side of the relay protocol.
+
+L{ClientProtocol} authenticates as its identity, then offers L{send}, and
+hands each delivered message, verified and decrypted, to C{on_message}
+before acknowledging it.  Deliveries are processed one at a time in the
+order the relay pushed them.  A message whose handler fails is not
+acknowledged: the connection is closed so the relay delivers it again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from mailrelay import envelope, keys, wire
+from mailrelay.client.seen import MemorySeen
+
+E = wire.ErrorCode
+PING_INTERVAL = 60.0
+
+
+class RelayError(Exception):
+    """The relay ended the session or refused a request."""
+
+    def __init__(self, code: wire.ErrorCode, text: str) -> None:
+        super().__init__(f"{text} ({code.name})")
+        self.code = code
+        self.text = text
+
+
+class SendRefused(RelayError):
+    """The relay refused one message; nothing was stored."""
+
+
+class Rejected(Exception):
+    """A delivered envelope that could not be opened; it was acknowledged and dropped."""
+
+    def __init__(self, message_id: bytes, sender: str | None, reason: str) -> None:
+        super().__init__(reason)
+        self.message_id = message_id
+        self.sender = sender
+        self.reason = reason
+
+
+class ClientProtocol(Protocol):
+    log = Logger()
+
+    def __init__(
+        self,
+        identity: keys.Identity,
+        contacts=None,
+        on_message: Callable[[envelope.Opened], object] | None = None,
+        on_rejected: Callable[[Rejected], object] | None = None,
+        seen=None,
+        clock=None,
+        ping_interval: float = PING_INTERVAL,
+    ) -> None:
+        self.identity = identity
+        self.contacts = contacts if contacts is not None else keys.MemoryContacts()
+        self.on_message = on_message
+        self.on_rejected = on_rejected
+        self.seen = seen if seen is not None else MemorySeen()
+        self.clock = clock
+        self.ping_interval = ping_interval
+        self.max_envelope = wire.MAX_ENVELOPE
+        self.registered = False
+        self.queued = 0
+        self.relay_name: str | None = None
+        self.ready: Deferred[ClientProtocol] = Deferred()
+        self.closed: Deferred[None] = Deferred()
+        self.close_reason: Exception | None = None
+        self._frames = wire.FrameBuffer()
+        self._sends: dict[bytes, Deferred[bytes]] = {}
+        self._lookups: dict[str, list[Deferred[bytes]]] = {}
+        self._directory: dict[str, bytes] = {}
+        self._deliveries: deque[wire.Deliver] = deque()
+        self._delivering = False
+        self._receiving = True
+        self._ping: LoopingCall | None = None
+        self._state = "connecting"
+
+    # Connection
+
+    def connectionMade(self) -> None:
+        self._state = "handshake"
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._state == "closed":
+            return
+        try:
+            frames = self._frames.feed(data)
+        except wire.ProtocolError as e:
+            self._abort(RelayError(E.MALFORMED_FRAME, f"relay sent a malformed frame: {e}"))
+            return
+        for frame in frames:
+            if self._state == "closed":
+                return
+            self._handle(frame)
+
+    def _write(self, frame: wire.Frame) -> None:
+        self.transport.write(wire.encode(frame))
+
+    def _abort(self, error: RelayError) -> None:
+        """Tell the relay why, and close."""
+        if self._state == "closed":
+            return
+        self.close_reason = error
+        self._write(wire.Error(error.code, b"", error.text))
+        self._state = "closed"
+        self.transport.loseConnection()
+
+    def close(self) -> Deferred[None]:
+        """Close the connection; fires once it is closed."""
+        if self._state != "closed":
+            self._state = "closed"
+            self.transport.loseConnection()
+        return self._whenClosed()
+
+    def _whenClosed(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        if self.closed.called:
+            d.callback(None)
+        else:
+            self.closed.addBoth(lambda r: (d.callback(None), r)[1])
+        return d
+
+    def connectionLost(self, reason) -> None:
+        self._state = "closed"
+        if self._ping is not None and self._ping.running:
+            self._ping.stop()
+        error = self.close_reason or ConnectionDone(
+            f"connection to the relay closed: {reason.getErrorMessage()}"
+        )
+        if not self.ready.called:
+            self.ready.errback(error)
+        for d in self._sends.values():
+            d.errback(error)
+        self._sends.clear()
+        for waiting in self._lookups.values():
+            for d in waiting:
+                d.errback(error)
+        self._lookups.clear()
+        self.closed.callback(None)
+
+    # Frames
+
+    def _handle(self, frame: wire.Frame) -> None:
+        if isinstance(frame, wire.Hello):
+            self._hello(frame)
+        elif isinstance(frame, wire.Welcome) and self._state == "authenticating":
+            self._welcome(frame)
+        elif self._state != "ready" and not isinstance(frame, wire.Error):
+            self._abort(RelayError(E.UNEXPECTED_FRAME, f"{type(frame).__name__} before welcome"))
+        elif isinstance(frame, wire.Deliver):
+            self._deliveries.append(frame)
+            self._nextDelivery()
+        elif isinstance(frame, wire.Accepted):
+            d = self._sends.pop(frame.message_id, None)
+            if d is not None:
+                d.callback(frame.message_id)
+        elif isinstance(frame, wire.Key):
+            self._directory[frame.identity] = frame.public_key
+            for d in self._lookups.pop(frame.identity, []):
+                d.callback(frame.public_key)
+        elif isinstance(frame, wire.Error):
+            self._error(frame)
+        elif isinstance(frame, wire.Ping):
+            self._write(wire.Pong(frame.opaque))
+        elif isinstance(frame, wire.Pong):
+            pass
+        else:
+            self._abort(RelayError(E.UNEXPECTED_FRAME, f"{type(frame).__name__} from a relay"))
+
+    def _hello(self, frame: wire.Hello) -> None:
+        if self._state != "handshake":
+            self._abort(RelayError(E.UNEXPECTED_FRAME, "a second Hello"))
+            return
+        if frame.version != wire.PROTOCOL_VERSION:
+            self._abort(RelayError(
+                E.UNSUPPORTED_VERSION,
+                f"relay speaks protocol version {frame.version}, "
+                f"this client {wire.PROTOCOL_VERSION}",
+            ))
+            return
+        self.relay_name = frame.relay
+        transcript = wire.auth_transcript(frame.challenge, frame.relay, self.identity.name)
+        self._state = "authenticating"
+        self._write(wire.Auth(
+            wire.PROTOCOL_VERSION, self.identity.name, self.identity.public_der,
+            self.identity.sign(transcript),
+        ))
+
+    def _welcome(self, frame: wire.Welcome) -> None:
+        self._state = "ready"
+        self.registered = frame.registered
+        self.queued = frame.queued
+        self.max_envelope = frame.max_envelope
+        if self.clock is not None and self.ping_interval:
+            self._ping = LoopingCall(lambda: self._write(wire.Ping(new_nonce())))
+            self._ping.clock = self.clock
+            self._ping.start(self.ping_interval, now=False)
+        self.ready.callback(self)
+
+    def _error(self, frame: wire.Error) -> None:
+        if frame.fatal:
+            self.close_reason = RelayError(frame.code, frame.text)
+            self._state = "closed"
+            self.transport.loseConnection()
+            return
+        if len(frame.ref) == wire.MESSAGE_ID_SIZE and frame.ref in self._sends:
+            self._sends.pop(frame.ref).errback(SendRefused(frame.code, frame.text))
+            return
+        if frame.code == E.UNKNOWN_IDENTITY:
+            name = frame.ref.decode("ascii", "replace")
+            waiting = self._lookups.pop(name, [])
+            for d in waiting:
+                d.errback(RelayError(frame.code, frame.text))
+            if waiting:
+                return
+        self.log.warn("relay reported {code}: {text}", code=frame.code.name, text=frame.text)
+
+    # Directory and pinning
+
+    def lookup(self, name: str) -> Deferred[bytes]:
+        """The relay directory's DER key for C{name}, asked once per session."""
+        if name in self._directory:
+            return defer.succeed(self._directory[name])
+        d: Deferred[bytes] = Deferred()
+        waiting = self._lookups.setdefault(name, [])
+        waiting.append(d)
+        if len(waiting) == 1:
+            self._write(wire.Lookup(name))
+        return d
+
+    @inlineCallbacks
+    def contact_key(self, name: str):
+        """
+        The key to use for C{name}: the directory's, which must match the one
+        pinned (trust on first use: pinned if none is).  A mismatch raises
+        L{keys.KeyConflict} with both fingerprints.
+        """
+        der = yield self.lookup(name)
+        return self.contacts.pin(name, der)
+
+    # Sending
+
+    @inlineCallbacks
+    def send(self, recipient: str, data: bytes, message_id: bytes | None = None):
+        """
+        Seal C{data} for C{recipient} and send it.  Fires with the message id
+        once the relay has committed it; fails with L{SendRefused} (or the
+        reason the connection ended) otherwise.
+        """
+        if self._state != "ready":
+            raise RelayError(E.UNEXPECTED_FRAME, "not connected to the relay")
+        keys.check_identity(recipient)
+        key = yield self.contact_key(recipient)
+        message_id = message_id or envelope.new_message_id()
+        sealed = envelope.seal(
+            self.identity, recipient, key, data, message_id, max_envelope=self.max_envelope
+        )
+        if self._state != "ready":
+            raise RelayError(E.UNEXPECTED_FRAME, "the connection to the relay closed")
+        d: Deferred[bytes] = Deferred()
+        self._sends[message_id] = d
+        self._write(wire.Send(sealed))
+        result = yield d
+        return result
+
+    # Receiving
+
+    def pause_receiving(self) -> None:
+        """
+        Hand no more messages to C{on_message}: those delivered from now on
+        stay unacknowledged, and the relay delivers them again next session.
+        """
+        self._receiving = False
+
+    def _nextDelivery(self) -> None:
+        if self._delivering or not self._deliveries or self._state == "closed":
+            return
+        if not self._receiving:
+            return
+        self._delivering = True
+        frame = self._deliveries.popleft()
+        d = self._receive(frame)
+        d.addCallbacks(self._received, self._handlerFailed, callbackArgs=(frame,))
+
+    def _received(self, ignored, frame: wire.Deliver) -> None:
+        if self._state == "ready":
+            self._write(wire.Ack(frame.message_id))
+        self._delivering = False
+        self._nextDelivery()
+
+    def _handlerFailed(self, failure) -> None:
+        self.log.failure("handling a delivered message failed; closing so it comes again",
+                         failure)
+        self._delivering = False
+        self._deliveries.clear()
+        if self._state != "closed":
+            self._state = "closed"
+            self.transport.loseConnection()
+
+    @inlineCallbacks
+    def _receive(self, frame: wire.Deliver):
+        sender = None
+        try:
+            env = envelope.parse(frame.envelope)
+            sender = env.header.sender
+            if env.header.message_id != frame.message_id:
+                raise envelope.EnvelopeError("relay delivered it under another message id")
+            key = yield self.contact_key(sender)
+            opened = envelope.open_envelope(env, self.identity, key)
+        except (envelope.EnvelopeError, keys.IdentityError, RelayError) as e:
+            rejected = Rejected(frame.message_id, sender, str(e))
+            self.log.warn("rejected message {id} from {sender}: {reason}",
+                          id=frame.message_id.hex(), sender=sender, reason=str(e))
+            if self.on_rejected is not None:
+                yield maybeDeferred(self.on_rejected, rejected)
+            return
+        if self.seen.seen(opened.sender, opened.message_id):
+            return
+        if self.on_message is not None:
+            yield maybeDeferred(self.on_message, opened)
+        self.seen.add(opened.sender, opened.message_id)
+
+
+class ClientFactory(Factory):
+    """Builds L{ClientProtocol}s with the same settings (one per connection)."""
+
+    noisy = False
+
+    def __init__(self, **settings) -> None:
+        self.settings = settings
+
+    def buildProtocol(self, addr) -> ClientProtocol:
+        p = ClientProtocol(**self.settings)
+        p.factory = self
+        return p
+
+
+@inlineCallbacks
+def connect(
+    reactor,
+    endpoint,
+    identity: keys.Identity,
+    contacts=None,
+    on_message=None,
+    on_rejected=None,
+    seen=None,
+    timeout: float | None = 30.0,
+):
+    """
+    Connect to the relay at C{endpoint} as C{identity}.  Fires with the
+    authenticated L{ClientProtocol}: C{send(recipient, data)} and C{close()}.
+    """
+    factory = ClientFactory(
+        identity=identity, contacts=contacts, on_message=on_message,
+        on_rejected=on_rejected, seen=seen, clock=reactor,
+    )
+    connecting = endpoint.connect(factory)
+    if timeout is not None:
+        connecting.addTimeout(timeout, reactor)
+    protocol = yield connecting
+    ready = protocol.ready
+    if timeout is not None:
+        ready.addTimeout(timeout, reactor, onTimeoutCancel=lambda r, t: _timedOut(protocol, t))
+    client = yield ready
+    return client
+
+
+def _timedOut(protocol: ClientProtocol, timeout: float):
+    protocol.transport.abortConnection()
+    raise RelayError(E.AUTH_TIMEOUT, f"the relay did not welcome us within {timeout} seconds")
+
+
+def new_nonce() -> bytes:
+    return os.urandom(wire.PING_SIZE)
