@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Sequence
 
@@ -21,22 +20,14 @@ from twisted.internet.defer import inlineCallbacks
 
 from mailrelay import __version__, envelope, keys
 from mailrelay.client.protocol import Rejected, RelayError, connect
+from mailrelay.client.defaults import DEFAULT_SERVER
+from mailrelay.client.defaults import default_home as _default_home
+from mailrelay.client.defaults import default_server as _default_server
 from mailrelay.client.seen import SeenFile
 from mailrelay.endpoints import client_description
 
-DEFAULT_SERVER = "tcp:localhost:9000"
-
-
 class Failed(Exception):
     """A command failed for a reason the user can act on."""
-
-
-def _default_home() -> str:
-    return os.environ.get("MAILRELAY_HOME") or os.path.join("~", ".mailrelay")
-
-
-def _default_server() -> str:
-    return os.environ.get("MAILRELAY_SERVER") or DEFAULT_SERVER
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -218,7 +218,7 @@ class RelaySession(Protocol, TimeoutMixin):
         if self.state == "closed":
             return
         self.log.info(
-            "{identity} authenticated from {peer} ({how}); {queued} messages waiting",
+            "{identity} authenticated from {peer} ({how}); messages waiting: {queued}",
             identity=frame.identity, peer=self.peer, queued=queued,
             how="new identity registered" if registered else "known key",
         )

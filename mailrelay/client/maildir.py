@@ -1,0 +1,79 @@
+"""
+Filing received messages into a Maildir: one RFC 5322 file per message.
+
+Each file is written under C{tmp/}, flushed to disk, then renamed into
+C{new/} (and the directory flushed), so a crash leaves either no file or a
+whole one; the client acknowledges the message to the relay only after that.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import email.utils
+import itertools
+import os
+import socket
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+from mailrelay.envelope import Opened
+
+DOMAIN = "mailrelay.invalid"
+_counter = itertools.count()
+
+
+def as_email(opened: Opened, domain: str = DOMAIN) -> bytes:
+    """The message as RFC 5322 bytes, with From, To, Date and Message-ID."""
+    h = opened.header
+    msg = EmailMessage(policy=email.policy.SMTP)
+    msg["From"] = f"{h.sender}@{domain}"
+    msg["To"] = f"{h.recipient}@{domain}"
+    msg["Date"] = email.utils.formatdate(h.timestamp, usegmt=True)
+    msg["Message-ID"] = f"<{h.message_id.hex()}.{h.sender}@{domain}>"
+    msg["X-Mailrelay-Sender-Fingerprint"] = h.sender_fingerprint.hex()
+    try:
+        msg.set_content(opened.plaintext.decode("utf-8"))
+    except UnicodeDecodeError:
+        msg.set_content(opened.plaintext, maintype="application", subtype="octet-stream")
+    return msg.as_bytes()
+
+
+class Maildir:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser()
+        for sub in ("tmp", "new", "cur"):
+            (self.path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _unique(self, message_id: bytes) -> str:
+        now = time.time()
+        return (
+            f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}"
+            f"Q{next(_counter)}R{message_id.hex()[:12]}.{socket.gethostname().replace('/', '_')}"
+        )
+
+    def add(self, opened: Opened) -> Path:
+        """Write C{opened} durably into C{new/}; return its path."""
+        name = self._unique(opened.message_id)
+        tmp = self.path / "tmp" / name
+        final = self.path / "new" / name
+        data = as_email(opened)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        dir_fd = os.open(self.path / "new", os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return final

@@ -1,0 +1,96 @@
+"""
+C{twistd mailclient}: a headless client that stays connected to the relay,
+reconnecting with backoff, and files every message it receives into a
+Maildir before acknowledging it.
+"""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.python import usage
+
+from mailrelay import keys
+from mailrelay.client.defaults import default_home, default_server
+from mailrelay.client.maildir import Maildir
+from mailrelay.client.protocol import ClientFactory
+from mailrelay.client.seen import SeenFile
+from mailrelay.endpoints import client_description
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "--maildir DIR [--home DIR] [--server ENDPOINT]"
+    optParameters = [
+        ["home", None, None, "The identity's home (default: $MAILRELAY_HOME, else ~/.mailrelay)."],
+        ["server", None, None,
+         "The relay: HOST:PORT or a Twisted endpoint string "
+         "(default: $MAILRELAY_SERVER, else tcp:localhost:9000)."],
+        ["maildir", None, None, "The Maildir to file messages into (created if missing)."],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["maildir"]:
+            raise usage.UsageError("--maildir is required")
+        self["home"] = self["home"] or default_home()
+        self["server"] = client_description(self["server"] or default_server())
+        home = keys.Home(self["home"])
+        try:
+            self["identity"] = home.load()
+        except keys.IdentityError as e:
+            raise usage.UsageError(str(e))
+
+
+class Filer:
+    """C{on_message}: file into the Maildir and log it."""
+
+    def __init__(self, maildir: Maildir) -> None:
+        self.maildir = maildir
+
+    def __call__(self, opened) -> None:
+        path = self.maildir.add(opened)
+        log.info("filed message {id} from {sender} as {name}",
+                 id=opened.message_id.hex(), sender=opened.sender, name=path.name)
+
+    @staticmethod
+    def rejected(rejected) -> None:
+        log.warn("dropped message {id} from {sender}: {reason}",
+                 id=rejected.message_id.hex(), sender=rejected.sender,
+                 reason=rejected.reason)
+
+
+def makeService(options: Options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    home = keys.Home(options["home"])
+    identity = options["identity"]
+    filer = Filer(Maildir(options["maildir"]))
+    factory = ClientFactory(
+        identity=identity,
+        contacts=home,
+        on_message=filer,
+        on_rejected=filer.rejected,
+        seen=SeenFile(home.path / "seen.sqlite"),
+        clock=reactor,
+    )
+    endpoint = endpoints.clientFromString(reactor, options["server"])
+    top = service.MultiService()
+    client = ClientService(endpoint, factory, retryPolicy=backoffPolicy(maxDelay=60),
+                           clock=reactor)
+    client.setServiceParent(top)
+
+    def connected(protocol):
+        protocol.ready.addCallbacks(
+            lambda p: log.info("connected to {server} as {identity}; messages waiting: {queued}",
+                               server=options["server"], identity=identity.name,
+                               queued=p.queued),
+            lambda f: log.warn("the relay refused {identity}: {reason}",
+                               identity=identity.name, reason=f.getErrorMessage()),
+        )
+        protocol.closed.addCallback(lambda _: client.whenConnected().addCallback(connected))
+
+    client.whenConnected().addCallback(connected)
+    return top
