@@ -1,0 +1,205 @@
+"""
+End to end: a real C{twistd mailrelay} on a loopback port, the real
+C{mailrelay} command, real SQLite files, real TCP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.processes import BIN, LineReader, Relay, cli, environment
+
+
+class RelayEndToEndTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.root = Path(self.mktemp()).resolve()
+        self.root.mkdir(parents=True)
+        self.relay = Relay(self.root / "var").start()
+        self.addCleanup(self.relay.stop)
+        self.alice = self.root / "home-123"
+        self.bob = self.root / "home-345"
+
+    def run_ok(self, home, *args, **kwargs) -> subprocess.CompletedProcess:
+        result = cli(home, self.relay.server, *args, **kwargs)
+        self.assertEqual(
+            result.returncode, 0, f"mailrelay {' '.join(args)}:\n{result.stdout}{result.stderr}"
+        )
+        return result
+
+    def init_both(self) -> None:
+        self.assertIn("Published to the relay", self.run_ok(self.alice, "init", "123").stdout)
+        self.assertIn("Published to the relay", self.run_ok(self.bob, "init", "345").stdout)
+
+    def test_send_and_receive_between_two_homes(self) -> None:
+        """
+        The seed's exchange: 123 sends to 345, who prints it verified and
+        decrypted; the relay's log shows the session, never the text.
+        """
+        self.init_both()
+        sent = self.run_ok(self.alice, "send", "--to", "345", "Hey!", "How", "are", "you?")
+        self.assertRegex(sent.stdout, r"Message [0-9a-f]{32} accepted by the relay for 345")
+        received = self.run_ok(self.bob, "recv", "--count", "1", "--timeout", "30")
+        self.assertEqual(received.stdout, "Received message from 123: Hey! How are you?\n")
+        self.relay.stop()
+        self.assertNotIn("How are you", "".join(self.relay.log.lines))
+
+    def test_recv_json_and_stdin(self) -> None:
+        self.init_both()
+        sent = self.run_ok(self.bob, "send", "--to", "123", stdin="from standard input\n")
+        message_id = sent.stdout.split()[1]
+        received = self.run_ok(self.alice, "recv", "--count", "1", "--timeout", "30", "--json")
+        record = json.loads(received.stdout)
+        self.assertEqual(record["id"], message_id)
+        self.assertEqual((record["from"], record["to"]), ("345", "123"))
+        self.assertEqual(record["text"], "from standard input")
+        self.assertIsInstance(record["sent_at"], int)
+
+    def test_waiting_recipient_gets_message_while_connected(self) -> None:
+        """A recipient already listening receives the message as it is accepted."""
+        self.init_both()
+        listener = subprocess.Popen(
+            [str(BIN / "mailrelay"), "recv", "--count", "2", "--timeout", "60",
+             "--home", str(self.bob), "--server", self.relay.server],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment(),
+        )
+        self.addCleanup(lambda: listener.poll() is None and listener.kill())
+        self.relay.log.wait_for(r"345 authenticated")
+        self.run_ok(self.alice, "send", "--to", "345", "one")
+        self.run_ok(self.alice, "send", "--to", "345", "two")
+        out, _ = listener.communicate(timeout=60)
+        self.assertEqual(listener.returncode, 0, out)
+        self.assertEqual(out, "Received message from 123: one\nReceived message from 123: two\n")
+
+    def test_nothing_shown_twice(self) -> None:
+        """Once received and acknowledged, a message is not delivered again."""
+        self.init_both()
+        self.run_ok(self.alice, "send", "--to", "345", "only once")
+        self.run_ok(self.bob, "recv", "--count", "1", "--timeout", "30")
+        again = cli(self.bob, self.relay.server, "recv", "--count", "1", "--timeout", "2")
+        self.assertEqual(again.returncode, 1)
+        self.assertEqual(again.stdout, "")
+        self.assertIn("only 0 of 1 messages arrived", again.stderr)
+
+    def test_recv_timeout_without_count_is_success(self) -> None:
+        self.init_both()
+        result = cli(self.bob, self.relay.server, "recv", "--timeout", "1")
+        self.assertEqual((result.returncode, result.stdout), (0, ""))
+
+    def test_unknown_recipient_is_a_clear_error(self) -> None:
+        self.init_both()
+        result = cli(self.alice, self.relay.server, "send", "--to", "nobody", "hi")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("no identity 'nobody' on this relay", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
+    def test_impersonation_refused(self) -> None:
+        """A second home claiming an id already registered is refused."""
+        self.init_both()
+        mallory = self.root / "mallory"
+        result = cli(mallory, self.relay.server, "init", "123")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("Not published", result.stdout)
+        self.assertIn("registered there for '123'", result.stdout)
+        sent = cli(mallory, self.relay.server, "send", "--to", "345", "I am 123, honest")
+        self.assertEqual(sent.returncode, 1)
+        self.assertIn("refused", sent.stderr)
+
+    def test_fingerprints_agree(self) -> None:
+        """What 123 pins for 345 is what 345 says its fingerprint is."""
+        self.init_both()
+        own = self.run_ok(self.bob, "fingerprint").stdout.split(":", 1)[1].strip()
+        seen = self.run_ok(self.alice, "fingerprint", "345").stdout
+        self.assertIn(own, seen)
+        self.assertIn("pinned", seen)
+
+
+class CrashTests(SynchronousTestCase):
+    def test_sigkill_loses_nothing_accepted(self) -> None:
+        """
+        Every message the relay answered "accepted" for survives a SIGKILL
+        and is delivered, in order, by a relay restarted on the same data.
+        """
+        root = Path(self.mktemp()).resolve()
+        root.mkdir(parents=True)
+        relay = Relay(root / "var").start()
+        self.addCleanup(relay.stop)
+        alice, bob = root / "a", root / "b"
+        for home, name in ((alice, "123"), (bob, "345")):
+            self.assertEqual(cli(home, relay.server, "init", name).returncode, 0)
+        texts = [f"message {i}" for i in range(5)]
+        for text in texts:
+            result = cli(alice, relay.server, "send", "--to", "345", text)
+            self.assertEqual(result.returncode, 0, result.stderr)
+        relay.kill()
+        self.assertEqual(relay.process.returncode, -9)
+
+        relay.start(port=relay.port)
+        received = cli(bob, relay.server, "recv", "--count", "5", "--timeout", "30")
+        self.assertEqual(received.returncode, 0, received.stderr)
+        self.assertEqual(
+            received.stdout.splitlines(),
+            [f"Received message from 123: {text}" for text in texts],
+        )
+
+
+class RelayStartupTests(SynchronousTestCase):
+    def test_busy_port_fails_loudly(self) -> None:
+        """A relay that cannot listen exits non-zero and says why."""
+        root = Path(self.mktemp()).resolve()
+        root.mkdir(parents=True)
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen(1)
+            port = busy.getsockname()[1]
+            result = subprocess.run(
+                [str(BIN / "twistd"), "--nodaemon", "--pidfile=", "--logfile=-", "mailrelay",
+                 "--port", f"tcp:{port}:interface=127.0.0.1", "--data", str(root / "var")],
+                capture_output=True, text=True, timeout=60, env=environment(),
+            )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("Address already in use", result.stdout + result.stderr)
+
+    def test_bad_option_is_a_usage_error(self) -> None:
+        result = subprocess.run(
+            [str(BIN / "twistd"), "--nodaemon", "mailrelay", "--port", "bogus:thing"],
+            capture_output=True, text=True, timeout=60, env=environment(),
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("--port", result.stdout + result.stderr)
+
+
+class MailclientTests(SynchronousTestCase):
+    def test_files_messages_into_maildir(self) -> None:
+        root = Path(self.mktemp()).resolve()
+        root.mkdir(parents=True)
+        relay = Relay(root / "var").start()
+        self.addCleanup(relay.stop)
+        alice, bob, maildir = root / "a", root / "b", root / "Maildir"
+        for home, name in ((alice, "123"), (bob, "345")):
+            self.assertEqual(cli(home, relay.server, "init", name).returncode, 0)
+        self.assertEqual(cli(alice, relay.server, "send", "--to", "345", "waited").returncode, 0)
+        client = subprocess.Popen(
+            [str(BIN / "twistd"), "--nodaemon", "--pidfile=", "--logfile=-", "mailclient",
+             "--home", str(bob), "--server", relay.server, "--maildir", str(maildir)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment(),
+        )
+        self.addCleanup(lambda: client.poll() is None and (client.terminate(), client.wait(30)))
+        log = LineReader(client.stdout)
+        log.wait_for(r"filed message")
+        self.assertEqual(cli(alice, relay.server, "send", "--to", "345", "live").returncode, 0)
+        log.wait_for(r"filed message")
+        files = sorted((maildir / "new").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+        self.assertEqual(len(files), 2)
+        first = files[0].read_text()
+        self.assertIn("From: 123@", first)
+        self.assertIn("To: 345@", first)
+        self.assertIn("Message-ID: <", first)
+        self.assertIn("Date: ", first)
+        self.assertTrue(first.rstrip().endswith("waited"))
+        self.assertEqual(os.listdir(maildir / "tmp"), [])
