@@ -19,7 +19,7 @@ from twisted.internet import defer, endpoints, error
 from twisted.internet.defer import inlineCallbacks
 
 from mailrelay import __version__, envelope, keys
-from mailrelay.client.protocol import Rejected, RelayError, connect
+from mailrelay.client.protocol import Disconnected, Rejected, RelayError, connect
 from mailrelay.client.defaults import DEFAULT_SERVER
 from mailrelay.client.defaults import default_home as _default_home
 from mailrelay.client.defaults import default_server as _default_server
@@ -100,8 +100,8 @@ def _connect(reactor, args, home: keys.Home, identity: keys.Identity, **kwargs):
     except defer.TimeoutError:
         raise Failed(f"the relay at {server} did not answer within "
                      f"{args.connect_timeout} seconds") from None
-    except error.ConnectionDone as e:
-        raise Failed(f"the relay at {server} closed the connection: {e}") from None
+    except Disconnected as e:
+        raise Failed(f"cannot talk to the relay at {server}: {e}") from None
     except RelayError as e:
         if e.code == e.code.KEY_CONFLICT:
             raise Failed(f"the relay at {server} refused us: {e.text}. Another key is "
@@ -184,9 +184,9 @@ def cmd_send(reactor, args):
     client = yield _connect(reactor, args, home, identity)
     try:
         message_id = yield client.send(recipient, data)
-    except error.ConnectionDone:
-        raise Failed("the connection closed before the relay confirmed the message; "
-                     "it may or may not have been accepted") from None
+    except Disconnected as e:
+        raise Failed(f"{e} before it confirmed the message; it may or may not have "
+                     f"been accepted") from None
     finally:
         yield client.close()
     _out(f"Message {message_id.hex()} accepted by the relay for {recipient}.")

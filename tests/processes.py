@@ -68,16 +68,19 @@ class LineReader:
 class Relay:
     """A C{twistd -n mailrelay} on 127.0.0.1, on a port the kernel picks."""
 
-    def __init__(self, data: Path, *extra: str) -> None:
+    def __init__(self, data: Path, *extra: str, listen: str = "tcp:{port}:interface=127.0.0.1",
+                 scheme: str = "tcp:127.0.0.1") -> None:
         self.data = data
         self.extra = extra
+        self.listen = listen
+        self.scheme = scheme
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
 
     def start(self, port: int = 0) -> Relay:
         self.process = subprocess.Popen(
             [str(BIN / "twistd"), "--nodaemon", "--pidfile=", "--logfile=-", "mailrelay",
-             "--port", f"tcp:{port}:interface=127.0.0.1", "--data", str(self.data), *self.extra],
+             "--port", self.listen.format(port=port), "--data", str(self.data), *self.extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment(),
             cwd=self.data.parent,
         )
@@ -88,7 +91,7 @@ class Relay:
 
     @property
     def server(self) -> str:
-        return f"tcp:127.0.0.1:{self.port}"
+        return f"{self.scheme}:{self.port}"
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as in a crash or power cut."""

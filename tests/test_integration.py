@@ -203,3 +203,68 @@ class MailclientTests(SynchronousTestCase):
         self.assertIn("Date: ", first)
         self.assertTrue(first.rstrip().endswith("waited"))
         self.assertEqual(os.listdir(maildir / "tmp"), [])
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path, Path]:
+    """A certificate for localhost, its key, and a trust-roots directory holding it."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_file, cert_file, roots = directory / "key.pem", directory / "cert.pem", directory / "roots"
+    key_file.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    roots.mkdir()
+    (roots / "relay.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_file, cert_file, roots
+
+
+class TLSTests(SynchronousTestCase):
+    def test_send_and_receive_over_tls(self) -> None:
+        """
+        A relay on an ssl: endpoint and clients on tls: endpoints that check
+        its certificate: the same exchange, over real TLS.
+        """
+        root = Path(self.mktemp()).resolve()
+        root.mkdir(parents=True)
+        key, cert, roots = _self_signed(root)
+        relay = Relay(
+            root / "var",
+            listen=f"ssl:{{port}}:privateKey={key}:certKey={cert}:interface=127.0.0.1",
+            scheme="tls:localhost",
+        ).start()
+        self.addCleanup(relay.stop)
+        server = f"{relay.server}:trustRoots={roots}"
+        alice, bob = root / "a", root / "b"
+        for home, name in ((alice, "123"), (bob, "345")):
+            result = cli(home, server, "init", name)
+            self.assertIn("Published to the relay", result.stdout, result.stderr)
+        sent = cli(alice, server, "send", "--to", "345", "over TLS")
+        self.assertEqual(sent.returncode, 0, sent.stderr)
+        received = cli(bob, server, "recv", "--count", "1", "--timeout", "30")
+        self.assertEqual(received.stdout, "Received message from 123: over TLS\n")
+
+        # A client that does not trust the relay's certificate refuses to talk to it.
+        untrusting = cli(alice, relay.server, "send", "--to", "345", "should not go")
+        self.assertEqual(untrusting.returncode, 1)
+        self.assertNotIn("Traceback", untrusting.stderr)

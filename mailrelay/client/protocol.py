@@ -41,6 +41,29 @@ class SendRefused(RelayError):
     """The relay refused one message; nothing was stored."""
 
 
+class Disconnected(Exception):
+    """The connection to the relay ended; the message says why."""
+
+
+def describe_disconnect(reason) -> str:
+    """A one-line reason for a lost connection, TLS failures spelled out."""
+    try:
+        from OpenSSL.SSL import Error as TLSError
+    except ImportError:  # pragma: no cover - pyOpenSSL is a dependency
+        TLSError = None
+    if TLSError is not None and reason.check(TLSError):
+        details = []
+        for item in reason.value.args[0] if reason.value.args else []:
+            if isinstance(item, tuple) and item:
+                details.append(str(item[-1]))
+        text = ", ".join(details) or str(reason.value)
+        return (f"TLS failed: {text} (check the relay's certificate against the "
+                f"host name and trustRoots)")
+    if reason.check(ConnectionDone):
+        return "the relay closed the connection"
+    return reason.getErrorMessage()
+
+
 class Rejected(Exception):
     """A delivered envelope that could not be opened; it was acknowledged and dropped."""
 
@@ -137,9 +160,7 @@ class ClientProtocol(Protocol):
         self._state = "closed"
         if self._ping is not None and self._ping.running:
             self._ping.stop()
-        error = self.close_reason or ConnectionDone(
-            f"connection to the relay closed: {reason.getErrorMessage()}"
-        )
+        error = self.close_reason or Disconnected(describe_disconnect(reason))
         if not self.ready.called:
             self.ready.errback(error)
         for d in self._sends.values():
