@@ -27,26 +27,33 @@ def valid_identity(value: str) -> bool:
 
 
 class Writer:
-    """Builds one encoded record."""
+    """
+    Builds one encoded record.  A value that does not fit its field raises
+    C{ValueError}: nothing is ever encoded that a L{Reader} would refuse
+    for its size.
+    """
 
     def __init__(self) -> None:
         self._parts: list[bytes] = []
 
-    def u8(self, value: int) -> Writer:
-        self._parts.append(struct.pack(">B", value))
+    def _pack(self, fmt: str, value: int) -> Writer:
+        try:
+            self._parts.append(struct.pack(fmt, value))
+        except struct.error:
+            raise ValueError(f"{value!r} does not fit an unsigned {struct.calcsize(fmt) * 8}-bit field") from None
         return self
+
+    def u8(self, value: int) -> Writer:
+        return self._pack(">B", value)
 
     def u16(self, value: int) -> Writer:
-        self._parts.append(struct.pack(">H", value))
-        return self
+        return self._pack(">H", value)
 
     def u32(self, value: int) -> Writer:
-        self._parts.append(struct.pack(">I", value))
-        return self
+        return self._pack(">I", value)
 
     def u64(self, value: int) -> Writer:
-        self._parts.append(struct.pack(">Q", value))
-        return self
+        return self._pack(">Q", value)
 
     def raw(self, value: bytes) -> Writer:
         self._parts.append(bytes(value))

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
@@ -86,9 +86,18 @@ def load_public_der(der: bytes) -> rsa.RSAPublicKey:
     """Parse a DER SubjectPublicKeyInfo; refuse anything but RSA >= 2048 bits."""
     try:
         key = serialization.load_der_public_key(der)
-    except (ValueError, TypeError) as e:
-        raise BadKey(f"not a DER public key: {e}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise BadKey(f"not a usable DER public key: {e}") from None
     return _check_rsa(key)
+
+
+def canonical_der(der: bytes) -> bytes:
+    """
+    The one DER encoding of the RSA key in C{der}.  Keys are compared and
+    fingerprinted in this form, so the same key sent in another valid
+    encoding is still the same key.
+    """
+    return public_der(load_public_der(der))
 
 
 def _check_rsa(key: object) -> rsa.RSAPublicKey:
@@ -231,7 +240,7 @@ class Home:
             )
         except FileNotFoundError:
             raise NoIdentity(f"{self.private_key_file} is missing") from None
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
             raise BadKey(f"cannot read {self.private_key_file}: {e}") from None
         if not isinstance(key, rsa.RSAPrivateKey):
             raise BadKey(f"{self.private_key_file} is not an RSA private key")
@@ -250,7 +259,7 @@ class Home:
             return None
         try:
             key = serialization.load_pem_public_key(pem)
-        except ValueError as e:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
             raise BadKey(f"cannot read pinned key {path}: {e}") from None
         return _check_rsa(key)
 
@@ -282,11 +291,12 @@ class MemoryContacts:
         self._keys: dict[str, bytes] = {}
 
     def pinned(self, name: str) -> rsa.RSAPublicKey | None:
-        der = self._keys.get(name)
+        der = self._keys.get(check_identity(name))
         return None if der is None else load_public_der(der)
 
     def pin(self, name: str, der: bytes) -> rsa.RSAPublicKey:
         key = load_public_der(der)
+        der = public_der(key)
         current = self._keys.setdefault(check_identity(name), der)
         if current != der:
             raise KeyConflict(

@@ -41,8 +41,12 @@ LENGTH_PREFIX = struct.Struct(">I")
 AUTH_CONTEXT = b"mailrelay auth v1"
 
 
+MIN_FRAME_ROOM = 8192
+"""Room every connection allows whatever the envelope limit: enough for any non-envelope frame."""
+
+
 def max_frame_for(max_envelope: int) -> int:
-    return max_envelope + FRAME_OVERHEAD
+    return max(max_envelope, MIN_FRAME_ROOM) + FRAME_OVERHEAD
 
 
 def auth_transcript(challenge: bytes, relay: str, identity: str) -> bytes:
@@ -217,6 +221,11 @@ Frame = Union[
 ]
 
 
+_FRAME_TYPES = (
+    Hello, Auth, Welcome, Lookup, Key, Send, Accepted, Deliver, Ack, Ping, Pong, Error
+)
+
+
 def _fixed(reader: Reader, size: int, what: str) -> bytes:
     return reader.raw(size, what)
 
@@ -226,16 +235,25 @@ def _check_fixed(value: bytes, size: int, what: str) -> None:
         raise ValueError(f"{what} must be {size} bytes, not {len(value)}")
 
 
+def _check_max(value: bytes, maximum: int, what: str) -> None:
+    if len(value) > maximum:
+        raise ValueError(f"{what} is {len(value)} bytes, more than {maximum}")
+
+
 def encode(frame: Frame) -> bytes:
     """
     Encode C{frame} with its length prefix, ready for the transport.
     Raises C{ValueError} for a frame that could never be decoded.
     """
+    if not isinstance(frame, _FRAME_TYPES):
+        raise TypeError(f"not a frame: {frame!r}")
     w = Writer().u8(frame.TYPE)
     if isinstance(frame, Hello):
         _check_fixed(frame.challenge, CHALLENGE_SIZE, "challenge")
         w.u16(frame.version).identity(frame.relay).raw(frame.challenge)
     elif isinstance(frame, Auth):
+        _check_max(frame.public_key, MAX_KEY_SIZE, "public key")
+        _check_max(frame.signature, MAX_SIGNATURE_SIZE, "signature")
         w.u16(frame.version).identity(frame.identity)
         w.blob16(frame.public_key).blob16(frame.signature)
     elif isinstance(frame, Welcome):
@@ -243,6 +261,7 @@ def encode(frame: Frame) -> bytes:
     elif isinstance(frame, Lookup):
         w.identity(frame.identity)
     elif isinstance(frame, Key):
+        _check_max(frame.public_key, MAX_KEY_SIZE, "public key")
         w.identity(frame.identity).blob16(frame.public_key)
     elif isinstance(frame, Send):
         w.blob32(frame.envelope)
@@ -326,9 +345,13 @@ class FrameBuffer:
     """
 
     def __init__(self, max_envelope: int = MAX_ENVELOPE) -> None:
+        self.set_limit(max_envelope)
+        self._buffer = bytearray()
+
+    def set_limit(self, max_envelope: int) -> None:
+        """Accept envelopes up to C{max_envelope} bytes from now on."""
         self.max_envelope = max_envelope
         self.max_frame = max_frame_for(max_envelope)
-        self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[Frame]:
         """

@@ -4,6 +4,8 @@ Tests for L{mailrelay.wire}: the frame codec and L{wire.FrameBuffer}.
 
 from __future__ import annotations
 
+import struct
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -59,7 +61,7 @@ auths = st.builds(
     public_key=st.binary(max_size=wire.MAX_KEY_SIZE),
     signature=st.binary(max_size=wire.MAX_SIGNATURE_SIZE),
 )
-welcomes = st.builds(Welcome, registered=st.booleans(), queued=u32)
+welcomes = st.builds(Welcome, registered=st.booleans(), queued=u32, max_envelope=u32)
 lookups = st.builds(Lookup, identity=identities)
 key_frames = st.builds(Key, identity=identities, public_key=st.binary(max_size=wire.MAX_KEY_SIZE))
 sends = st.builds(Send, envelope=envelopes)
@@ -86,8 +88,8 @@ def sample_frames() -> list:
     return [
         Hello(wire.PROTOCOL_VERSION, "relay.example", bytes(range(32))),
         Auth(1, "alice@example", b"K" * 40, b"S" * 30),
-        Welcome(True, 3),
-        Welcome(False, 0),
+        Welcome(True, 3, wire.MAX_ENVELOPE),
+        Welcome(False, 0, 1000),
         Lookup("bob"),
         Key("bob", b"public-key-der"),
         Send(b"an envelope"),
@@ -216,7 +218,7 @@ class RoundTripTests(SynchronousTestCase):
             Key("Z" * 64, b"k" * wire.MAX_KEY_SIZE),
             Send(b"e" * wire.MAX_ENVELOPE),
             Deliver(b"\xff" * 16, b"e" * wire.MAX_ENVELOPE),
-            Welcome(True, 0xFFFFFFFF),
+            Welcome(True, 0xFFFFFFFF, 0xFFFFFFFF),
             Error(ErrorCode.STORE_FAILED, b"r" * wire.MAX_ERROR_REF, "t" * wire.MAX_ERROR_TEXT),
             Error(ErrorCode.MALFORMED_FRAME, b"", "\u20ac" * (wire.MAX_ERROR_TEXT // 3)),
         ]:
@@ -228,7 +230,7 @@ class RoundTripTests(SynchronousTestCase):
             Key("0", b""),
             Send(b""),
             Deliver(b"\x00" * 16, b""),
-            Welcome(False, 0),
+            Welcome(False, 0, 0),
             Error(ErrorCode.MALFORMED_FRAME, b"", ""),
         ]:
             self.assertRoundTrip(frame)
@@ -236,8 +238,9 @@ class RoundTripTests(SynchronousTestCase):
     def test_encoding_layout(self):
         """The bytes on the wire are those of docs/protocol.md, big-endian."""
         self.assertEqual(
-            wire.encode(Welcome(True, 0x01020304)),
-            b"\x00\x00\x00\x06" + b"\x03" + b"\x01" + b"\x01\x02\x03\x04",
+            wire.encode(Welcome(True, 0x01020304, 0x00040000)),
+            b"\x00\x00\x00\x0a" + b"\x03" + b"\x01" + b"\x01\x02\x03\x04"
+            + b"\x00\x04\x00\x00",
         )
         self.assertEqual(
             wire.encode(Lookup("bob")), b"\x00\x00\x00\x05" + b"\x10" + b"\x03bob"
@@ -248,7 +251,8 @@ class RoundTripTests(SynchronousTestCase):
         )
         self.assertEqual(
             wire.encode(Error(ErrorCode.BAD_ENVELOPE, b"r", "t")),
-            b"\x00\x00\x00\x09" + b"\x7f" + b"\x00\x65" + b"\x00\x01r" + b"\x00\x01t",
+            b"\x00\x00\x00\x09" + b"\x7f" + struct.pack(">H", ErrorCode.BAD_ENVELOPE)
+            + b"\x00\x01r" + b"\x00\x01t",
         )
 
     def test_error_truncated_on_encode(self):
@@ -366,10 +370,21 @@ class StreamTests(SynchronousTestCase):
 
     def test_max_envelope_frames_through_buffer(self):
         """The largest Send and Deliver frames fit in the buffer's max_frame."""
-        frames_ = [Send(b"s" * 1000), Deliver(b"m" * 16, b"d" * 1000)]
-        buffer = FrameBuffer(max_envelope=1000)
-        self.assertEqual(buffer.max_frame, 1000 + wire.FRAME_OVERHEAD)
+        frames_ = [Send(b"s" * 10000), Deliver(b"m" * 16, b"d" * 10000)]
+        buffer = FrameBuffer(max_envelope=10000)
+        self.assertEqual(buffer.max_frame, 10000 + wire.FRAME_OVERHEAD)
         self.assertEqual(buffer.feed(b"".join(wire.encode(f) for f in frames_)), frames_)
+
+    def test_small_envelope_limit_still_fits_handshake_frames(self):
+        """
+        However small the envelope limit, every non-envelope frame fits: an
+        Auth with a large key and signature is not mistaken for an oversized frame.
+        """
+        buffer = FrameBuffer(max_envelope=1000)
+        self.assertEqual(buffer.max_frame, wire.MIN_FRAME_ROOM + wire.FRAME_OVERHEAD)
+        auth = Auth(1, "a" * 64, b"k" * wire.MAX_KEY_SIZE, b"s" * wire.MAX_SIGNATURE_SIZE)
+        self.assertEqual(buffer.feed(wire.encode(auth)), [auth])
+        self.assertRaises(ProtocolError, buffer.feed, wire.encode(Send(b"x" * 1001)))
 
 
 # Malformed input ------------------------------------------------------------
@@ -476,9 +491,15 @@ class MalformedTests(SynchronousTestCase):
     def test_bounded_blobs(self):
         too_long_key = b"k" * (wire.MAX_KEY_SIZE + 1)
         too_long_sig = b"s" * (wire.MAX_SIGNATURE_SIZE + 1)
-        self.assertProtocolError(body_of(Auth(1, "a", too_long_key, b"")))
-        self.assertProtocolError(body_of(Auth(1, "a", b"", too_long_sig)))
-        self.assertProtocolError(body_of(Key("a", too_long_key)))
+        self.assertProtocolError(
+            Writer().u8(Auth.TYPE).u16(1).identity("a").blob16(too_long_key).blob16(b"")
+            .getvalue()
+        )
+        self.assertProtocolError(
+            Writer().u8(Auth.TYPE).u16(1).identity("a").blob16(b"").blob16(too_long_sig)
+            .getvalue()
+        )
+        self.assertProtocolError(Writer().u8(Key.TYPE).identity("a").blob16(too_long_key).getvalue())
         self.assertProtocolError(
             Writer().u8(Error.TYPE).u16(1).blob16(b"r" * (wire.MAX_ERROR_REF + 1))
             .blob16(b"").getvalue()
@@ -491,18 +512,20 @@ class MalformedTests(SynchronousTestCase):
     def test_welcome_flag(self):
         for flag in (2, 3, 0x80, 0xFF):
             self.assertProtocolError(
-                Writer().u8(Welcome.TYPE).u8(flag).u32(0).getvalue()
+                Writer().u8(Welcome.TYPE).u8(flag).u32(0).u32(0).getvalue()
             )
         for flag in (0, 1):
             self.assertEqual(
-                wire.decode(Writer().u8(Welcome.TYPE).u8(flag).u32(7).getvalue()),
-                Welcome(bool(flag), 7),
+                wire.decode(Writer().u8(Welcome.TYPE).u8(flag).u32(7).u32(9).getvalue()),
+                Welcome(bool(flag), 7, 9),
             )
 
     def test_unknown_error_code(self):
         known = {int(c) for c in ErrorCode}
-        for code in (0, 10, 99, 109, 200, 0xFFFF):
-            self.assertNotIn(code, known)
+        candidates = {0, 99, 0xFFFF, max(known) + 1, max(c for c in known if c < 100) + 1}
+        unknown = sorted(candidates - known)
+        self.assertGreaterEqual(len(unknown), 4)
+        for code in unknown:
             self.assertProtocolError(
                 Writer().u8(Error.TYPE).u16(code).blob16(b"").blob16(b"oops").getvalue()
             )
@@ -610,8 +633,36 @@ class EncodeRejectsTests(SynchronousTestCase):
         wire.encode(Accepted(b"m" * 16))
         wire.encode(Ping(b"p" * 8))
 
+    def test_undecodable_blobs(self):
+        """
+        A key or signature over the limits decode enforces makes a frame that
+        could never be decoded, which encode promises to refuse.
+        """
+        key = b"k" * (wire.MAX_KEY_SIZE + 1)
+        signature = b"s" * (wire.MAX_SIGNATURE_SIZE + 1)
+        self.assertRaises(ValueError, wire.encode, Auth(1, "alice", key, b""))
+        self.assertRaises(ValueError, wire.encode, Auth(1, "alice", b"", signature))
+        self.assertRaises(ValueError, wire.encode, Key("alice", key))
+
+
+    def test_out_of_range_integers(self):
+        """Integers that do not fit their field are refused with ValueError."""
+        self.assertRaises(ValueError, wire.encode, Welcome(True, 2**32, 0))
+        self.assertRaises(ValueError, wire.encode, Welcome(True, 0, -1))
+        self.assertRaises(ValueError, wire.encode, Hello(0x10000, "relay", b"c" * 32))
+        self.assertRaises(ValueError, wire.encode, Auth(-1, "alice", b"", b""))
+
+
     def test_not_a_frame(self):
+        class Impostor:
+            TYPE = Ping.TYPE
+            opaque = b"12345678"
+
+        self.assertRaises(TypeError, wire.encode, Impostor())
+
+    def test_not_a_frame_without_type(self):
         self.assertRaises(TypeError, wire.encode, object())
+
 
 
 class ErrorCodeTests(SynchronousTestCase):
@@ -635,3 +686,46 @@ class ErrorCodeTests(SynchronousTestCase):
             ErrorCode.MAILBOX_FULL, ErrorCode.STORE_FAILED,
         ):
             self.assertFalse(code.fatal)
+
+
+class AuthTranscriptTests(SynchronousTestCase):
+    """auth_transcript binds the challenge, relay and identity unambiguously."""
+
+    challenge = bytes(range(32))
+
+    def test_layout(self):
+        transcript = wire.auth_transcript(self.challenge, "relay", "alice")
+        self.assertEqual(
+            transcript,
+            Writer().blob16(wire.AUTH_CONTEXT).blob16(self.challenge)
+            .u8(5).raw(b"relay").u8(5).raw(b"alice").getvalue(),
+        )
+        self.assertEqual(transcript, wire.auth_transcript(self.challenge, "relay", "alice"))
+
+    def test_every_input_matters(self):
+        base = wire.auth_transcript(self.challenge, "relay", "alice")
+        self.assertNotEqual(base, wire.auth_transcript(b"\x01" + self.challenge[1:], "relay", "alice"))
+        self.assertNotEqual(base, wire.auth_transcript(self.challenge, "relay2", "alice"))
+        self.assertNotEqual(base, wire.auth_transcript(self.challenge, "relay", "alice2"))
+        # Swapping the roles of relay and client changes the transcript.
+        self.assertNotEqual(
+            wire.auth_transcript(self.challenge, "a", "b"),
+            wire.auth_transcript(self.challenge, "b", "a"),
+        )
+
+    @SETTINGS
+    @given(identities, identities, identities, identities)
+    def test_no_shared_encodings(self, relay1, id1, relay2, id2):
+        t1 = wire.auth_transcript(self.challenge, relay1, id1)
+        t2 = wire.auth_transcript(self.challenge, relay2, id2)
+        self.assertEqual(t1 == t2, (relay1, id1) == (relay2, id2))
+
+    def test_boundary_shift(self):
+        self.assertNotEqual(
+            wire.auth_transcript(self.challenge, "ab", "c"),
+            wire.auth_transcript(self.challenge, "a", "bc"),
+        )
+
+    def test_invalid_identity(self):
+        self.assertRaises(ValueError, wire.auth_transcript, self.challenge, "a/b", "alice")
+        self.assertRaises(ValueError, wire.auth_transcript, self.challenge, "relay", "")

@@ -225,6 +225,7 @@ class ClientProtocol(Protocol):
         self.registered = frame.registered
         self.queued = frame.queued
         self.max_envelope = frame.max_envelope
+        self._frames.set_limit(frame.max_envelope)
         if self.clock is not None and self.ping_interval:
             self._ping = LoopingCall(lambda: self._write(wire.Ping(new_nonce())))
             self._ping.clock = self.clock
@@ -239,6 +240,12 @@ class ClientProtocol(Protocol):
             return
         if len(frame.ref) == wire.MESSAGE_ID_SIZE and frame.ref in self._sends:
             self._sends.pop(frame.ref).errback(SendRefused(frame.code, frame.text))
+            return
+        if not frame.ref and self._sends:
+            # The relay could not read the envelope, so not its id either; it
+            # answers requests in order, so this is about the oldest send.
+            oldest = next(iter(self._sends))
+            self._sends.pop(oldest).errback(SendRefused(frame.code, frame.text))
             return
         if frame.code == E.UNKNOWN_IDENTITY:
             name = frame.ref.decode("ascii", "replace")

@@ -195,9 +195,11 @@ class RelaySession(Protocol, TimeoutMixin):
             self.log.info("authentication failed for {identity} from {peer}: bad signature",
                           identity=frame.identity, peer=self.peer)
             raise Fatal(E.AUTH_FAILED, "signature does not prove possession of the key")
+        # The same key has more than one valid DER encoding; keep the one.
+        public_key = keys.public_der(key)
         yield self.factory.ready()
         try:
-            registered = yield self.factory.directory.claim(frame.identity, frame.public_key)
+            registered = yield self.factory.directory.claim(frame.identity, public_key)
         except KeyConflict:
             self.log.warn(
                 "authentication refused for {identity} from {peer}: "
@@ -212,7 +214,7 @@ class RelaySession(Protocol, TimeoutMixin):
             return
         self._cancelDeadline()
         self.identity = frame.identity
-        self.public_key = frame.public_key
+        self.public_key = public_key
         self.state = "ready"
         queued = yield self.factory.store.count(frame.identity)
         if self.state == "closed":

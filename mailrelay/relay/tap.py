@@ -74,8 +74,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--store must be sqlite or memory, not {self['store']!r}")
         if not valid_identity(self["name"]):
             raise usage.UsageError(f"--name {self['name']!r} is not a valid id")
-        if self["max-envelope"] > 64 * 1024 * 1024:
-            raise usage.UsageError("--max-envelope is limited to 64 MiB")
+        if not 4096 <= self["max-envelope"] <= 64 * 1024 * 1024:
+            raise usage.UsageError("--max-envelope must be between 4096 bytes and 64 MiB")
         try:
             from twisted.internet import reactor
 

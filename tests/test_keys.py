@@ -1,0 +1,452 @@
+"""
+Tests for L{mailrelay.keys}: identities, fingerprints, the home directory
+and pinned contact keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from mailrelay import keys
+
+# RSA key generation is slow: keys are generated at most once per process.
+_identities: dict[tuple[str, str], keys.Identity] = {}
+
+
+def identity(name: str, tag: str = "") -> keys.Identity:
+    """A cached 2048-bit identity; another C{tag} gives another key."""
+    if (name, tag) not in _identities:
+        _identities[(name, tag)] = keys.Identity.generate(name, bits=2048)
+    return _identities[(name, tag)]
+
+
+_small_rsa: list[rsa.RSAPrivateKey] = []
+
+
+def small_rsa_key() -> rsa.RSAPrivateKey:
+    """A 1024-bit RSA key: too small for mailrelay."""
+    if not _small_rsa:
+        _small_rsa.append(rsa.generate_private_key(public_exponent=65537, key_size=1024))
+    return _small_rsa[0]
+
+
+def spki_der(public_key) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def openssl(*args: str) -> subprocess.CompletedProcess:
+    executable = shutil.which("openssl")
+    if executable is None:
+        raise SkipTest("openssl is not on PATH")
+    return subprocess.run([executable, *args], capture_output=True, timeout=30)
+
+
+class HomeCreateTests(SynchronousTestCase):
+    def setUp(self):
+        self.home = keys.Home(self.mktemp())
+        # Files must get their modes from the code, not from the umask.
+        previous = os.umask(0)
+        self.addCleanup(os.umask, previous)
+
+    def test_files(self):
+        """
+        create writes the identity file and both PEM files, the private key
+        PKCS#8 with mode 0600, in a home only its owner can enter.
+        """
+        created = self.home.create("alice", bits=2048)
+        self.assertEqual(created.name, "alice")
+        path = self.home.path
+        self.assertEqual(
+            sorted(os.listdir(path)), ["identity", "private_key.pem", "public_key.pem"]
+        )
+        self.assertEqual((path / "identity").read_bytes(), b"alice\n")
+        self.assertEqual(self.home.private_key_file, path / "private_key.pem")
+        self.assertEqual(self.home.public_key_file, path / "public_key.pem")
+
+        private = self.home.private_key_file.read_bytes()
+        self.assertTrue(private.startswith(b"-----BEGIN PRIVATE KEY-----\n"))
+        self.assertTrue(private.rstrip().endswith(b"-----END PRIVATE KEY-----"))
+        self.assertEqual(mode_of(self.home.private_key_file), 0o600)
+        self.assertEqual(mode_of(path) & 0o077, 0)
+
+        public = self.home.public_key_file.read_bytes()
+        self.assertTrue(public.startswith(b"-----BEGIN PUBLIC KEY-----\n"))
+        self.assertEqual(mode_of(self.home.public_key_file) & 0o022, 0)
+
+        # The files hold the key create returned.
+        loaded_private = serialization.load_pem_private_key(private, password=None)
+        self.assertEqual(spki_der(loaded_private.public_key()), created.public_der)
+        self.assertEqual(spki_der(serialization.load_pem_public_key(public)), created.public_der)
+        self.assertTrue(self.home.has_identity())
+
+    def test_default_key_size(self):
+        created = self.home.create("carol")
+        self.assertEqual(created.public_key.key_size, keys.KEY_BITS)
+        self.assertEqual(keys.KEY_BITS, 3072)
+        self.assertEqual(self.home.load().public_key.key_size, 3072)
+
+    def test_openssl_reads_the_files(self):
+        if shutil.which("openssl") is None:
+            raise SkipTest("openssl is not on PATH")
+        created = self.home.create("alice", bits=2048)
+        private = str(self.home.private_key_file)
+        public = str(self.home.public_key_file)
+        result = openssl("pkey", "-in", private, "-noout")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        result = openssl("pkey", "-pubin", "-in", public, "-noout")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        # openssl derives the same public key, hence the same fingerprint.
+        result = openssl("pkey", "-in", private, "-pubout", "-outform", "DER")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(hashlib.sha256(result.stdout).digest(), created.fingerprint)
+        # Control: openssl does fail on a file that is not a key.
+        garbage = Path(self.mktemp())
+        garbage.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+        self.assertNotEqual(openssl("pkey", "-in", str(garbage), "-noout").returncode, 0)
+
+    def test_create_twice(self):
+        self.home.create("alice", bits=2048)
+        before = {
+            name: (self.home.path / name).read_bytes() for name in os.listdir(self.home.path)
+        }
+        error = self.assertRaises(keys.IdentityExists, self.home.create, "alice", bits=2048)
+        self.assertIn("alice", str(error))
+        self.assertRaises(keys.IdentityExists, self.home.create, "bob", bits=2048)
+        after = {
+            name: (self.home.path / name).read_bytes() for name in os.listdir(self.home.path)
+        }
+        self.assertEqual(after, before)
+
+    def test_invalid_id(self):
+        for bad in ("", "a/b", "../escape", "-a", ".a", "a b", "caf\u00e9", "a" * 65):
+            self.assertRaises(keys.IdentityError, self.home.create, bad, bits=2048)
+        self.assertFalse(os.path.exists(self.home.path))
+        self.assertFalse(self.home.has_identity())
+
+    def test_too_few_bits(self):
+        self.assertRaises(keys.BadKey, self.home.create, "alice", bits=1024)
+        self.assertFalse(self.home.has_identity())
+
+
+class HomeLoadTests(SynchronousTestCase):
+    def test_load(self):
+        home = keys.Home(self.mktemp())
+        created = home.create("alice@example.org", bits=2048)
+        loaded = keys.Home(home.path).load()
+        self.assertEqual(loaded.name, "alice@example.org")
+        self.assertEqual(loaded.fingerprint, created.fingerprint)
+        self.assertEqual(loaded.public_der, created.public_der)
+        # The loaded private key works: it signs for the created public key.
+        self.assertTrue(keys.verify(created.public_key, loaded.sign(b"proof"), b"proof"))
+
+    def test_load_missing_home(self):
+        error = self.assertRaises(keys.NoIdentity, keys.Home(self.mktemp()).load)
+        self.assertIsInstance(error, keys.IdentityError)
+
+    def test_load_empty_home(self):
+        path = self.mktemp()
+        os.mkdir(path)
+        home = keys.Home(path)
+        self.assertFalse(home.has_identity())
+        self.assertRaises(keys.NoIdentity, home.load)
+
+    def test_load_without_private_key(self):
+        home = keys.Home(self.mktemp())
+        home.create("alice", bits=2048)
+        home.private_key_file.unlink()
+        self.assertRaises(keys.NoIdentity, home.load)
+
+    def test_load_invalid_id(self):
+        home = keys.Home(self.mktemp())
+        home.create("alice", bits=2048)
+        (home.path / "identity").write_text("../../etc\n")
+        self.assertRaises(keys.IdentityError, home.load)
+
+    def test_load_bad_private_key(self):
+        home = keys.Home(self.mktemp())
+        home.create("alice", bits=2048)
+        home.private_key_file.write_bytes(b"not a pem file")
+        self.assertRaises(keys.BadKey, home.load)
+
+    def test_load_non_rsa_or_small_key(self):
+        home = keys.Home(self.mktemp())
+        home.create("alice", bits=2048)
+        for key in (ec.generate_private_key(ec.SECP256R1()), small_rsa_key()):
+            home.private_key_file.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+            self.assertRaises(keys.BadKey, home.load)
+
+    def test_expanduser(self):
+        self.assertEqual(keys.Home("~/x").path, Path(os.path.expanduser("~/x")))
+
+
+class FingerprintTests(SynchronousTestCase):
+    def test_sha256_of_der_spki(self):
+        alice = identity("alice")
+        der = spki_der(alice.private_key.public_key())
+        self.assertEqual(keys.public_der(alice.public_key), der)
+        self.assertEqual(alice.public_der, der)
+        self.assertEqual(keys.fingerprint(der), hashlib.sha256(der).digest())
+        self.assertEqual(alice.fingerprint, hashlib.sha256(der).digest())
+        self.assertEqual(len(alice.fingerprint), 32)
+        self.assertNotEqual(alice.fingerprint, identity("alice", "other").fingerprint)
+
+    def test_format_known_value(self):
+        self.assertEqual(
+            keys.format_fingerprint(bytes(range(32))),
+            "0001 0203 0405 0607 0809 0A0B 0C0D 0E0F "
+            "1011 1213 1415 1617 1819 1A1B 1C1D 1E1F",
+        )
+
+    def test_format_groups(self):
+        digest = identity("alice").fingerprint
+        text = keys.format_fingerprint(digest)
+        groups = text.split(" ")
+        self.assertEqual(len(groups), 16)
+        for group in groups:
+            self.assertRegex(group, r"\A[0-9A-F]{4}\Z")
+        self.assertEqual(len(text), 16 * 4 + 15)
+        self.assertEqual(bytes.fromhex("".join(groups)), digest)
+        self.assertIsNotNone(re.fullmatch(r"[0-9A-F]{4}( [0-9A-F]{4}){15}", text))
+
+
+class PinTests(SynchronousTestCase):
+    def setUp(self):
+        self.home = keys.Home(self.mktemp())
+
+    def test_unpinned(self):
+        self.assertIsNone(self.home.pinned("bob"))
+
+    def test_first_use_stores(self):
+        bob = identity("bob")
+        key = self.home.pin("bob", bob.public_der)
+        self.assertEqual(keys.public_der(key), bob.public_der)
+        path = self.home.contacts_dir / "bob.pem"
+        self.assertTrue(path.exists())
+        self.assertTrue(path.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----"))
+        self.assertEqual(spki_der(serialization.load_pem_public_key(path.read_bytes())),
+                         bob.public_der)
+        pinned = keys.Home(self.home.path).pinned("bob")
+        self.assertEqual(keys.public_der(pinned), bob.public_der)
+
+    def test_same_key_again(self):
+        bob = identity("bob")
+        self.home.pin("bob", bob.public_der)
+        path = self.home.contacts_dir / "bob.pem"
+        before = path.read_bytes()
+        key = self.home.pin("bob", bob.public_der)
+        self.assertEqual(keys.public_der(key), bob.public_der)
+        self.assertEqual(path.read_bytes(), before)
+
+    def test_different_key_conflicts(self):
+        bob, impostor = identity("bob"), identity("bob", "other")
+        self.home.pin("bob", bob.public_der)
+        path = self.home.contacts_dir / "bob.pem"
+        before = path.read_bytes()
+        error = self.assertRaises(keys.KeyConflict, self.home.pin, "bob", impostor.public_der)
+        self.assertIsInstance(error, keys.IdentityError)
+        pinned_fp = keys.format_fingerprint(bob.fingerprint)
+        offered_fp = keys.format_fingerprint(impostor.fingerprint)
+        self.assertIn(pinned_fp, str(error))
+        self.assertIn(offered_fp, str(error))
+        self.assertIn("bob", str(error))
+        self.assertEqual((error.identity, error.pinned, error.offered), ("bob", pinned_fp, offered_fp))
+        # Nothing changed.
+        self.assertEqual(path.read_bytes(), before)
+        self.assertEqual(os.listdir(self.home.contacts_dir), ["bob.pem"])
+        self.assertEqual(keys.public_der(self.home.pinned("bob")), bob.public_der)
+        # And the pinned key is still accepted.
+        self.home.pin("bob", bob.public_der)
+
+    def test_names_are_independent(self):
+        self.home.pin("bob", identity("bob").public_der)
+        self.home.pin("carol", identity("carol").public_der)
+        self.assertEqual(keys.public_der(self.home.pinned("carol")), identity("carol").public_der)
+        self.assertEqual(keys.public_der(self.home.pinned("bob")), identity("bob").public_der)
+
+    def test_bad_key_not_pinned(self):
+        for der in (spki_der(small_rsa_key().public_key()),
+                    spki_der(ec.generate_private_key(ec.SECP256R1()).public_key()),
+                    b"garbage"):
+            self.assertRaises(keys.BadKey, self.home.pin, "bob", der)
+        self.assertIsNone(self.home.pinned("bob"))
+        self.assertFalse(self.home.contacts_dir.exists())
+
+    def test_invalid_name(self):
+        der = identity("bob").public_der
+        for bad in ("", "../bob", "a/b", "-a", "a b"):
+            self.assertRaises(keys.IdentityError, self.home.pin, bad, der)
+            self.assertRaises(keys.IdentityError, self.home.pinned, bad)
+        self.assertFalse(self.home.contacts_dir.exists() and os.listdir(self.home.contacts_dir))
+
+
+class LoadPublicDerTests(SynchronousTestCase):
+    def test_accepts_rsa_2048(self):
+        bob = identity("bob")
+        key = keys.load_public_der(bob.public_der)
+        self.assertIsInstance(key, rsa.RSAPublicKey)
+        self.assertEqual(key.public_numbers(), bob.public_key.public_numbers())
+
+    def test_refuses_rsa_1024(self):
+        error = self.assertRaises(
+            keys.BadKey, keys.load_public_der, spki_der(small_rsa_key().public_key())
+        )
+        self.assertIn("1024", str(error))
+
+    def test_refuses_ec(self):
+        der = spki_der(ec.generate_private_key(ec.SECP256R1()).public_key())
+        self.assertRaises(keys.BadKey, keys.load_public_der, der)
+
+    def test_refuses_garbage(self):
+        for der in (b"", b"garbage", b"\x30\x00", identity("bob").public_der[:-1]):
+            self.assertRaises(keys.BadKey, keys.load_public_der, der)
+
+    def test_refuses_unknown_algorithm(self):
+        """
+        A well-formed SubjectPublicKeyInfo of an algorithm cryptography does
+        not know (OID 1.2.3.4) is a bad key too.
+        """
+        der = bytes.fromhex("300f" "3005" "06032a0304" "0306" "000102030405")
+        self.assertRaises(keys.BadKey, keys.load_public_der, der)
+
+
+
+class GenerateTests(SynchronousTestCase):
+    def test_refuses_small_keys(self):
+        for bits in (512, 1024, 2047):
+            self.assertRaises(keys.BadKey, keys.Identity.generate, "alice", bits=bits)
+
+    def test_refuses_invalid_name(self):
+        self.assertRaises(keys.IdentityError, keys.Identity.generate, "a/b", bits=2048)
+
+    def test_minimum_bits(self):
+        self.assertEqual(identity("alice").public_key.key_size, keys.MIN_KEY_BITS)
+
+    def test_check_identity(self):
+        self.assertEqual(keys.check_identity("alice.b+c@d-e_f"), "alice.b+c@d-e_f")
+        for bad in ("", "_a", "a" * 65, "a\n", "\u0430"):
+            self.assertRaises(keys.IdentityError, keys.check_identity, bad)
+
+    def test_error_hierarchy(self):
+        for cls in (keys.BadKey, keys.NoIdentity, keys.IdentityExists, keys.KeyConflict):
+            self.assertTrue(issubclass(cls, keys.IdentityError))
+
+
+class SignatureTests(SynchronousTestCase):
+    def test_round_trip(self):
+        alice = identity("alice")
+        signature = alice.sign(b"message")
+        self.assertEqual(len(signature), 2048 // 8)
+        self.assertTrue(keys.verify(alice.public_key, signature, b"message"))
+        # PSS is randomized: another signature, just as valid.
+        other = alice.sign(b"message")
+        self.assertNotEqual(other, signature)
+        self.assertTrue(keys.verify(alice.public_key, other, b"message"))
+
+    def test_modified_message(self):
+        alice = identity("alice")
+        signature = alice.sign(b"message")
+        for altered in (b"messagE", b"message ", b"messag", b"", b"\x00message"):
+            self.assertFalse(keys.verify(alice.public_key, signature, altered))
+
+    def test_modified_signature(self):
+        alice = identity("alice")
+        signature = bytearray(alice.sign(b"message"))
+        signature[10] ^= 0x01
+        self.assertFalse(keys.verify(alice.public_key, bytes(signature), b"message"))
+        self.assertFalse(keys.verify(alice.public_key, b"", b"message"))
+        self.assertFalse(keys.verify(alice.public_key, b"\xff" * 256, b"message"))
+
+    def test_other_key(self):
+        signature = identity("alice").sign(b"message")
+        self.assertFalse(keys.verify(identity("alice", "other").public_key, signature, b"message"))
+
+    def test_empty_message(self):
+        alice = identity("alice")
+        self.assertTrue(keys.verify(alice.public_key, alice.sign(b""), b""))
+
+
+class MemoryContactsTests(SynchronousTestCase):
+    """MemoryContacts pins keys by the same rules as Home, without files."""
+
+    def setUp(self):
+        self.contacts = keys.MemoryContacts()
+
+    def test_first_use_and_same_key(self):
+        bob = identity("bob")
+        self.assertIsNone(self.contacts.pinned("bob"))
+        self.assertEqual(keys.public_der(self.contacts.pin("bob", bob.public_der)), bob.public_der)
+        self.assertEqual(keys.public_der(self.contacts.pinned("bob")), bob.public_der)
+        self.assertEqual(keys.public_der(self.contacts.pin("bob", bob.public_der)), bob.public_der)
+
+    def test_different_key_conflicts(self):
+        bob, impostor = identity("bob"), identity("bob", "other")
+        self.contacts.pin("bob", bob.public_der)
+        error = self.assertRaises(keys.KeyConflict, self.contacts.pin, "bob", impostor.public_der)
+        self.assertIn(keys.format_fingerprint(bob.fingerprint), str(error))
+        self.assertIn(keys.format_fingerprint(impostor.fingerprint), str(error))
+        self.assertEqual(keys.public_der(self.contacts.pinned("bob")), bob.public_der)
+
+    def test_bad_key_and_name(self):
+        self.assertRaises(
+            keys.BadKey, self.contacts.pin, "bob", spki_der(small_rsa_key().public_key())
+        )
+        self.assertIsNone(self.contacts.pinned("bob"))
+        self.assertRaises(keys.IdentityError, self.contacts.pin, "a/b", identity("bob").public_der)
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def _without_null_parameters(key) -> bytes:
+    """The same RSA key as a SubjectPublicKeyInfo whose algorithm omits its NULL parameters."""
+    from cryptography.hazmat.primitives import serialization
+
+    pkcs1 = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+    algorithm = bytes.fromhex("300b06092a864886f70d010101")
+    bits = b"\x03" + _der_length(len(pkcs1) + 1) + b"\x00" + pkcs1
+    body = algorithm + bits
+    return b"\x30" + _der_length(len(body)) + body
+
+
+class CanonicalEncodingTests(SynchronousTestCase):
+    """One key, two valid DER encodings: still one key, one fingerprint."""
+
+    def setUp(self):
+        self.identity = keys.Identity.generate("canon", bits=2048)
+        self.odd = _without_null_parameters(self.identity.public_key)
+
+    def test_other_encoding_is_accepted_and_canonicalised(self):
+        self.assertNotEqual(self.odd, self.identity.public_der)
+        self.assertEqual(keys.canonical_der(self.odd), self.identity.public_der)
+
+    def test_pinning_compares_keys_not_encodings(self):
+        for contacts in (keys.MemoryContacts(), keys.Home(self.mktemp())):
+            contacts.pin("canon", self.identity.public_der)
+            key = contacts.pin("canon", self.odd)
+            self.assertEqual(keys.public_der(key), self.identity.public_der)
