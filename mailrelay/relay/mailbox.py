@@ -123,9 +123,13 @@ class Mailboxes:
         if room <= 0:
             return
         messages = yield self.store.pending(recipient, outbox.cursor, room)
-        if self._outboxes.get(recipient) is not outbox:
-            return
         for message in messages:
+            # The session may have ended or paused while the store answered,
+            # or pause from inside push (a full transport buffer): push only
+            # while it can take more.  The cursor moves only past what was
+            # pushed, so nothing is skipped.
+            if self._outboxes.get(recipient) is not outbox or outbox.paused:
+                return
             outbox.in_flight[message.message_id] = message.seq
             outbox.cursor = message.seq
             outbox.delivered += 1

@@ -198,6 +198,8 @@ class RelaySession(Protocol, TimeoutMixin):
         # The same key has more than one valid DER encoding; keep the one.
         public_key = keys.public_der(key)
         yield self.factory.ready()
+        if self.state == "closed":
+            return  # timed out or gone while the store opened: register nothing
         try:
             registered = yield self.factory.directory.claim(frame.identity, public_key)
         except KeyConflict:

@@ -1,11 +1,18 @@
 """
 The default store: one SQLite file, WAL journal, durable commits.
 
-Every call runs in one transaction on the pool's single connection, so
-calls are serialised in the order they were made: the order of C{enqueue}
-calls is the order of C{seq}.  C{synchronous=FULL} makes each commit reach
-the disk before its Deferred fires, which is what lets the relay answer a
-sender "accepted".
+All work runs on the pool's single connection.  Writes are committed in
+the order they were asked for: the order of C{enqueue} calls is the order
+of C{seq}.  A read sees every write whose Deferred has fired (callers that
+need to read their own write wait for it, as the relay does).
+
+Writes (C{enqueue}, C{delete}, C{register_key}) are committed in groups:
+while one transaction is being committed, the writes asked for meanwhile
+queue up, and the next transaction carries them all, each inside its own
+savepoint so that one refused write (a full mailbox, a reused id) rolls
+back alone.  C{synchronous=FULL} makes each commit reach the disk before
+any of its writes' Deferreds fire, which is what lets the relay answer a
+sender "accepted"; grouping shares one disk flush among many senders.
 
 The schema is versioned with C{PRAGMA user_version}; L{MIGRATIONS} holds the
 steps from each version to the next, applied in one transaction at start.
@@ -17,7 +24,7 @@ from __future__ import annotations
 import sqlite3
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 
 from mailrelay.relay.store.base import (
@@ -60,6 +67,8 @@ MIGRATIONS: dict[int, str] = {
     """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
+MAX_GROUP = 256
+"""The most writes one transaction carries."""
 
 
 def _configure(connection: sqlite3.Connection) -> None:
@@ -70,6 +79,9 @@ def _configure(connection: sqlite3.Connection) -> None:
 
 
 def _migrate(txn) -> int:
+    # sqlite3 opens no transaction for DDL by itself: without this, each
+    # statement would commit alone and a failed step leave half a schema.
+    txn.execute("BEGIN IMMEDIATE")
     (version,) = txn.execute("PRAGMA user_version").fetchone()
     if version > SCHEMA_VERSION:
         raise StoreError(
@@ -84,12 +96,39 @@ def _migrate(txn) -> int:
     return version
 
 
+def _run_group(txn, writes):
+    """
+    Run C{writes} in one transaction, each in a savepoint.  A write that
+    raises L{StoreError} is rolled back alone and its error returned in its
+    place; any other error aborts the whole transaction.
+    """
+    txn.execute("BEGIN IMMEDIATE")
+    outcomes = []
+    for write in writes:
+        txn.execute("SAVEPOINT write")
+        try:
+            result = write(txn)
+        except StoreError as e:
+            txn.execute("ROLLBACK TO write")
+            txn.execute("RELEASE write")
+            outcomes.append((False, e))
+        else:
+            txn.execute("RELEASE write")
+            outcomes.append((True, result))
+    return outcomes
+
+
 class SQLiteStore:
     log = Logger()
 
     def __init__(self, path: str, quota: Quota = Quota(), reactor=None) -> None:
         self.path = path
         self.quota = quota
+        self._queued: list[tuple[object, Deferred]] = []
+        self._committing = False
+        self._stopping: Deferred | None = None
+        self._closed = False
+        self.groups = 0
         kwargs = {}
         if reactor is not None:
             kwargs["cp_reactor"] = reactor
@@ -110,10 +149,10 @@ class SQLiteStore:
         try:
             before = yield self._pool.runInteraction(_migrate)
         except sqlite3.Error as e:
-            self._pool.close()
+            self._close()
             raise StoreError(f"cannot open {self.path}: {e}") from None
         except StoreError:
-            self._pool.close()
+            self._close()
             raise
         if before != SCHEMA_VERSION:
             self.log.info(
@@ -121,11 +160,61 @@ class SQLiteStore:
                 path=self.path, old=before, new=SCHEMA_VERSION,
             )
 
-    def stop(self) -> Deferred[None]:
-        self._pool.close()
-        from twisted.internet.defer import succeed
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._pool.close()
 
-        return succeed(None)
+    def stop(self) -> Deferred[None]:
+        """
+        Close the store once every write already asked for is committed (or
+        has failed), so no caller is left waiting.  Safe to call twice, and
+        after a failed L{start}.
+        """
+        if self._closed or (not self._committing and not self._queued):
+            self._close()
+            return succeed(None)
+        if self._stopping is None:
+            self._stopping = Deferred()
+        d: Deferred[None] = Deferred()
+        self._stopping.addBoth(lambda r: d.callback(None))
+        return d
+
+    def _write(self, write) -> Deferred:
+        """Queue C{write(txn)} for the next group commit; fires after that commit."""
+        d: Deferred = Deferred()
+        self._queued.append((write, d))
+        self._commitQueued()
+        return d
+
+    def _commitQueued(self) -> None:
+        if self._committing or not self._queued:
+            return
+        group, self._queued = self._queued[:MAX_GROUP], self._queued[MAX_GROUP:]
+        self._committing = True
+        self.groups += 1
+        d = self._pool.runInteraction(_run_group, [write for write, _ in group])
+        d.addBoth(self._committed, group)
+
+    def _committed(self, outcome, group) -> None:
+        self._committing = False
+        if isinstance(outcome, list):
+            for (ok, value), (_, d) in zip(outcome, group):
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(value)
+        else:
+            # The transaction as a whole failed (disk full, I/O error): none
+            # of the group was committed, and each caller hears so.
+            error = StoreError(f"commit failed: {outcome.getErrorMessage()}")
+            for _, d in group:
+                d.errback(error)
+        self._commitQueued()
+        if self._stopping is not None and not self._committing:
+            self._close()
+            stopping, self._stopping = self._stopping, None
+            stopping.callback(None)
 
     def get_key(self, identity: str) -> Deferred[bytes | None]:
         def run(txn):
@@ -148,7 +237,7 @@ class SQLiteStore:
             ).fetchone()
             return bytes(key)
 
-        return self._pool.runInteraction(run)
+        return self._write(run)
 
     def enqueue(
         self, recipient: str, sender: str, message_id: bytes, envelope: bytes, now: int
@@ -180,7 +269,7 @@ class SQLiteStore:
             )
             return True
 
-        return self._pool.runInteraction(run)
+        return self._write(run)
 
     def pending(self, recipient: str, after_seq: int, limit: int) -> Deferred[list[StoredMessage]]:
         def run(txn):
@@ -215,7 +304,7 @@ class SQLiteStore:
             )
             return True
 
-        return self._pool.runInteraction(run)
+        return self._write(run)
 
     def count(self, recipient: str) -> Deferred[int]:
         def run(txn):

@@ -1,0 +1,1203 @@
+"""
+Tests for L{mailrelay.relay.protocol}: the relay's side of a session, driven
+over in-memory transports with a fake clock.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailrelay import envelope, keys, wire
+from mailrelay.encoding import Writer
+from mailrelay.relay.mailbox import RETRY_AFTER_STORE_ERROR
+from mailrelay.relay.protocol import RelayFactory
+from mailrelay.relay.store import Quota
+from mailrelay.relay.store.memory import MemoryStore
+
+E = wire.ErrorCode
+RELAY = "relay.example"
+
+# RSA key generation is slow: each key is made once per process and shared.
+_keys: dict[tuple[str, int], rsa.RSAPrivateKey] = {}
+
+
+def private_key(tag: str, bits: int = 2048) -> rsa.RSAPrivateKey:
+    if (tag, bits) not in _keys:
+        # Straight from cryptography: keys.Identity.generate refuses < 2048 bits.
+        _keys[tag, bits] = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    return _keys[tag, bits]
+
+
+def ident(name: str, key_tag: str | None = None, bits: int = 2048) -> keys.Identity:
+    """Identity C{name}; its key is the one cached under C{key_tag} (default: C{name})."""
+    return keys.Identity(name, private_key(key_tag or name, bits))
+
+
+def der(identity: keys.Identity) -> bytes:
+    return identity.public_der
+
+
+def mid(n: int) -> bytes:
+    """A recognisable 16-byte message id."""
+    return n.to_bytes(wire.MESSAGE_ID_SIZE, "big")
+
+
+def seal(sender: keys.Identity, recipient: keys.Identity, text: bytes = b"text",
+         message_id: bytes | None = None) -> bytes:
+    return envelope.seal(sender, recipient.name, recipient.public_key, text,
+                         message_id=message_id)
+
+
+class Client:
+    """One connection to the relay under test, seen from the client side."""
+
+    def __init__(self, factory: RelayFactory) -> None:
+        self.factory = factory
+        self.proto = factory.buildProtocol(None)
+        self.transport = StringTransportWithDisconnection()
+        self.transport.protocol = self.proto
+        self.reader = wire.FrameBuffer(factory.max_envelope)
+        self.proto.makeConnection(self.transport)
+        first = self.frames()
+        assert len(first) == 1 and isinstance(first[0], wire.Hello), first
+        self.hello: wire.Hello = first[0]
+
+    def frames(self) -> list:
+        """Every frame the relay wrote since the last call."""
+        data = self.transport.value()
+        self.transport.clear()
+        return self.reader.feed(data)
+
+    def feed(self, data: bytes) -> None:
+        self.proto.dataReceived(data)
+
+    def send(self, frame) -> None:
+        self.feed(wire.encode(frame))
+
+    def auth(self, identity: keys.Identity, *, challenge: bytes | None = None,
+             relay: str | None = None, version: int = wire.PROTOCOL_VERSION,
+             public_key: bytes | None = None, signer: keys.Identity | None = None) -> None:
+        """Send an Auth frame, by default a valid one for C{identity}."""
+        transcript = wire.auth_transcript(
+            self.hello.challenge if challenge is None else challenge,
+            self.hello.relay if relay is None else relay,
+            identity.name,
+        )
+        signature = (signer or identity).sign(transcript)
+        self.send(wire.Auth(version, identity.name,
+                            identity.public_der if public_key is None else public_key,
+                            signature))
+
+    @property
+    def connected(self) -> bool:
+        return self.transport.connected
+
+    def disconnect(self) -> None:
+        self.transport.loseConnection()
+
+
+class RelayTestMixin:
+    window = 64
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = self.makeStore()
+        self.factory = RelayFactory(self.store, self.clock, name=RELAY, window=self.window)
+        self.factory.storeReady()
+
+    def makeStore(self):
+        return MemoryStore()
+
+    def connect(self, identity: keys.Identity | None = None) -> Client:
+        """A new connection; with C{identity}, authenticated and its Welcome checked."""
+        client = Client(self.factory)
+        if identity is not None:
+            client.auth(identity)
+            frames = client.frames()
+            self.assertIsInstance(frames[0], wire.Welcome, repr(frames))
+            client.welcome = frames[0]
+            client.after_welcome = frames[1:]
+        return client
+
+    def register(self, *identities: keys.Identity) -> None:
+        """Register each identity's key by authenticating once, then disconnect."""
+        for identity in identities:
+            self.connect(identity).disconnect()
+
+    def count(self, recipient: str) -> int:
+        return self.successResultOf(self.factory.store.count(recipient))
+
+    def assertFatal(self, client: Client, code: wire.ErrorCode, frames=None) -> wire.Error:
+        """The relay sent an Error with the fatal C{code} last, and hung up."""
+        if frames is None:
+            frames = client.frames()
+        self.assertTrue(frames, "the relay sent nothing")
+        error = frames[-1]
+        self.assertIsInstance(error, wire.Error, repr(frames))
+        self.assertEqual(error.code, code, error)
+        self.assertTrue(error.fatal)
+        self.assertEqual(error.ref, b"")
+        self.assertFalse(client.connected, "the relay did not close the connection")
+        self.assertEqual(client.proto.state, "closed")
+        self.assertNotIn(client.proto, self.factory.sessions)
+        return error
+
+    def assertRefused(self, client: Client, code: wire.ErrorCode, ref: bytes, frames=None):
+        """The relay answered with exactly one non-fatal Error and kept the session."""
+        if frames is None:
+            frames = client.frames()
+        self.assertEqual(len(frames), 1, frames)
+        error = frames[0]
+        self.assertIsInstance(error, wire.Error, repr(frames))
+        self.assertEqual(error.code, code, error)
+        self.assertFalse(error.fatal)
+        self.assertEqual(error.ref, ref)
+        self.assertTrue(client.connected)
+        self.assertEqual(client.proto.state, "ready")
+        return error
+
+    def assertStillServes(self, client: Client) -> None:
+        """The session still answers: a Ping gets its Pong."""
+        client.send(wire.Ping(b"stillok!"))
+        self.assertEqual(client.frames(), [wire.Pong(b"stillok!")])
+        self.assertTrue(client.connected)
+
+    def delivered(self, frames) -> list[wire.Deliver]:
+        for f in frames:
+            self.assertIsInstance(f, wire.Deliver, repr(frames))
+        return list(frames)
+
+
+A = ident("A")
+B = ident("B")
+C = ident("C")
+B_OTHER_KEY = ident("B", key_tag="X")
+A_OTHER_KEY = ident("A", key_tag="X")
+A_WEAK_KEY = ident("A", key_tag="weak", bits=1024)
+
+
+class HelloTests(RelayTestMixin, SynchronousTestCase):
+    def test_hello(self):
+        client = Client(self.factory)
+        hello = client.hello
+        self.assertEqual(hello.version, wire.PROTOCOL_VERSION)
+        self.assertEqual(hello.relay, RELAY)
+        self.assertEqual(len(hello.challenge), wire.CHALLENGE_SIZE)
+        self.assertEqual(client.proto.state, "handshake")
+        self.assertTrue(client.connected)
+
+    def test_fresh_challenges(self):
+        challenges = {Client(self.factory).hello.challenge for _ in range(5)}
+        self.assertEqual(len(challenges), 5)
+
+    def test_registers_as_push_producer(self):
+        client = Client(self.factory)
+        self.assertIs(client.transport.producer, client.proto)
+        self.assertTrue(client.transport.streaming)
+
+
+class AuthTests(RelayTestMixin, SynchronousTestCase):
+    def test_welcome_registers_first_time(self):
+        client = Client(self.factory)
+        client.auth(A)
+        self.assertEqual(client.frames(), [wire.Welcome(True, 0, self.factory.max_envelope)])
+        self.assertEqual(client.proto.state, "ready")
+        self.assertEqual(client.proto.identity, "A")
+        self.assertEqual(self.successResultOf(self.factory.directory.lookup("A")), der(A))
+
+    def test_welcome_known_key(self):
+        self.connect(A).disconnect()
+        client = Client(self.factory)
+        client.auth(A)
+        self.assertEqual(client.frames(), [wire.Welcome(False, 0, self.factory.max_envelope)])
+
+    def test_welcome_max_envelope(self):
+        factory = RelayFactory(MemoryStore(), self.clock, name=RELAY, max_envelope=12345)
+        factory.storeReady()
+        client = Client(factory)
+        client.auth(A)
+        (welcome,) = client.frames()
+        self.assertEqual(welcome.max_envelope, 12345)
+
+    def test_welcome_counts_queued(self):
+        self.register(B)
+        sender = self.connect(A)
+        for n in range(3):
+            sender.send(wire.Send(seal(A, B, message_id=mid(n))))
+        self.assertEqual(len(sender.frames()), 3)
+        receiver = self.connect(B)
+        self.assertFalse(receiver.welcome.registered)
+        self.assertEqual(receiver.welcome.queued, 3)
+
+    def test_auth_deadline_cancelled(self):
+        client = self.connect(A)
+        # Only the idle timer is left once authenticated.
+        (idle,) = self.clock.getDelayedCalls()
+        self.assertEqual(idle.getTime(), self.factory.idle_timeout)
+        self.clock.advance(self.factory.auth_timeout * 2)
+        self.assertTrue(client.connected)
+        self.assertEqual(client.frames(), [])
+
+    def test_bad_signature_other_challenge(self):
+        client = Client(self.factory)
+        client.auth(A, challenge=os.urandom(wire.CHALLENGE_SIZE))
+        self.assertFatal(client, E.AUTH_FAILED)
+        self.assertIsNone(self.successResultOf(self.factory.directory.lookup("A")))
+
+    def test_replayed_auth(self):
+        """An Auth recorded on one connection does not authenticate another."""
+        first = Client(self.factory)
+        second = Client(self.factory)
+        second.auth(A, challenge=first.hello.challenge)
+        self.assertFatal(second, E.AUTH_FAILED)
+
+    def test_bad_signature_other_relay(self):
+        client = Client(self.factory)
+        client.auth(A, relay="another-relay")
+        self.assertFatal(client, E.AUTH_FAILED)
+
+    def test_signature_by_other_key(self):
+        client = Client(self.factory)
+        client.auth(A, signer=A_OTHER_KEY)
+        self.assertFatal(client, E.AUTH_FAILED)
+        self.assertIsNone(self.successResultOf(self.factory.directory.lookup("A")))
+
+    def test_key_too_small(self):
+        client = Client(self.factory)
+        client.auth(A_WEAK_KEY)  # correctly signed, but 1024 bits
+        self.assertFatal(client, E.AUTH_FAILED)
+        self.assertIsNone(self.successResultOf(self.factory.directory.lookup("A")))
+
+    def test_key_not_der(self):
+        client = Client(self.factory)
+        client.auth(A, public_key=b"not a key")
+        self.assertFatal(client, E.AUTH_FAILED)
+
+    def test_wrong_version(self):
+        client = Client(self.factory)
+        client.auth(A, version=wire.PROTOCOL_VERSION + 1)
+        self.assertFatal(client, E.UNSUPPORTED_VERSION)
+        self.assertIsNone(self.successResultOf(self.factory.directory.lookup("A")))
+
+    def test_key_conflict(self):
+        self.register(A)
+        client = Client(self.factory)
+        client.auth(A_OTHER_KEY)  # a valid proof, for another key than the registered one
+        self.assertFatal(client, E.KEY_CONFLICT)
+        self.assertEqual(self.successResultOf(self.factory.directory.lookup("A")), der(A))
+        self.assertIsNone(client.proto.identity)
+
+    def test_key_conflict_does_not_supersede(self):
+        """An impostor refused for its key does not take over the real session."""
+        real = self.connect(A)
+        impostor = Client(self.factory)
+        impostor.auth(A_OTHER_KEY)
+        self.assertFatal(impostor, E.KEY_CONFLICT)
+        self.assertEqual(real.frames(), [])
+        self.assertStillServes(real)
+
+    def test_auth_timeout(self):
+        client = Client(self.factory)
+        self.clock.advance(self.factory.auth_timeout - 0.1)
+        self.assertTrue(client.connected)
+        self.assertEqual(client.frames(), [])
+        self.clock.advance(0.1)
+        self.assertFatal(client, E.AUTH_TIMEOUT)
+
+    def test_auth_timeout_not_reset_by_frames(self):
+        """Frames do not extend the handshake: the deadline counts from the Hello."""
+        client = Client(self.factory)
+        self.clock.advance(self.factory.auth_timeout - 1)
+        client.feed(wire.encode(wire.Ping(b"12345678"))[:3])  # a partial frame
+        self.clock.advance(1)
+        self.assertFatal(client, E.AUTH_TIMEOUT)
+
+    def _before_auth(self, frame) -> Client:
+        client = Client(self.factory)
+        client.send(frame)
+        self.assertFatal(client, E.UNEXPECTED_FRAME)
+        return client
+
+    def test_send_before_auth(self):
+        self.register(A, B)
+        self._before_auth(wire.Send(seal(A, B)))
+        self.assertEqual(self.count("B"), 0)
+
+    def test_lookup_before_auth(self):
+        self.register(A)
+        self._before_auth(wire.Lookup("A"))
+
+    def test_ping_before_auth(self):
+        self._before_auth(wire.Ping(b"12345678"))
+
+    def test_ack_before_auth(self):
+        self._before_auth(wire.Ack(mid(1)))
+
+    def test_pong_before_auth(self):
+        self._before_auth(wire.Pong(b"12345678"))
+
+    def test_error_before_auth(self):
+        self._before_auth(wire.Error(E.UNKNOWN_MESSAGE, b"", "hello?"))
+
+    def test_frames_after_failed_auth_discarded(self):
+        client = Client(self.factory)
+        transcript = wire.auth_transcript(os.urandom(wire.CHALLENGE_SIZE), RELAY, "A")
+        client.feed(
+            wire.encode(wire.Auth(wire.PROTOCOL_VERSION, "A", der(A), A.sign(transcript)))
+            + wire.encode(wire.Ping(b"12345678"))
+            + wire.encode(wire.Lookup("A"))
+        )
+        frames = client.frames()
+        self.assertEqual(len(frames), 1, frames)
+        self.assertFatal(client, E.AUTH_FAILED, frames)
+
+    def test_auth_after_auth(self):
+        client = self.connect(A)
+        client.auth(A)
+        self.assertFatal(client, E.UNEXPECTED_FRAME)
+
+    def test_relay_frame_from_client(self):
+        client = self.connect(A)
+        client.send(wire.Welcome(True, 0, 0))
+        self.assertFatal(client, E.UNEXPECTED_FRAME)
+
+    def test_frames_after_auth_in_same_packet(self):
+        """Frames following Auth in one read are handled after it, in order."""
+        self.register(B)
+        client = Client(self.factory)
+        transcript = wire.auth_transcript(client.hello.challenge, RELAY, "A")
+        data = (
+            wire.encode(wire.Auth(wire.PROTOCOL_VERSION, "A", der(A), A.sign(transcript)))
+            + wire.encode(wire.Lookup("B"))
+            + wire.encode(wire.Ping(b"abcdefgh"))
+        )
+        client.feed(data)
+        self.assertEqual(client.frames(), [
+            wire.Welcome(True, 0, self.factory.max_envelope),
+            wire.Key("B", der(B)),
+            wire.Pong(b"abcdefgh"),
+        ])
+
+
+class MalformedTests(RelayTestMixin, SynchronousTestCase):
+    UNKNOWN_TYPE = wire.LENGTH_PREFIX.pack(1) + b"\x99"
+    TRAILING = wire.LENGTH_PREFIX.pack(1 + wire.PING_SIZE + 1) + b"\x30" + b"12345678" + b"!"
+    EMPTY = wire.LENGTH_PREFIX.pack(0)
+
+    def oversized(self) -> bytes:
+        # Only the prefix: the relay must refuse before waiting for the body.
+        return wire.LENGTH_PREFIX.pack(wire.max_frame_for(self.factory.max_envelope) + 1)
+
+    def check(self, data: bytes, authenticated: bool) -> None:
+        client = self.connect(A) if authenticated else Client(self.factory)
+        client.feed(data)
+        self.assertFatal(client, E.MALFORMED_FRAME)
+        # Whatever comes next is ignored.
+        client.send(wire.Ping(b"12345678"))
+        self.assertEqual(client.frames(), [])
+
+    def test_unknown_type_handshake(self):
+        self.check(self.UNKNOWN_TYPE, False)
+
+    def test_unknown_type_ready(self):
+        self.check(self.UNKNOWN_TYPE, True)
+
+    def test_oversized_handshake(self):
+        self.check(self.oversized(), False)
+
+    def test_oversized_ready(self):
+        self.check(self.oversized(), True)
+
+    def test_trailing_handshake(self):
+        self.check(self.TRAILING, False)
+
+    def test_trailing_ready(self):
+        self.check(self.TRAILING, True)
+
+    def test_empty_frame_ready(self):
+        self.check(self.EMPTY, True)
+
+    def test_oversized_send_ready(self):
+        """A Send whose envelope is over the relay's limit is refused as malformed."""
+        small = RelayFactory(MemoryStore(), self.clock, name=RELAY, max_envelope=2000)
+        small.storeReady()
+        self.factory = small
+        client = self.connect(A)
+        body = Writer().u8(wire.Send.TYPE).blob32(b"x" * 2001).getvalue()
+        client.feed(wire.LENGTH_PREFIX.pack(len(body)) + body)
+        self.assertFatal(client, E.MALFORMED_FRAME)
+
+    def test_malformed_after_partial_frame_across_reads(self):
+        client = self.connect(A)
+        data = self.UNKNOWN_TYPE
+        client.feed(data[:2])
+        self.assertTrue(client.connected)
+        client.feed(data[2:])
+        self.assertFatal(client, E.MALFORMED_FRAME)
+
+
+class IdleTimeoutTests(RelayTestMixin, SynchronousTestCase):
+    def test_idle_timeout(self):
+        client = self.connect(A)
+        self.clock.advance(self.factory.idle_timeout - 1)
+        self.assertTrue(client.connected)
+        self.clock.advance(1)
+        self.assertFatal(client, E.IDLE_TIMEOUT)
+
+    def test_frame_resets_idle_timeout(self):
+        client = self.connect(A)
+        self.clock.advance(self.factory.idle_timeout - 1)
+        client.send(wire.Ping(b"keepaliv"))
+        self.assertEqual(client.frames(), [wire.Pong(b"keepaliv")])
+        self.clock.advance(self.factory.idle_timeout - 1)
+        self.assertTrue(client.connected)
+        self.assertEqual(client.frames(), [])
+        self.clock.advance(1)
+        self.assertFatal(client, E.IDLE_TIMEOUT)
+
+    def test_no_timers_left_after_disconnect(self):
+        client = self.connect(A)
+        client.disconnect()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_timers_left_after_handshake_disconnect(self):
+        client = Client(self.factory)
+        client.disconnect()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class LookupPingTests(RelayTestMixin, SynchronousTestCase):
+    def test_lookup_known(self):
+        self.register(B)
+        client = self.connect(A)
+        client.send(wire.Lookup("B"))
+        self.assertEqual(client.frames(), [wire.Key("B", der(B))])
+        client.send(wire.Lookup("A"))
+        self.assertEqual(client.frames(), [wire.Key("A", der(A))])
+
+    def test_lookup_unknown(self):
+        client = self.connect(A)
+        client.send(wire.Lookup("nobody"))
+        self.assertRefused(client, E.UNKNOWN_IDENTITY, b"nobody")
+        self.assertStillServes(client)
+
+    def test_ping(self):
+        client = self.connect(A)
+        client.send(wire.Ping(b"\x00\x01\x02\x03\xfc\xfd\xfe\xff"))
+        self.assertEqual(client.frames(), [wire.Pong(b"\x00\x01\x02\x03\xfc\xfd\xfe\xff")])
+
+    def test_pong_ignored(self):
+        client = self.connect(A)
+        client.send(wire.Pong(b"12345678"))
+        self.assertEqual(client.frames(), [])
+        self.assertStillServes(client)
+
+    def test_client_nonfatal_error_ignored(self):
+        client = self.connect(A)
+        client.send(wire.Error(E.UNKNOWN_MESSAGE, b"", "whatever"))
+        self.assertEqual(client.frames(), [])
+        self.assertStillServes(client)
+
+    def test_client_fatal_error_closes(self):
+        client = self.connect(A)
+        client.send(wire.Error(E.INTERNAL_ERROR, b"", "client gives up"))
+        self.assertEqual(client.frames(), [])
+        self.assertFalse(client.connected)
+
+
+class SendTests(RelayTestMixin, SynchronousTestCase):
+    def setUp(self):
+        super().setUp()
+        self.register(A, B)
+
+    def test_send_accept_deliver_ack(self):
+        receiver = self.connect(B)
+        sender = self.connect(A)
+        env = seal(A, B, b"hello B", message_id=mid(7))
+        sender.send(wire.Send(env))
+        self.assertEqual(sender.frames(), [wire.Accepted(mid(7))])
+        self.assertEqual(receiver.frames(), [wire.Deliver(mid(7), env)])
+        self.assertEqual(self.count("B"), 1)
+        # The bytes delivered are the sender's, and open for B.
+        opened = envelope.open_envelope(env, B, A.public_key)
+        self.assertEqual(opened.plaintext, b"hello B")
+        receiver.send(wire.Ack(mid(7)))
+        self.assertEqual(receiver.frames(), [])
+        self.assertEqual(self.count("B"), 0)
+
+    def test_send_to_self(self):
+        client = self.connect(A)
+        env = seal(A, A, message_id=mid(1))
+        client.send(wire.Send(env))
+        # Both arrive; the Deliver may precede the Accepted.
+        self.assertCountEqual(client.frames(), [wire.Accepted(mid(1)), wire.Deliver(mid(1), env)])
+
+    def test_offline_recipient(self):
+        sender = self.connect(A)
+        env = seal(A, B, message_id=mid(1))
+        sender.send(wire.Send(env))
+        self.assertEqual(sender.frames(), [wire.Accepted(mid(1))])
+        self.assertEqual(self.count("B"), 1)
+        receiver = self.connect(B)
+        self.assertEqual(receiver.welcome.queued, 1)
+        self.assertEqual(receiver.after_welcome, [wire.Deliver(mid(1), env)])
+        receiver.send(wire.Ack(mid(1)))
+        self.assertEqual(self.count("B"), 0)
+
+    def test_unacked_redelivered_next_session(self):
+        receiver = self.connect(B)
+        sender = self.connect(A)
+        env = seal(A, B, message_id=mid(1))
+        sender.send(wire.Send(env))
+        self.assertEqual(receiver.frames(), [wire.Deliver(mid(1), env)])
+        receiver.disconnect()
+        self.assertEqual(self.count("B"), 1)
+        again = self.connect(B)
+        self.assertEqual(again.welcome.queued, 1)
+        self.assertEqual(again.after_welcome, [wire.Deliver(mid(1), env)])
+        again.send(wire.Ack(mid(1)))
+        self.assertEqual(again.frames(), [])
+        self.assertEqual(self.count("B"), 0)
+        again.disconnect()
+        third = self.connect(B)
+        self.assertEqual(third.welcome.queued, 0)
+        self.assertEqual(third.after_welcome, [])
+
+    def test_sender_mismatch(self):
+        client = self.connect(A)
+        env = seal(C, B, message_id=mid(3))  # sealed and signed by C
+        client.send(wire.Send(env))
+        self.assertRefused(client, E.SENDER_MISMATCH, mid(3))
+        self.assertEqual(self.count("B"), 0)
+
+    def test_sender_name_mismatch_same_key(self):
+        """An envelope signed with A's own key but naming C as sender is refused."""
+        client = self.connect(A)
+        env = seal(ident("C", key_tag="A"), B, message_id=mid(3))
+        client.send(wire.Send(env))
+        self.assertRefused(client, E.SENDER_MISMATCH, mid(3))
+        self.assertEqual(self.count("B"), 0)
+
+    def test_sender_other_key(self):
+        """An envelope naming A but sealed with another key of A is refused."""
+        client = self.connect(A)
+        env = seal(A_OTHER_KEY, B, message_id=mid(3))
+        client.send(wire.Send(env))
+        self.assertRefused(client, E.SENDER_MISMATCH, mid(3))
+        self.assertEqual(self.count("B"), 0)
+
+    def test_recipient_key_mismatch(self):
+        client = self.connect(A)
+        env = seal(A, B_OTHER_KEY, message_id=mid(4))
+        client.send(wire.Send(env))
+        self.assertRefused(client, E.RECIPIENT_KEY_MISMATCH, mid(4))
+        self.assertEqual(self.count("B"), 0)
+
+    def test_unknown_recipient(self):
+        client = self.connect(A)
+        env = seal(A, C, message_id=mid(5))  # C never registered
+        client.send(wire.Send(env))
+        self.assertRefused(client, E.UNKNOWN_IDENTITY, mid(5))
+        self.assertEqual(self.count("C"), 0)
+
+    def test_bad_envelope(self):
+        client = self.connect(A)
+        client.send(wire.Send(b"\x01\x01garbage"))
+        self.assertRefused(client, E.BAD_ENVELOPE, b"")
+        self.assertStillServes(client)
+
+    def test_truncated_envelope(self):
+        client = self.connect(A)
+        env = seal(A, B, message_id=mid(1))
+        client.send(wire.Send(env[:-1]))
+        self.assertRefused(client, E.BAD_ENVELOPE, b"")
+        self.assertEqual(self.count("B"), 0)
+
+    def test_session_goes_on_after_refusal(self):
+        receiver = self.connect(B)
+        client = self.connect(A)
+        client.send(wire.Send(seal(C, B, message_id=mid(1))))
+        self.assertRefused(client, E.SENDER_MISMATCH, mid(1))
+        env = seal(A, B, message_id=mid(2))
+        client.send(wire.Send(env))
+        self.assertEqual(client.frames(), [wire.Accepted(mid(2))])
+        self.assertEqual(receiver.frames(), [wire.Deliver(mid(2), env)])
+
+    def test_idempotent_retry(self):
+        receiver = self.connect(B)
+        sender = self.connect(A)
+        env = seal(A, B, message_id=mid(9))
+        sender.send(wire.Send(env))
+        sender.send(wire.Send(env))
+        self.assertEqual(sender.frames(), [wire.Accepted(mid(9)), wire.Accepted(mid(9))])
+        self.assertEqual(self.count("B"), 1)
+        self.assertEqual(receiver.frames(), [wire.Deliver(mid(9), env)])
+
+    def test_retry_after_ack(self):
+        """A retry of an already delivered and acknowledged message is not stored again."""
+        receiver = self.connect(B)
+        sender = self.connect(A)
+        env = seal(A, B, message_id=mid(9))
+        sender.send(wire.Send(env))
+        receiver.frames()
+        receiver.send(wire.Ack(mid(9)))
+        sender.send(wire.Send(env))
+        self.assertEqual(sender.frames(), [wire.Accepted(mid(9)), wire.Accepted(mid(9))])
+        self.assertEqual(self.count("B"), 0)
+        self.assertEqual(receiver.frames(), [])
+
+    def test_duplicate_id(self):
+        receiver = self.connect(B)
+        sender = self.connect(A)
+        env = seal(A, B, b"one", message_id=mid(9))
+        other = seal(A, B, b"two", message_id=mid(9))
+        self.assertNotEqual(env, other)
+        sender.send(wire.Send(env))
+        self.assertEqual(sender.frames(), [wire.Accepted(mid(9))])
+        sender.send(wire.Send(other))
+        self.assertRefused(sender, E.DUPLICATE_ID, mid(9))
+        self.assertEqual(self.count("B"), 1)
+        self.assertEqual(receiver.frames(), [wire.Deliver(mid(9), env)])
+
+    def test_quota(self):
+        store = MemoryStore(Quota(messages=2, bytes=0))
+        self.factory = RelayFactory(store, self.clock, name=RELAY)
+        self.factory.storeReady()
+        self.register(A, B)
+        sender = self.connect(A)
+        for n in (1, 2):
+            sender.send(wire.Send(seal(A, B, message_id=mid(n))))
+        self.assertEqual(sender.frames(), [wire.Accepted(mid(1)), wire.Accepted(mid(2))])
+        sender.send(wire.Send(seal(A, B, message_id=mid(3))))
+        self.assertRefused(sender, E.MAILBOX_FULL, mid(3))
+        self.assertEqual(self.count("B"), 2)
+        ids = [m.message_id for m in self.successResultOf(store.pending("B", 0, 10))]
+        self.assertEqual(ids, [mid(1), mid(2)])
+
+
+class AckTests(RelayTestMixin, SynchronousTestCase):
+    window = 1
+
+    def setUp(self):
+        super().setUp()
+        self.register(A, B, C)
+        self.sender = self.connect(A)
+        self.envs = [seal(A, B, message_id=mid(n)) for n in (1, 2)]
+        for env in self.envs:
+            self.sender.send(wire.Send(env))
+        self.sender.frames()
+        self.receiver = self.connect(B)
+        self.assertEqual(self.receiver.after_welcome, [wire.Deliver(mid(1), self.envs[0])])
+
+    def test_ack_unknown(self):
+        self.receiver.send(wire.Ack(mid(99)))
+        self.assertRefused(self.receiver, E.UNKNOWN_MESSAGE, mid(99))
+        self.assertEqual(self.count("B"), 2)
+
+    def test_ack_twice(self):
+        self.receiver.send(wire.Ack(mid(1)))
+        self.assertEqual(self.receiver.frames(), [wire.Deliver(mid(2), self.envs[1])])
+        self.assertEqual(self.count("B"), 1)
+        self.receiver.send(wire.Ack(mid(1)))
+        self.assertRefused(self.receiver, E.UNKNOWN_MESSAGE, mid(1))
+        self.assertEqual(self.count("B"), 1)
+
+    def test_ack_not_yet_delivered(self):
+        """Only delivered messages can be acknowledged: mid(2) waits behind the window."""
+        self.receiver.send(wire.Ack(mid(2)))
+        self.assertRefused(self.receiver, E.UNKNOWN_MESSAGE, mid(2))
+        self.assertEqual(self.count("B"), 2)
+
+    def test_ack_other_mailbox(self):
+        """C cannot delete B's message by acknowledging its id."""
+        other = self.connect(C)
+        other.send(wire.Ack(mid(1)))
+        self.assertRefused(other, E.UNKNOWN_MESSAGE, mid(1))
+        self.assertEqual(self.count("B"), 2)
+
+
+class DeliveryOrderTests(RelayTestMixin, SynchronousTestCase):
+    def setUp(self):
+        super().setUp()
+        self.register(A, B)
+
+    def test_order_connected(self):
+        receiver = self.connect(B)
+        sender = self.connect(A)
+        envs = [seal(A, B, b"%d" % n, message_id=mid(n)) for n in range(5)]
+        for env in envs:
+            sender.send(wire.Send(env))
+        self.assertEqual(sender.frames(), [wire.Accepted(mid(n)) for n in range(5)])
+        self.assertEqual(receiver.frames(),
+                         [wire.Deliver(mid(n), env) for n, env in enumerate(envs)])
+
+    def test_order_offline(self):
+        sender = self.connect(A)
+        # Ids deliberately not in sorting order: the order is the order sent.
+        order = [5, 1, 4, 2, 3]
+        envs = {n: seal(A, B, message_id=mid(n)) for n in order}
+        for n in order:
+            sender.send(wire.Send(envs[n]))
+        receiver = self.connect(B)
+        self.assertEqual(receiver.after_welcome, [wire.Deliver(mid(n), envs[n]) for n in order])
+
+    def test_window(self):
+        self.factory = RelayFactory(MemoryStore(), self.clock, name=RELAY, window=2)
+        self.factory.storeReady()
+        self.register(A, B)
+        receiver = self.connect(B)
+        sender = self.connect(A)
+        envs = [seal(A, B, message_id=mid(n)) for n in range(5)]
+        for env in envs:
+            sender.send(wire.Send(env))
+        self.assertEqual(receiver.frames(), [wire.Deliver(mid(n), envs[n]) for n in (0, 1)])
+        receiver.send(wire.Ping(b"nothing!"))
+        self.assertEqual(receiver.frames(), [wire.Pong(b"nothing!")])
+        receiver.send(wire.Ack(mid(0)))
+        self.assertEqual(receiver.frames(), [wire.Deliver(mid(2), envs[2])])
+        receiver.send(wire.Ack(mid(2)))  # out of order is fine
+        self.assertEqual(receiver.frames(), [wire.Deliver(mid(3), envs[3])])
+        receiver.send(wire.Ack(mid(1)))
+        receiver.send(wire.Ack(mid(3)))
+        self.assertEqual(receiver.frames(), [wire.Deliver(mid(4), envs[4])])
+        receiver.send(wire.Ack(mid(4)))
+        self.assertEqual(receiver.frames(), [])
+        self.assertEqual(self.count("B"), 0)
+
+    def test_window_offline(self):
+        self.factory = RelayFactory(MemoryStore(), self.clock, name=RELAY, window=2)
+        self.factory.storeReady()
+        self.register(A, B)
+        sender = self.connect(A)
+        for n in range(5):
+            sender.send(wire.Send(seal(A, B, message_id=mid(n))))
+        receiver = self.connect(B)
+        self.assertEqual(receiver.welcome.queued, 5)
+        self.assertEqual([f.message_id for f in self.delivered(receiver.after_welcome)],
+                         [mid(0), mid(1)])
+
+
+class SlowPendingStore:
+    """
+    A L{MemoryStore} whose C{pending} for the recipients in C{slow} answers
+    only when the test fires it, with what the store held when it was asked
+    (as a database would).
+    """
+
+    def __init__(self, inner: MemoryStore, slow: set[str]) -> None:
+        self.inner = inner
+        self.slow = slow
+        self.outstanding: dict[str, list[tuple[Deferred, list]]] = {}
+        self.calls: dict[str, int] = {}
+        self.max_outstanding = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def pending(self, recipient, after_seq, limit):
+        answer = self.inner.pending(recipient, after_seq, limit)
+        if recipient not in self.slow:
+            return answer
+        result: list = []
+        answer.addCallback(result.extend)
+        self.calls[recipient] = self.calls.get(recipient, 0) + 1
+        queue = self.outstanding.setdefault(recipient, [])
+        d: Deferred = Deferred()
+        queue.append((d, result))
+        self.max_outstanding = max(self.max_outstanding, len(queue))
+        return d
+
+    def fire(self, recipient: str) -> None:
+        d, result = self.outstanding[recipient].pop(0)
+        d.callback(result)
+
+
+class ConcurrentDeliveryTests(RelayTestMixin, SynchronousTestCase):
+    def makeStore(self):
+        # Slow for B only once set up: see slowB.
+        return SlowPendingStore(MemoryStore(), set())
+
+    def slowB(self) -> None:
+        self.assertEqual(self.store.outstanding.get("B", []), [])
+        self.store.slow.add("B")
+
+    def test_serialised_per_recipient(self):
+        self.register(A, B, C)
+        self.slowB()
+        a = self.connect(A)
+        c = self.connect(C)
+        receiver = self.connect(B)
+        self.assertEqual(receiver.after_welcome, [])
+        self.assertEqual(len(self.store.outstanding["B"]), 1)
+
+        sent = {"A": [], "C": []}
+
+        def send(client, identity, n):
+            env = seal(identity, B, message_id=mid(n))
+            client.send(wire.Send(env))
+            self.assertEqual(client.frames(), [wire.Accepted(mid(n))])
+            sent[identity.name].append((mid(n), env))
+
+        # 1. The query made at connect time (an empty mailbox) is outstanding;
+        # five sends wake the loop meanwhile.
+        for client, identity, n in [(a, A, 1), (c, C, 2), (a, A, 3), (c, C, 4), (a, A, 5)]:
+            send(client, identity, n)
+        self.assertEqual(len(self.store.outstanding["B"]), 1)
+        self.assertEqual(receiver.frames(), [])
+
+        delivered: list[wire.Deliver] = []
+
+        def fire():
+            self.store.fire("B")
+            self.assertLessEqual(len(self.store.outstanding["B"]), 1)
+            delivered.extend(self.delivered(receiver.frames()))
+
+        # 2. It answers nothing; the folded wakes run one query (sees 1-5).
+        fire()
+        self.assertEqual(delivered, [])
+        self.assertEqual(len(self.store.outstanding["B"]), 1)
+        send(c, C, 6)
+        send(a, A, 7)
+        self.assertEqual(len(self.store.outstanding["B"]), 1)
+
+        # 3. 1-5 are pushed; the next query (sees 6-7) goes out.
+        fire()
+        self.assertEqual([d.message_id for d in delivered], [mid(n) for n in range(1, 6)])
+        receiver.send(wire.Ack(mid(1)))
+        self.assertEqual(receiver.frames(), [])
+        send(a, A, 8)
+        self.assertEqual(len(self.store.outstanding["B"]), 1)
+
+        # 4. The rest, with one more wake racing the queries.
+        fire()
+        send(c, C, 9)
+        while self.store.outstanding["B"]:
+            fire()
+
+        self.assertEqual(self.store.max_outstanding, 1)
+        # Wakes fold: far fewer queries than the ten wakes plus connect.
+        self.assertLess(self.store.calls["B"], 8)
+        ids = [d.message_id for d in delivered]
+        self.assertEqual(len(ids), len(set(ids)), "a message was delivered twice")
+        self.assertEqual(sorted(ids), sorted(mid(n) for n in range(1, 10)))
+        by_id = {d.message_id: d.envelope for d in delivered}
+        for name in ("A", "C"):
+            self.assertEqual([m for m, _ in sent[name]],
+                             [i for i in ids if i in dict(sent[name])])
+            for m, env in sent[name]:
+                self.assertEqual(by_id[m], env)
+
+    def test_disconnect_during_query(self):
+        """A query answered after its session ended pushes nothing to anyone."""
+        self.register(A, B)
+        self.slowB()
+        sender = self.connect(A)
+        env = seal(A, B, message_id=mid(1))
+        sender.send(wire.Send(env))
+        first = self.connect(B)
+        self.assertEqual(len(self.store.outstanding["B"]), 1)
+        first.disconnect()
+        second = self.connect(B)
+        self.assertEqual(len(self.store.outstanding["B"]), 1)
+        self.store.fire("B")  # the first session's query
+        self.assertEqual(first.frames(), [])
+        self.assertEqual(second.frames(), [])
+        self.assertEqual(len(self.store.outstanding["B"]), 1)
+        self.store.fire("B")
+        self.assertEqual(second.frames(), [wire.Deliver(mid(1), env)])
+        self.assertEqual(self.store.max_outstanding, 1)
+
+
+class SupersedeTests(RelayTestMixin, SynchronousTestCase):
+    def test_second_session_supersedes(self):
+        self.register(A, B)
+        first = self.connect(B)
+        sender = self.connect(A)
+        env1 = seal(A, B, message_id=mid(1))
+        sender.send(wire.Send(env1))
+        self.assertEqual(first.frames(), [wire.Deliver(mid(1), env1)])
+
+        second = self.connect(B)
+        self.assertEqual(second.welcome.queued, 1)
+        self.assertEqual(second.after_welcome, [wire.Deliver(mid(1), env1)])
+        self.assertFatal(first, E.SUPERSEDED)
+        self.assertEqual(self.factory.sessions, {sender.proto, second.proto})
+
+        env2 = seal(A, B, message_id=mid(2))
+        sender.send(wire.Send(env2))
+        self.assertEqual(second.frames(), [wire.Deliver(mid(2), env2)])
+        self.assertEqual(first.frames(), [])
+        second.send(wire.Ack(mid(1)))
+        second.send(wire.Ack(mid(2)))
+        self.assertEqual(second.frames(), [])
+        self.assertEqual(self.count("B"), 0)
+
+    def test_superseded_session_ignored(self):
+        """Frames still arriving on the superseded connection do nothing."""
+        self.register(A, B)
+        sender = self.connect(A)
+        sender.send(wire.Send(seal(A, B, message_id=mid(1))))
+        first = self.connect(B)
+        second = self.connect(B)
+        first.frames()
+        first.send(wire.Ack(mid(1)))
+        self.assertEqual(first.frames(), [])
+        self.assertEqual(self.count("B"), 1)
+        second.send(wire.Ack(mid(1)))
+        self.assertEqual(self.count("B"), 0)
+
+    def test_other_identities_not_superseded(self):
+        self.register(A, B)
+        a = self.connect(A)
+        self.connect(B)
+        self.assertEqual(a.frames(), [])
+        self.assertTrue(a.connected)
+
+
+class BackpressureTests(RelayTestMixin, SynchronousTestCase):
+    def test_pause_resume(self):
+        self.register(A, B)
+        receiver = self.connect(B)
+        sender = self.connect(A)
+        envs = [seal(A, B, message_id=mid(n)) for n in range(3)]
+        sender.send(wire.Send(envs[0]))
+        self.assertEqual(sender.frames(), [wire.Accepted(mid(0))])
+        self.assertEqual(receiver.frames(), [wire.Deliver(mid(0), envs[0])])
+
+        receiver.proto.pauseProducing()
+        sender.send(wire.Send(envs[1]))
+        sender.send(wire.Send(envs[2]))
+        self.assertEqual(sender.frames(), [wire.Accepted(mid(1)), wire.Accepted(mid(2))])
+        self.assertEqual(receiver.frames(), [])
+        receiver.send(wire.Ack(mid(0)))  # an ack wakes the loop, which stays paused
+        self.assertEqual(receiver.frames(), [])
+        # Requests are still answered while paused.
+        self.assertStillServes(receiver)
+
+        receiver.proto.resumeProducing()
+        self.assertEqual(receiver.frames(),
+                         [wire.Deliver(mid(n), envs[n]) for n in (1, 2)])
+
+    def test_pause_before_queued_delivery(self):
+        self.register(A, B)
+        sender = self.connect(A)
+        env = seal(A, B, message_id=mid(1))
+        sender.send(wire.Send(env))
+        receiver = self.connect(B)
+        self.assertEqual(receiver.after_welcome, [wire.Deliver(mid(1), env)])
+        receiver.proto.pauseProducing()
+        receiver.disconnect()
+        again = self.connect(B)
+        # A new session starts unpaused.
+        self.assertEqual(again.after_welcome, [wire.Deliver(mid(1), env)])
+
+
+class PausingTransport(StringTransportWithDisconnection):
+    """
+    A transport whose buffer is "full" after every Deliver written: like a
+    real transport, it calls its producer's C{pauseProducing} from inside
+    C{write}.
+    """
+
+    def write(self, data):
+        super().write(data)
+        if self.producer is not None and data[wire.LENGTH_PREFIX.size] == wire.Deliver.TYPE:
+            self.producer.pauseProducing()
+
+
+class BackpressureMidDeliveryTests(RelayTestMixin, SynchronousTestCase):
+    def makeStore(self):
+        # Slow for B only once set up: see slowB.
+        return SlowPendingStore(MemoryStore(), set())
+
+    def slowB(self) -> None:
+        self.assertEqual(self.store.outstanding.get("B", []), [])
+        self.store.slow.add("B")
+
+    def test_pause_while_query_outstanding(self):
+        self.register(A, B)
+        self.slowB()
+        sender = self.connect(A)
+        env = seal(A, B, message_id=mid(1))
+        sender.send(wire.Send(env))
+        receiver = self.connect(B)
+        self.assertEqual(len(self.store.outstanding["B"]), 1)  # sees mid(1)
+        receiver.proto.pauseProducing()
+        self.store.fire("B")
+        self.assertEqual(receiver.frames(), [], "Deliver written while the producer is paused")
+        receiver.proto.resumeProducing()
+        while self.store.outstanding["B"]:
+            self.store.fire("B")
+        self.assertEqual(receiver.frames(), [wire.Deliver(mid(1), env)])
+
+
+    def test_pause_from_inside_write(self):
+        # The store stays synchronous here: the batch is pushed in one loop.
+        self.register(A, B)
+        sender = self.connect(A)
+        envs = [seal(A, B, message_id=mid(n)) for n in range(3)]
+        for env in envs:
+            sender.send(wire.Send(env))
+        client = Client.__new__(Client)
+        client.factory = self.factory
+        client.proto = self.factory.buildProtocol(None)
+        client.transport = PausingTransport()
+        client.transport.protocol = client.proto
+        client.reader = wire.FrameBuffer(self.factory.max_envelope)
+        client.proto.makeConnection(client.transport)
+        (client.hello,) = client.frames()
+        client.auth(B)
+        frames = client.frames()
+        self.assertEqual(frames[0], wire.Welcome(False, 3, self.factory.max_envelope))
+        self.assertEqual(frames[1:], [wire.Deliver(mid(0), envs[0])],
+                         "Deliver frames written after the transport paused the producer")
+        for n in (1, 2):
+            client.proto.resumeProducing()
+            self.assertEqual(client.frames(), [wire.Deliver(mid(n), envs[n])])
+
+
+
+class FailingStore:
+    """A L{MemoryStore} whose named methods fail the next C{times} calls."""
+
+    def __init__(self, inner: MemoryStore) -> None:
+        self.inner = inner
+        self.failures: dict[str, int] = {}
+
+    def __getattr__(self, name):
+        method = getattr(self.inner, name)
+
+        def call(*args):
+            if self.failures.get(name, 0) > 0:
+                self.failures[name] -= 1
+                return fail(RuntimeError(f"{name} failed"))
+            return method(*args)
+
+        return call
+
+
+class StoreFailureTests(RelayTestMixin, SynchronousTestCase):
+    def makeStore(self):
+        return FailingStore(MemoryStore())
+
+    def test_enqueue_fails(self):
+        self.register(A, B)
+        client = self.connect(A)
+        self.store.failures["enqueue"] = 1
+        client.send(wire.Send(seal(A, B, message_id=mid(1))))
+        self.assertRefused(client, E.STORE_FAILED, mid(1))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.count("B"), 0)
+        # The retry succeeds.
+        client.send(wire.Send(seal(A, B, message_id=mid(1))))
+        self.assertEqual(client.frames(), [wire.Accepted(mid(1))])
+
+    def test_pending_fails_retried(self):
+        self.register(A, B)
+        sender = self.connect(A)
+        env = seal(A, B, message_id=mid(1))
+        sender.send(wire.Send(env))
+        self.store.failures["pending"] = 1
+        receiver = self.connect(B)
+        self.assertEqual(receiver.after_welcome, [])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(receiver.connected)
+        self.clock.advance(RETRY_AFTER_STORE_ERROR - 0.1)
+        self.assertEqual(receiver.frames(), [])
+        self.clock.advance(0.1)
+        self.assertEqual(receiver.frames(), [wire.Deliver(mid(1), env)])
+
+    def test_internal_error(self):
+        client = Client(self.factory)
+        self.store.failures["get_key"] = 1  # A is new: the directory must ask the store
+        client.auth(A)
+        self.assertFatal(client, E.INTERNAL_ERROR)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class SlowEnqueueStore:
+    """A L{MemoryStore} whose C{enqueue} answers only when the test fires it."""
+
+    def __init__(self, inner: MemoryStore) -> None:
+        self.inner = inner
+        self.outstanding: list[tuple[Deferred, tuple]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def enqueue(self, *args):
+        d: Deferred = Deferred()
+        self.outstanding.append((d, args))
+        return d
+
+    def fire(self) -> None:
+        d, args = self.outstanding.pop(0)
+        self.inner.enqueue(*args).chainDeferred(d)
+
+
+class SequentialFrameTests(RelayTestMixin, SynchronousTestCase):
+    def makeStore(self):
+        return SlowEnqueueStore(MemoryStore())
+
+    def test_frames_handled_one_after_another(self):
+        self.register(A, B)
+        client = self.connect(A)
+        envs = [seal(A, B, message_id=mid(n)) for n in (1, 2)]
+        client.feed(wire.encode(wire.Send(envs[0])) + wire.encode(wire.Ping(b"12345678"))
+                    + wire.encode(wire.Send(envs[1])))
+        self.assertEqual(len(self.store.outstanding), 1)
+        self.assertEqual(client.frames(), [])  # the Ping waits behind the Send
+        self.store.fire()
+        self.assertEqual(client.frames(), [wire.Accepted(mid(1)), wire.Pong(b"12345678")])
+        self.assertEqual(len(self.store.outstanding), 1)
+        self.store.fire()
+        self.assertEqual(client.frames(), [wire.Accepted(mid(2))])
+        ids = [m.message_id for m in self.successResultOf(self.store.pending("B", 0, 10))]
+        self.assertEqual(ids, [mid(1), mid(2)])
+
+
+class StoreNotReadyTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.store = MemoryStore()
+        self.factory = RelayFactory(self.store, self.clock, name=RELAY)
+
+    def test_auth_waits_for_store(self):
+        client = Client(self.factory)
+        client.auth(A)
+        self.assertEqual(client.frames(), [])
+        self.factory.storeReady()
+        self.assertEqual(client.frames(), [wire.Welcome(True, 0, self.factory.max_envelope)])
+
+    def test_timed_out_session_registers_nothing(self):
+        client = Client(self.factory)
+        client.auth(A)
+        self.clock.advance(self.factory.auth_timeout)
+        self.assertEqual(client.frames()[-1].code, E.AUTH_TIMEOUT)
+        self.factory.storeReady()
+        self.assertEqual(client.frames(), [])
+        self.assertIsNone(self.successResultOf(self.store.get_key("A")),
+                          "a session refused with AUTH_TIMEOUT registered its key")
+
+
+
+class OddKeyTests(RelayTestMixin, SynchronousTestCase):
+    def test_empty_signature(self):
+        client = Client(self.factory)
+        client.send(wire.Auth(wire.PROTOCOL_VERSION, "A", der(A), b""))
+        self.assertFatal(client, E.AUTH_FAILED)
+
+    def test_non_rsa_key(self):
+        key = ec.generate_private_key(ec.SECP256R1()).public_key()
+        ec_der = key.public_bytes(serialization.Encoding.DER,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+        client = Client(self.factory)
+        client.send(wire.Auth(wire.PROTOCOL_VERSION, "A", ec_der, b"x" * 64))
+        self.assertFatal(client, E.AUTH_FAILED)

@@ -1,0 +1,461 @@
+"""
+Tests for L{mailrelay.relay.store}: the same behaviour from both engines,
+L{MemoryStore} and L{SQLiteStore}, plus what only the SQLite file promises.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+from twisted.internet.defer import DeferredList, gatherResults, inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from mailrelay.relay.store import DuplicateId, MailboxFull, Quota, StoredMessage, StoreError
+from mailrelay.relay.store import sqlite as sqlite_store
+from mailrelay.relay.store.memory import MemoryStore
+from mailrelay.relay.store.sqlite import SQLiteStore
+
+NOW = 1_700_000_000
+KEY_1 = b"\x30\x82" + b"key one" * 10
+KEY_2 = b"\x30\x82" + b"key two" * 10
+
+
+def mid(n: int) -> bytes:
+    return n.to_bytes(16, "big")
+
+
+def env(n: int, size: int = 40) -> bytes:
+    """A distinct stand-in envelope of C{size} bytes (the store never parses it)."""
+    return (b"envelope-%d-" % n).ljust(size, b".")[:size]
+
+
+class StoreTestsMixin:
+    """
+    The behaviour every L{mailrelay.relay.store.MailboxStore} engine shares.
+    C{makeStore(quota)} fires with a started store, stopped at cleanup.
+    """
+
+    def makeStore(self, quota: Quota = Quota()):
+        raise NotImplementedError
+
+    # Directory
+
+    @inlineCallbacks
+    def test_get_key_unknown(self):
+        store = yield self.makeStore()
+        self.assertIsNone((yield store.get_key("nobody")))
+
+    @inlineCallbacks
+    def test_register_key_first_wins(self):
+        store = yield self.makeStore()
+        self.assertEqual((yield store.register_key("alice", KEY_1, NOW)), KEY_1)
+        self.assertEqual((yield store.register_key("alice", KEY_2, NOW + 1)), KEY_1)
+        self.assertEqual((yield store.get_key("alice")), KEY_1)
+        # Idempotent for the key on record.
+        self.assertEqual((yield store.register_key("alice", KEY_1, NOW + 2)), KEY_1)
+
+    @inlineCallbacks
+    def test_keys_per_identity(self):
+        store = yield self.makeStore()
+        yield store.register_key("alice", KEY_1, NOW)
+        self.assertEqual((yield store.register_key("bob", KEY_2, NOW)), KEY_2)
+        self.assertEqual((yield store.get_key("alice")), KEY_1)
+        self.assertEqual((yield store.get_key("bob")), KEY_2)
+        self.assertIsInstance((yield store.get_key("bob")), bytes)
+
+    # Enqueue
+
+    @inlineCallbacks
+    def test_enqueue_then_retry(self):
+        store = yield self.makeStore()
+        self.assertIs((yield store.enqueue("bob", "alice", mid(1), env(1), NOW)), True)
+        self.assertIs((yield store.enqueue("bob", "alice", mid(1), env(1), NOW + 5)), False)
+        self.assertEqual((yield store.count("bob")), 1)
+        (message,) = yield store.pending("bob", 0, 10)
+        self.assertEqual(message.accepted_at, NOW)  # the retry changed nothing
+
+    @inlineCallbacks
+    def test_duplicate_id_other_envelope(self):
+        store = yield self.makeStore()
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW)
+        yield self.assertFailure(store.enqueue("bob", "alice", mid(1), env(2), NOW), DuplicateId)
+        self.assertEqual((yield store.count("bob")), 1)
+        (message,) = yield store.pending("bob", 0, 10)
+        self.assertEqual(message.envelope, env(1))
+
+    @inlineCallbacks
+    def test_duplicate_id_other_sender(self):
+        """The same bytes claimed by another sender are not a retry."""
+        store = yield self.makeStore()
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW)
+        yield self.assertFailure(store.enqueue("bob", "carol", mid(1), env(1), NOW), DuplicateId)
+        (message,) = yield store.pending("bob", 0, 10)
+        self.assertEqual(message.sender, "alice")
+
+    @inlineCallbacks
+    def test_same_id_other_mailbox(self):
+        store = yield self.makeStore()
+        self.assertIs((yield store.enqueue("bob", "alice", mid(1), env(1), NOW)), True)
+        self.assertIs((yield store.enqueue("carol", "alice", mid(1), env(2), NOW)), True)
+        self.assertEqual((yield store.count("bob")), 1)
+        self.assertEqual((yield store.count("carol")), 1)
+
+    # Pending
+
+    @inlineCallbacks
+    def test_pending_fields(self):
+        store = yield self.makeStore()
+        yield store.enqueue("bob", "alice", mid(7), env(7), NOW)
+        (message,) = yield store.pending("bob", 0, 10)
+        self.assertIsInstance(message, StoredMessage)
+        self.assertEqual(
+            (message.recipient, message.sender, message.message_id, message.envelope,
+             message.accepted_at),
+            ("bob", "alice", mid(7), env(7), NOW),
+        )
+        self.assertIsInstance(message.message_id, bytes)
+        self.assertIsInstance(message.envelope, bytes)
+        self.assertGreater(message.seq, 0)
+
+    @inlineCallbacks
+    def test_pending_empty(self):
+        store = yield self.makeStore()
+        self.assertEqual((yield store.pending("bob", 0, 10)), [])
+
+    @inlineCallbacks
+    def test_pending_order(self):
+        store = yield self.makeStore()
+        # Ids deliberately out of sorting order, and another mailbox interleaved.
+        order = [5, 1, 4, 2, 3]
+        for n in order:
+            yield store.enqueue("bob", "alice", mid(n), env(n), NOW)
+            yield store.enqueue("carol", "alice", mid(100 + n), env(100 + n), NOW)
+        messages = yield store.pending("bob", 0, 100)
+        self.assertEqual([m.message_id for m in messages], [mid(n) for n in order])
+        self.assertEqual([m.recipient for m in messages], ["bob"] * 5)
+        seqs = [m.seq for m in messages]
+        self.assertEqual(seqs, sorted(set(seqs)))
+
+    @inlineCallbacks
+    def test_pending_after_seq_and_limit(self):
+        store = yield self.makeStore()
+        for n in range(5):
+            yield store.enqueue("bob", "alice", mid(n), env(n), NOW)
+        everything = yield store.pending("bob", 0, 100)
+        seqs = [m.seq for m in everything]
+        first_two = yield store.pending("bob", 0, 2)
+        self.assertEqual([m.seq for m in first_two], seqs[:2])
+        after = yield store.pending("bob", seqs[1], 100)
+        self.assertEqual([m.seq for m in after], seqs[2:])
+        window = yield store.pending("bob", seqs[1], 2)
+        self.assertEqual([m.seq for m in window], seqs[2:4])
+        self.assertEqual((yield store.pending("bob", seqs[-1], 100)), [])
+
+    @inlineCallbacks
+    def test_seq_grows_after_delete(self):
+        store = yield self.makeStore()
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW)
+        (first,) = yield store.pending("bob", 0, 10)
+        yield store.delete("bob", mid(1), NOW)
+        yield store.enqueue("bob", "alice", mid(2), env(2), NOW)
+        (second,) = yield store.pending("bob", 0, 10)
+        self.assertGreater(second.seq, first.seq)
+
+    # Delete
+
+    @inlineCallbacks
+    def test_delete(self):
+        store = yield self.makeStore()
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW)
+        yield store.enqueue("bob", "alice", mid(2), env(2), NOW)
+        self.assertIs((yield store.delete("bob", mid(1), NOW)), True)
+        self.assertIs((yield store.delete("bob", mid(1), NOW)), False)
+        self.assertEqual((yield store.count("bob")), 1)
+        self.assertEqual([m.message_id for m in (yield store.pending("bob", 0, 10))], [mid(2)])
+
+    @inlineCallbacks
+    def test_delete_unknown(self):
+        store = yield self.makeStore()
+        self.assertIs((yield store.delete("bob", mid(1), NOW)), False)
+
+    @inlineCallbacks
+    def test_delete_other_mailbox(self):
+        store = yield self.makeStore()
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW)
+        self.assertIs((yield store.delete("carol", mid(1), NOW)), False)
+        self.assertEqual((yield store.count("bob")), 1)
+
+    @inlineCallbacks
+    def test_retry_after_delete(self):
+        """A retry of an acknowledged message is recognised and not stored again."""
+        store = yield self.makeStore()
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW)
+        yield store.delete("bob", mid(1), NOW)
+        self.assertIs((yield store.enqueue("bob", "alice", mid(1), env(1), NOW)), False)
+        self.assertEqual((yield store.count("bob")), 0)
+        self.assertEqual((yield store.pending("bob", 0, 10)), [])
+
+    @inlineCallbacks
+    def test_other_envelope_after_delete(self):
+        store = yield self.makeStore()
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW)
+        yield store.delete("bob", mid(1), NOW)
+        yield self.assertFailure(store.enqueue("bob", "alice", mid(1), env(2), NOW), DuplicateId)
+        self.assertEqual((yield store.count("bob")), 0)
+
+    # Quota and count
+
+    @inlineCallbacks
+    def test_quota_messages(self):
+        store = yield self.makeStore(Quota(messages=2, bytes=0))
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW)
+        yield store.enqueue("bob", "alice", mid(2), env(2), NOW)
+        yield self.assertFailure(store.enqueue("bob", "alice", mid(3), env(3), NOW), MailboxFull)
+        self.assertEqual((yield store.count("bob")), 2)
+        # A retry of a stored message is still recognised when full.
+        self.assertIs((yield store.enqueue("bob", "alice", mid(2), env(2), NOW)), False)
+        # The quota is per mailbox.
+        self.assertIs((yield store.enqueue("carol", "alice", mid(3), env(3), NOW)), True)
+        # Room again once a message is deleted.
+        yield store.delete("bob", mid(1), NOW)
+        self.assertIs((yield store.enqueue("bob", "alice", mid(3), env(3), NOW)), True)
+        self.assertEqual([m.message_id for m in (yield store.pending("bob", 0, 10))],
+                         [mid(2), mid(3)])
+
+    @inlineCallbacks
+    def test_quota_bytes(self):
+        store = yield self.makeStore(Quota(messages=0, bytes=100))
+        yield store.enqueue("bob", "alice", mid(1), env(1, 60), NOW)
+        yield store.enqueue("bob", "alice", mid(2), env(2, 40), NOW)  # exactly 100
+        yield self.assertFailure(store.enqueue("bob", "alice", mid(3), env(3, 1), NOW),
+                                 MailboxFull)
+        self.assertEqual((yield store.count("bob")), 2)
+        yield store.delete("bob", mid(1), NOW)
+        yield self.assertFailure(store.enqueue("bob", "alice", mid(3), env(3, 61), NOW),
+                                 MailboxFull)
+        self.assertIs((yield store.enqueue("bob", "alice", mid(3), env(3, 60), NOW)), True)
+
+    @inlineCallbacks
+    def test_mailbox_full_is_store_error(self):
+        store = yield self.makeStore(Quota(messages=1, bytes=0))
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW)
+        error = yield self.assertFailure(
+            store.enqueue("bob", "alice", mid(2), env(2), NOW), MailboxFull
+        )
+        self.assertIsInstance(error, StoreError)
+
+    @inlineCallbacks
+    def test_writes_without_waiting(self):
+        """
+        Writes asked for at once, without waiting for each other, each get
+        their own outcome, in the order asked: a refused one changes nothing
+        for the others.
+        """
+        store = yield self.makeStore(Quota(messages=3, bytes=0))
+        yield store.enqueue("bob", "alice", mid(0), env(0), NOW)
+        results = yield DeferredList([
+            store.enqueue("bob", "alice", mid(1), env(1), NOW),  # new
+            store.enqueue("bob", "alice", mid(1), env(9), NOW),  # id reused
+            store.enqueue("bob", "alice", mid(1), env(1), NOW),  # retry
+            store.enqueue("bob", "alice", mid(2), env(2), NOW),  # new: mailbox now full
+            store.enqueue("bob", "alice", mid(3), env(3), NOW),  # full
+            store.delete("bob", mid(0), NOW),
+            store.enqueue("bob", "alice", mid(3), env(3), NOW),  # room again
+            store.register_key("alice", KEY_1, NOW),
+            store.register_key("alice", KEY_2, NOW),
+            store.delete("bob", mid(0), NOW),  # already gone
+        ], consumeErrors=True)
+        outcomes = [value if ok else value.type for ok, value in results]
+        self.assertEqual(outcomes, [
+            True, DuplicateId, False, True, MailboxFull, True, True, KEY_1, KEY_1, False,
+        ])
+        messages = yield store.pending("bob", 0, 10)
+        self.assertEqual([(m.message_id, m.envelope) for m in messages],
+                         [(mid(n), env(n)) for n in (1, 2, 3)])
+        self.assertEqual((yield store.count("bob")), 3)
+        self.assertEqual((yield store.get_key("alice")), KEY_1)
+
+    @inlineCallbacks
+    def test_count(self):
+        store = yield self.makeStore()
+        self.assertEqual((yield store.count("bob")), 0)
+        for n in range(3):
+            yield store.enqueue("bob", "alice", mid(n), env(n), NOW)
+        yield store.enqueue("carol", "alice", mid(9), env(9), NOW)
+        self.assertEqual((yield store.count("bob")), 3)
+        self.assertEqual((yield store.count("carol")), 1)
+        yield store.delete("bob", mid(0), NOW)
+        self.assertEqual((yield store.count("bob")), 2)
+
+
+class MemoryStoreTests(StoreTestsMixin, TestCase):
+    @inlineCallbacks
+    def makeStore(self, quota: Quota = Quota()):
+        store = MemoryStore(quota)
+        yield store.start()
+        self.addCleanup(store.stop)
+        return store
+
+
+class SQLiteStoreTests(StoreTestsMixin, TestCase):
+    def setUp(self):
+        base = self.mktemp()
+        os.makedirs(base)
+        self.path = os.path.join(base, "mailrelay.sqlite")
+
+    @inlineCallbacks
+    def makeStore(self, quota: Quota = Quota(), path: str | None = None):
+        store = SQLiteStore(path or self.path, quota)
+        yield store.start()
+        self.addCleanup(store.stop)
+        return store
+
+    @inlineCallbacks
+    def test_survives_restart(self):
+        store = SQLiteStore(self.path)
+        yield store.start()
+        yield store.register_key("alice", KEY_1, NOW)
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW)
+        yield store.enqueue("bob", "alice", mid(2), env(2), NOW + 1)
+        yield store.delete("bob", mid(1), NOW + 2)
+        before = yield store.pending("bob", 0, 10)
+        yield store.stop()
+
+        again = yield self.makeStore()
+        self.assertEqual((yield again.get_key("alice")), KEY_1)
+        self.assertEqual((yield again.count("bob")), 1)
+        self.assertEqual((yield again.pending("bob", 0, 10)), before)
+        # What was acknowledged before the restart is still recognised.
+        self.assertIs((yield again.enqueue("bob", "alice", mid(1), env(1), NOW)), False)
+        yield self.assertFailure(again.enqueue("bob", "alice", mid(1), env(9), NOW), DuplicateId)
+        # And seq keeps growing.
+        yield again.enqueue("bob", "alice", mid(3), env(3), NOW)
+        messages = yield again.pending("bob", 0, 10)
+        self.assertEqual([m.message_id for m in messages], [mid(2), mid(3)])
+        self.assertGreater(messages[1].seq, messages[0].seq)
+
+    @inlineCallbacks
+    def test_file_format(self):
+        store = SQLiteStore(self.path)
+        yield store.start()
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW)
+        yield store.stop()
+        connection = sqlite3.connect(self.path)
+        try:
+            (mode,) = connection.execute("PRAGMA journal_mode").fetchone()
+            (version,) = connection.execute("PRAGMA user_version").fetchone()
+            (count,) = connection.execute("SELECT COUNT(*) FROM messages").fetchone()
+        finally:
+            connection.close()
+        self.assertEqual(mode.lower(), "wal")
+        self.assertEqual(version, sqlite_store.SCHEMA_VERSION)
+        self.assertEqual(count, 1)
+
+    @inlineCallbacks
+    def test_durable_commits(self):
+        """Each connection commits with synchronous=FULL (2): accepted means on disk."""
+        store = yield self.makeStore()
+        self.assertEqual((yield store._pool.runQuery("PRAGMA synchronous")), [(2,)])
+
+    @inlineCallbacks
+    def test_newer_schema_refused(self):
+        connection = sqlite3.connect(self.path)
+        connection.execute(f"PRAGMA user_version={sqlite_store.SCHEMA_VERSION + 1}")
+        connection.commit()
+        connection.close()
+        store = SQLiteStore(self.path)
+        yield self.assertFailure(store.start(), StoreError)
+        # Refused, not touched.
+        connection = sqlite3.connect(self.path)
+        try:
+            (version,) = connection.execute("PRAGMA user_version").fetchone()
+            tables = connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+            ).fetchall()
+        finally:
+            connection.close()
+        self.assertEqual(version, sqlite_store.SCHEMA_VERSION + 1)
+        self.assertEqual(tables, [])
+
+    @inlineCallbacks
+    def test_not_a_database(self):
+        with open(self.path, "wb") as f:
+            f.write(b"this is not an SQLite database" * 100)
+        store = SQLiteStore(self.path)
+        yield self.assertFailure(store.start(), StoreError)
+
+    @inlineCallbacks
+    def test_start_twice_on_same_file(self):
+        """Starting a store on an up-to-date file changes nothing."""
+        first = SQLiteStore(self.path)
+        yield first.start()
+        yield first.enqueue("bob", "alice", mid(1), env(1), NOW)
+        yield first.stop()
+        again = yield self.makeStore()
+        self.assertEqual((yield again.count("bob")), 1)
+
+    @inlineCallbacks
+    def test_stop_after_refused_start(self):
+        """
+        RelayService.stopService always calls store.stop(), also after
+        start() failed: stop must then still fire, not raise.
+        """
+        connection = sqlite3.connect(self.path)
+        connection.execute(f"PRAGMA user_version={sqlite_store.SCHEMA_VERSION + 1}")
+        connection.commit()
+        connection.close()
+        store = SQLiteStore(self.path)
+        yield self.assertFailure(store.start(), StoreError)
+        yield store.stop()
+
+
+    @inlineCallbacks
+    def test_failed_migration_is_rolled_back(self):
+        """
+        The migrations are applied "in one transaction at start": a step that
+        fails leaves the file as it was, so a fixed mailrelay can start on it.
+        """
+        migrations = dict(sqlite_store.MIGRATIONS)
+        next_version = sqlite_store.SCHEMA_VERSION + 1
+        migrations[next_version] = "CREATE TABLE extra (x INTEGER); CREATE TABLE broken ("
+        self.patch(sqlite_store, "MIGRATIONS", migrations)
+        self.patch(sqlite_store, "SCHEMA_VERSION", next_version)
+        yield self.assertFailure(SQLiteStore(self.path).start(), StoreError)
+
+        connection = sqlite3.connect(self.path)
+        try:
+            (version,) = connection.execute("PRAGMA user_version").fetchone()
+            tables = connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+            ).fetchall()
+        finally:
+            connection.close()
+        self.assertEqual((version, tables), (0, []), "a failed migration left a partial schema")
+
+        migrations[next_version] = "CREATE TABLE extra (x INTEGER)"
+        store = yield self.makeStore()
+        self.assertEqual((yield store.count("bob")), 0)
+
+
+
+class SQLiteStopTests(TestCase):
+    """Stopping waits for writes already asked for: nobody is left waiting."""
+
+    @inlineCallbacks
+    def test_stop_commits_queued_writes(self):
+        path = os.path.join(self.mktemp() + "-dir", "stop.sqlite")
+        os.makedirs(os.path.dirname(path))
+        store = SQLiteStore(path, Quota(0, 0))
+        yield store.start()
+        writes = [store.enqueue("b", "a", bytes([i]) * 16, b"envelope %d" % i, 1)
+                  for i in range(3)]
+        yield store.stop()
+        self.assertEqual([w.called for w in writes], [True, True, True])
+        results = yield gatherResults(writes)
+        self.assertEqual(results, [True, True, True])
+        again = SQLiteStore(path, Quota(0, 0))
+        yield again.start()
+        self.addCleanup(again.stop)
+        count = yield again.count("b")
+        self.assertEqual(count, 3)
