@@ -9,7 +9,6 @@ when it next connects.  Prints what each side sees, then stops everything.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess

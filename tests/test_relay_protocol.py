@@ -1142,25 +1142,81 @@ class SlowEnqueueStore:
         self.inner.enqueue(*args).chainDeferred(d)
 
 
-class SequentialFrameTests(RelayTestMixin, SynchronousTestCase):
+class PipelinedSendTests(RelayTestMixin, SynchronousTestCase):
+    """
+    Sends are handed to the store without waiting for the previous commit,
+    so they can share a commit; answers still go out in request order, each
+    only once final.
+    """
+
     def makeStore(self):
         return SlowEnqueueStore(MemoryStore())
 
-    def test_frames_handled_one_after_another(self):
+    def test_answers_in_request_order_after_commit(self):
         self.register(A, B)
         client = self.connect(A)
         envs = [seal(A, B, message_id=mid(n)) for n in (1, 2)]
         client.feed(wire.encode(wire.Send(envs[0])) + wire.encode(wire.Ping(b"12345678"))
                     + wire.encode(wire.Send(envs[1])))
-        self.assertEqual(len(self.store.outstanding), 1)
-        self.assertEqual(client.frames(), [])  # the Ping waits behind the Send
+        # Both sends reached the store, in order; nothing is answered before
+        # its commit, and the Pong waits behind the first send's answer.
+        self.assertEqual([args[2] for _, args in self.store.outstanding], [mid(1), mid(2)])
+        self.assertEqual(client.frames(), [])
         self.store.fire()
         self.assertEqual(client.frames(), [wire.Accepted(mid(1)), wire.Pong(b"12345678")])
-        self.assertEqual(len(self.store.outstanding), 1)
         self.store.fire()
         self.assertEqual(client.frames(), [wire.Accepted(mid(2))])
         ids = [m.message_id for m in self.successResultOf(self.store.pending("B", 0, 10))]
         self.assertEqual(ids, [mid(1), mid(2)])
+
+    def test_refusal_keeps_its_place(self):
+        """A send refused at once is answered after the earlier send, not before."""
+        self.register(A, B)
+        client = self.connect(A)
+        client.feed(wire.encode(wire.Send(seal(A, B, message_id=mid(1))))
+                    + wire.encode(wire.Send(b"not an envelope")))
+        self.assertEqual(client.frames(), [])
+        self.store.fire()
+        frames = client.frames()
+        self.assertEqual(frames[0], wire.Accepted(mid(1)))
+        self.assertEqual((frames[1].code, frames[1].ref), (E.BAD_ENVELOPE, b""))
+
+    def test_outstanding_requests_bounded(self):
+        """
+        At most MAX_PENDING_ANSWERS requests are in flight; the rest wait,
+        unread, until answers go out.
+        """
+        from mailrelay.relay.protocol import MAX_PENDING_ANSWERS
+
+        self.register(A, B)
+        client = self.connect(A)
+        total = MAX_PENDING_ANSWERS + 5
+        client.feed(b"".join(
+            wire.encode(wire.Send(seal(A, B, message_id=mid(n)))) for n in range(total)
+        ))
+        self.assertEqual(len(self.store.outstanding), MAX_PENDING_ANSWERS)
+        self.store.fire()
+        self.assertEqual(len(self.store.outstanding), MAX_PENDING_ANSWERS)
+        while self.store.outstanding:
+            self.store.fire()
+        self.assertEqual(client.frames(), [wire.Accepted(mid(n)) for n in range(total)])
+
+    def test_reading_paused_while_flooded(self):
+        """A client that sends far ahead is not read until the relay catches up."""
+        from mailrelay.relay.protocol import MAX_QUEUED_FRAMES
+
+        self.register(A, B)
+        client = self.connect(A)
+        total = MAX_QUEUED_FRAMES + 40
+        client.feed(b"".join(
+            wire.encode(wire.Send(seal(A, B, message_id=mid(n))))
+            for n in range(total)
+        ))
+        self.assertEqual(client.transport.producerState, "paused")
+        while self.store.outstanding:
+            self.store.fire()
+        self.assertEqual(client.transport.producerState, "producing")
+        self.assertEqual(len(client.frames()), total)
 
 
 class StoreNotReadyTests(SynchronousTestCase):

@@ -459,3 +459,32 @@ class SQLiteStopTests(TestCase):
         self.addCleanup(again.stop)
         count = yield again.count("b")
         self.assertEqual(count, 3)
+
+
+class SQLiteUsageTests(TestCase):
+    """The per-mailbox usage the quota reads stays equal to what is stored."""
+
+    @inlineCallbacks
+    def test_usage_follows_enqueues_and_deletes(self):
+        path = os.path.join(self.mktemp() + "-dir", "usage.sqlite")
+        os.makedirs(os.path.dirname(path))
+        store = SQLiteStore(path, Quota(messages=0, bytes=100))
+        yield store.start()
+        self.addCleanup(store.stop)
+        for n in range(4):
+            yield store.enqueue("b", "a", bytes([n]) * 16, b"x" * 25, 1)
+        # 100 bytes used: one more byte is over the quota...
+        yield self.assertFailure(store.enqueue("b", "a", b"\x09" * 16, b"y", 1), MailboxFull)
+        # ...until a delivered message frees its 25 bytes.
+        yield store.delete("b", b"\x00" * 16, 2)
+        self.assertTrue((yield store.enqueue("b", "a", b"\x09" * 16, b"y" * 25, 1)))
+        self.assertEqual((yield store.count("b")), 4)
+        yield store.stop()
+        db = sqlite3.connect(path)
+        try:
+            actual = db.execute("SELECT COUNT(*), SUM(size) FROM messages WHERE recipient = 'b'").fetchone()
+            kept = db.execute("SELECT messages, bytes FROM mailboxes WHERE recipient = 'b'").fetchone()
+        finally:
+            db.close()
+        self.assertEqual(actual, (4, 100))
+        self.assertEqual(kept, actual)

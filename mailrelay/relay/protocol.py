@@ -8,9 +8,16 @@ the auth deadline.  C{ready}: the client may look keys up, send, receive and
 acknowledge.  C{closed}: after a fatal error or the end of the connection;
 nothing more is read.
 
-Frames are handled strictly one after another, each finishing (store
-commits included) before the next starts, so a client's sends are committed
-in the order it sent them.
+Frames are handled in the order they arrive.  A L{wire.Send} is checked,
+then handed to the store, and the next frame is handled while the store
+commits it: a client may have up to L{MAX_PENDING_ANSWERS} requests in
+flight, which lets many sends share one disk flush.  The store commits in
+the order it was asked, and answers (L{wire.Accepted}, L{wire.Key},
+L{wire.Pong}, request errors) are written strictly in request order, each
+only once it is final: "accepted" still means committed.
+
+A client that sends faster than that is read no further (the transport is
+paused) until the frames already read are handled.
 """
 
 from __future__ import annotations
@@ -31,6 +38,12 @@ from mailrelay.relay.mailbox import DEFAULT_WINDOW, Mailboxes, Outbox
 from mailrelay.relay.store import DuplicateId, MailboxFull, MailboxStore, StoredMessage
 
 E = wire.ErrorCode
+
+MAX_PENDING_ANSWERS = 32
+"""Requests of one session whose answers may be outstanding at once."""
+
+MAX_QUEUED_FRAMES = 64
+"""Frames read but not yet handled before the relay stops reading."""
 
 
 class Fatal(Exception):
@@ -61,10 +74,14 @@ class RelaySession(Protocol, TimeoutMixin):
         self.state = "handshake"
         self.identity: str | None = None
         self.public_key: bytes | None = None
+        self._fingerprint = b""
         self.outbox: Outbox | None = None
         self.accepted = 0
         self._frames = wire.FrameBuffer(factory.max_envelope)
         self._queue: deque[wire.Frame] = deque()
+        self._answers: deque[list] = deque()
+        self._waitingForRoom: list[Deferred] = []
+        self._readingPaused = False
         self._busy = False
         self._draining = False
         self._deadline = None
@@ -102,6 +119,9 @@ class RelaySession(Protocol, TimeoutMixin):
             self.fatal(E.MALFORMED_FRAME, str(e))
             return
         self._queue.extend(frames)
+        if len(self._queue) >= MAX_QUEUED_FRAMES and not self._readingPaused:
+            self._readingPaused = True
+            self.transport.pauseProducing()
         self._drain()
 
     def _drain(self) -> None:
@@ -117,6 +137,10 @@ class RelaySession(Protocol, TimeoutMixin):
                 d.addBoth(self._handled)
         finally:
             self._draining = False
+        if self._readingPaused and len(self._queue) < MAX_QUEUED_FRAMES // 2:
+            if self.state != "closed":
+                self._readingPaused = False
+                self.transport.resumeProducing()
 
     def _handled(self, ignored) -> None:
         self._busy = False
@@ -126,14 +150,62 @@ class RelaySession(Protocol, TimeoutMixin):
         if failure.check(Fatal):
             self.fatal(failure.value.code, failure.value.text)
         elif failure.check(Refused):
-            err = failure.value
-            self._write(wire.Error(err.code, err.ref, err.text))
+            self._answer(self._refusal(failure.value))
         else:
             self.log.failure(
                 "unexpected error handling {frame} from {identity}",
                 failure, frame=type(frame).__name__, identity=self.identity,
             )
             self.fatal(E.INTERNAL_ERROR, "internal relay error")
+
+    @staticmethod
+    def _refusal(refused: Refused) -> wire.Error:
+        return wire.Error(refused.code, refused.ref, refused.text)
+
+    # Answers, in request order
+
+    def _answer(self, outcome) -> None:
+        """
+        Queue the answer to the request being handled: a frame, None (no
+        answer), or a Deferred of either that may fail with L{Refused}.  It
+        is written once it and every answer queued before it are final.
+        """
+        slot = [False, None]
+        self._answers.append(slot)
+
+        def settle(frame) -> None:
+            slot[0], slot[1] = True, frame
+            self._flushAnswers()
+
+        def failed(failure) -> None:
+            if failure.check(Refused):
+                settle(self._refusal(failure.value))
+                return
+            self.log.failure("unexpected error answering {identity}", failure,
+                             identity=self.identity)
+            settle(None)
+            self.fatal(E.INTERNAL_ERROR, "internal relay error")
+
+        d = outcome if isinstance(outcome, Deferred) else succeed(outcome)
+        d.addCallbacks(settle, failed)
+
+    def _flushAnswers(self) -> None:
+        while self._answers and self._answers[0][0]:
+            frame = self._answers.popleft()[1]
+            if frame is not None and self.state != "closed":
+                self._write(frame)
+        if len(self._answers) < MAX_PENDING_ANSWERS:
+            waiting, self._waitingForRoom = self._waitingForRoom, []
+            for d in waiting:
+                d.callback(None)
+
+    def _roomForAnswers(self) -> Deferred[None] | None:
+        """Wait, before reading on, while too many answers are outstanding."""
+        if len(self._answers) < MAX_PENDING_ANSWERS:
+            return None
+        d: Deferred[None] = Deferred()
+        self._waitingForRoom.append(d)
+        return d
 
     def fatal(self, code: wire.ErrorCode, text: str) -> None:
         """Send an error frame and close the connection."""
@@ -163,8 +235,8 @@ class RelaySession(Protocol, TimeoutMixin):
         if isinstance(frame, wire.Lookup):
             return self._lookup(frame)
         if isinstance(frame, wire.Ping):
-            self._write(wire.Pong(frame.opaque))
-            return None
+            self._answer(wire.Pong(frame.opaque))
+            return self._roomForAnswers()
         if isinstance(frame, wire.Pong):
             return None
         if isinstance(frame, wire.Error):
@@ -217,6 +289,7 @@ class RelaySession(Protocol, TimeoutMixin):
         self._cancelDeadline()
         self.identity = frame.identity
         self.public_key = public_key
+        self._fingerprint = keys.fingerprint(public_key)
         self.state = "ready"
         queued = yield self.factory.store.count(frame.identity)
         if self.state == "closed":
@@ -237,7 +310,27 @@ class RelaySession(Protocol, TimeoutMixin):
     @inlineCallbacks
     def _send(self, frame: wire.Send):
         try:
-            env = envelope.parse(frame.envelope, self.factory.max_envelope)
+            header = yield self._checkEnvelope(frame.envelope)
+        except Refused as refused:
+            self._answer(self._refusal(refused))
+        else:
+            d = self.factory.mailboxes.accept(
+                header.recipient, header.sender, header.message_id, frame.envelope
+            )
+            d.addCallbacks(self._accepted, self._notAccepted,
+                           callbackArgs=(header,), errbackArgs=(header,))
+            self._answer(d)
+        yield self._roomForAnswers()
+
+    @inlineCallbacks
+    def _checkEnvelope(self, data: bytes):
+        """
+        The envelope's header, once it is known to come from this session's
+        identity and key and to be sealed for the key the directory holds
+        for its recipient; L{Refused} otherwise.
+        """
+        try:
+            env = envelope.parse(data, self.factory.max_envelope)
         except envelope.EnvelopeError as e:
             raise Refused(E.BAD_ENVELOPE, b"", f"envelope is malformed: {e}")
         h = env.header
@@ -247,7 +340,7 @@ class RelaySession(Protocol, TimeoutMixin):
                 E.SENDER_MISMATCH, ref,
                 f"envelope names sender {h.sender!r} but this session is {self.identity!r}",
             )
-        if h.sender_fingerprint != keys.fingerprint(self.public_key):
+        if h.sender_fingerprint != self._fingerprint:
             raise Refused(E.SENDER_MISMATCH, ref, "envelope names another key of the sender")
         recipient_key = yield self.factory.directory.lookup(h.recipient)
         if recipient_key is None:
@@ -257,42 +350,51 @@ class RelaySession(Protocol, TimeoutMixin):
                 E.RECIPIENT_KEY_MISMATCH, ref,
                 f"envelope is sealed for a key of {h.recipient!r} that is not the one registered",
             )
-        try:
-            new = yield self.factory.mailboxes.accept(
-                h.recipient, h.sender, h.message_id, frame.envelope
-            )
-        except MailboxFull as e:
-            raise Refused(E.MAILBOX_FULL, ref, f"mailbox of {h.recipient!r} is full ({e})")
-        except DuplicateId:
-            raise Refused(E.DUPLICATE_ID, ref, "message id already used for another message")
-        except Exception:
-            self.log.failure("store failed to accept a message for {recipient}",
-                             recipient=h.recipient)
-            raise Refused(E.STORE_FAILED, ref, "the relay could not store the message; retry")
+        return h
+
+    def _accepted(self, new: bool, header) -> wire.Frame:
         if new:
             self.accepted += 1
-        if self.state != "closed":
-            self._write(wire.Accepted(h.message_id))
+        return wire.Accepted(header.message_id)
 
-    @inlineCallbacks
+    def _notAccepted(self, failure, header) -> None:
+        ref = header.message_id
+        if failure.check(MailboxFull):
+            raise Refused(E.MAILBOX_FULL, ref,
+                          f"mailbox of {header.recipient!r} is full ({failure.value})")
+        if failure.check(DuplicateId):
+            raise Refused(E.DUPLICATE_ID, ref, "message id already used for another message")
+        self.log.failure("store failed to accept a message for {recipient}", failure,
+                         recipient=header.recipient)
+        raise Refused(E.STORE_FAILED, ref, "the relay could not store the message; retry")
+
     def _ack(self, frame: wire.Ack):
-        found = yield self.factory.mailboxes.acknowledge(self.outbox, frame.message_id)
-        if not found:
-            raise Refused(
+        if frame.message_id not in self.outbox.in_flight:
+            self._answer(wire.Error(
                 E.UNKNOWN_MESSAGE, frame.message_id,
                 "no delivered, unacknowledged message has this id",
-            )
+            ))
+            return self._roomForAnswers()
+        # The delete commits in the background (sharing commits with other
+        # writes); should it fail, the message stays stored and comes again
+        # next session.
+        d = self.factory.mailboxes.acknowledge(self.outbox, frame.message_id)
+        d.addErrback(lambda f: self.log.failure(
+            "deleting acknowledged message {id} of {identity} failed", f,
+            id=frame.message_id.hex(), identity=self.identity))
+        return None
 
-    @inlineCallbacks
     def _lookup(self, frame: wire.Lookup):
-        key = yield self.factory.directory.lookup(frame.identity)
-        if key is None:
-            raise Refused(
-                E.UNKNOWN_IDENTITY, frame.identity.encode("ascii"),
-                f"no identity {frame.identity!r} on this relay",
-            )
-        if self.state != "closed":
-            self._write(wire.Key(frame.identity, key))
+        def found(key):
+            if key is None:
+                raise Refused(
+                    E.UNKNOWN_IDENTITY, frame.identity.encode("ascii"),
+                    f"no identity {frame.identity!r} on this relay",
+                )
+            return wire.Key(frame.identity, key)
+
+        self._answer(self.factory.directory.lookup(frame.identity).addCallback(found))
+        return self._roomForAnswers()
 
     def _push(self, message: StoredMessage) -> None:
         self._write(wire.Deliver(message.message_id, message.envelope))

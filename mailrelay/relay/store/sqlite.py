@@ -56,6 +56,11 @@ MIGRATIONS: dict[int, str] = {
         UNIQUE (recipient, message_id)
     );
     CREATE INDEX messages_by_mailbox ON messages (recipient, seq);
+    CREATE TABLE mailboxes (
+        recipient     TEXT PRIMARY KEY,
+        messages      INTEGER NOT NULL,
+        bytes         INTEGER NOT NULL
+    );
     CREATE TABLE acked (
         recipient     TEXT NOT NULL,
         message_id    BLOB NOT NULL,
@@ -254,10 +259,12 @@ class SQLiteStore:
                     if row[0] == sender and bytes(row[1]) == d:
                         return False
                     raise DuplicateId(message_id.hex())
-            count, used = txn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE recipient = ?",
-                (recipient,),
+            # Usage is kept per mailbox, in the same transactions as the
+            # messages, so the quota check costs one row, not a scan.
+            row = txn.execute(
+                "SELECT messages, bytes FROM mailboxes WHERE recipient = ?", (recipient,)
             ).fetchone()
+            count, used = row if row is not None else (0, 0)
             if self.quota.messages and count >= self.quota.messages:
                 raise MailboxFull(f"{count} messages")
             if self.quota.bytes and used + len(envelope) > self.quota.bytes:
@@ -266,6 +273,12 @@ class SQLiteStore:
                 "INSERT INTO messages (recipient, sender, message_id, digest, envelope, size,"
                 " accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (recipient, sender, message_id, d, envelope, len(envelope), now),
+            )
+            txn.execute(
+                "INSERT INTO mailboxes (recipient, messages, bytes) VALUES (?, 1, ?)"
+                " ON CONFLICT (recipient) DO UPDATE SET messages = messages + 1,"
+                " bytes = bytes + excluded.bytes",
+                (recipient, len(envelope)),
             )
             return True
 
@@ -288,7 +301,8 @@ class SQLiteStore:
     def delete(self, recipient: str, message_id: bytes, now: int) -> Deferred[bool]:
         def run(txn):
             row = txn.execute(
-                "SELECT sender, digest FROM messages WHERE recipient = ? AND message_id = ?",
+                "SELECT sender, digest, size FROM messages"
+                " WHERE recipient = ? AND message_id = ?",
                 (recipient, message_id),
             ).fetchone()
             if row is None:
@@ -296,6 +310,11 @@ class SQLiteStore:
             txn.execute(
                 "DELETE FROM messages WHERE recipient = ? AND message_id = ?",
                 (recipient, message_id),
+            )
+            txn.execute(
+                "UPDATE mailboxes SET messages = messages - 1, bytes = bytes - ?"
+                " WHERE recipient = ?",
+                (row[2], recipient),
             )
             txn.execute(
                 "INSERT OR REPLACE INTO acked (recipient, message_id, sender, digest, acked_at)"
@@ -308,8 +327,9 @@ class SQLiteStore:
 
     def count(self, recipient: str) -> Deferred[int]:
         def run(txn):
-            return txn.execute(
-                "SELECT COUNT(*) FROM messages WHERE recipient = ?", (recipient,)
-            ).fetchone()[0]
+            row = txn.execute(
+                "SELECT messages FROM mailboxes WHERE recipient = ?", (recipient,)
+            ).fetchone()
+            return 0 if row is None else row[0]
 
         return self._pool.runInteraction(run)
