@@ -165,6 +165,20 @@ class RelayStartupTests(SynchronousTestCase):
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("Address already in use", result.stdout + result.stderr)
 
+    def test_data_that_is_not_a_store_is_refused_before_start(self) -> None:
+        """A --data directory holding something else is refused with the reason, exit 1."""
+        root = Path(self.mktemp()).resolve()
+        (root / "var").mkdir(parents=True)
+        (root / "var" / "mailrelay.sqlite").write_text("not a database")
+        result = subprocess.run(
+            [str(BIN / "twistd"), "--nodaemon", "--pidfile=", "mailrelay",
+             "--port", "tcp:0:interface=127.0.0.1", "--data", str(root / "var")],
+            capture_output=True, text=True, timeout=60, env=environment(),
+        )
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("file is not a database", result.stdout + result.stderr)
+        self.assertEqual((root / "var" / "mailrelay.sqlite").read_text(), "not a database")
+
     def test_bad_option_is_a_usage_error(self) -> None:
         result = subprocess.run(
             [str(BIN / "twistd"), "--nodaemon", "mailrelay", "--port", "bogus:thing"],

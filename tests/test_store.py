@@ -488,3 +488,36 @@ class SQLiteUsageTests(TestCase):
             db.close()
         self.assertEqual(actual, (4, 100))
         self.assertEqual(kept, actual)
+
+
+class PreflightTests(TestCase):
+    """The synchronous check twistd runs before starting on a --data directory."""
+
+    def setUp(self):
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "mailrelay.sqlite")
+
+    def test_missing_file_is_fine(self):
+        sqlite_store.preflight(self.path)
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_not_a_database(self):
+        with open(self.path, "w") as f:
+            f.write("hello")
+        e = self.assertRaises(StoreError, sqlite_store.preflight, self.path)
+        self.assertIn("not a database", str(e))
+
+    def test_newer_schema(self):
+        db = sqlite3.connect(self.path)
+        db.execute(f"PRAGMA user_version={sqlite_store.SCHEMA_VERSION + 1}")
+        db.close()
+        e = self.assertRaises(StoreError, sqlite_store.preflight, self.path)
+        self.assertIn("newer than this mailrelay knows", str(e))
+
+    @inlineCallbacks
+    def test_current_schema(self):
+        store = SQLiteStore(self.path)
+        yield store.start()
+        yield store.stop()
+        sqlite_store.preflight(self.path)

@@ -18,7 +18,8 @@ from mailrelay.encoding import valid_identity
 from mailrelay.endpoints import server_description
 from mailrelay.relay.mailbox import DEFAULT_WINDOW
 from mailrelay.relay.protocol import RelayFactory
-from mailrelay.relay.store import Quota, open_store
+from mailrelay.relay.store import STORE_FILE, Quota, StoreError, open_store
+from mailrelay.relay.store.sqlite import preflight
 
 log = Logger()
 
@@ -76,6 +77,16 @@ class Options(usage.Options):
             raise usage.UsageError(f"--name {self['name']!r} is not a valid id")
         if not 4096 <= self["max-envelope"] <= 64 * 1024 * 1024:
             raise usage.UsageError("--max-envelope must be between 4096 bytes and 64 MiB")
+        if self["store"] == "sqlite":
+            self["data"] = os.path.abspath(self["data"])
+            try:
+                os.makedirs(self["data"], mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise usage.UsageError(f"--data {self['data']}: {e.strerror}")
+            try:
+                preflight(os.path.join(self["data"], STORE_FILE))
+            except StoreError as e:
+                raise usage.UsageError(f"--data {self['data']}: {e}")
         try:
             from twisted.internet import reactor
 
@@ -171,10 +182,7 @@ class RelayService(service.MultiService):
 def makeService(options: Options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    data = None
-    if options["store"] == "sqlite":
-        data = os.path.abspath(options["data"])
-        os.makedirs(data, mode=0o700, exist_ok=True)
+    data = options["data"] if options["store"] == "sqlite" else None
     quota = Quota(options["quota-messages"], options["quota-bytes"])
     store = open_store(options["store"], data, quota, reactor=reactor)
     factory = RelayFactory(

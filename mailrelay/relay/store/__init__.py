@@ -13,6 +13,9 @@ from mailrelay.relay.store.base import (
 )
 
 
+STORE_FILE = "mailrelay.sqlite"
+
+
 def open_store(kind: str, data_dir: str | None, quota: Quota, reactor=None) -> MailboxStore:
     """Build the engine named C{kind} (C{"sqlite"} or C{"memory"})."""
     if kind == "memory":
@@ -26,7 +29,7 @@ def open_store(kind: str, data_dir: str | None, quota: Quota, reactor=None) -> M
 
         if data_dir is None:
             raise ValueError("the sqlite store needs a data directory")
-        return SQLiteStore(os.path.join(data_dir, "mailrelay.sqlite"), quota, reactor=reactor)
+        return SQLiteStore(os.path.join(data_dir, STORE_FILE), quota, reactor=reactor)
     raise ValueError(f"unknown store {kind!r}: use sqlite or memory")
 
 
@@ -37,5 +40,6 @@ __all__ = [
     "Quota",
     "StoredMessage",
     "StoreError",
+    "STORE_FILE",
     "open_store",
 ]

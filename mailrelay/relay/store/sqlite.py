@@ -21,6 +21,7 @@ A database newer than this code knows is refused rather than touched.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 
 from twisted.enterprise import adbapi
@@ -121,6 +122,34 @@ def _run_group(txn, writes):
             txn.execute("RELEASE write")
             outcomes.append((True, result))
     return outcomes
+
+
+def preflight(path: str) -> None:
+    """
+    Check, synchronously and before the relay starts, that C{path} can be
+    this store: its directory is writable and the file, if any, is a SQLite
+    database whose schema this code knows.  Raises L{StoreError} saying
+    what is wrong.  Touches nothing.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise StoreError(f"cannot write to {directory}")
+    if not os.path.exists(path):
+        return
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            (version,) = connection.execute("PRAGMA user_version").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot open {path}: {e}") from None
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has schema version {version}, newer than this mailrelay knows "
+            f"({SCHEMA_VERSION}); upgrade mailrelay or use another --data directory"
+        )
 
 
 class SQLiteStore:
