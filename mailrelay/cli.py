@@ -292,6 +292,8 @@ USER_ERRORS = (
     keys.IdentityError,
     envelope.EnvelopeError,
     RelayError,
+    Disconnected,
+    defer.TimeoutError,
     OSError,
 )
 

@@ -339,47 +339,69 @@ class FrameBuffer:
 
     The length prefix is checked before any of the body is kept, so a peer
     announcing a huge frame is refused at once.  Bytes are appended to one
-    C{bytearray} and consumed frames are cut from its front in one step per
-    L{feed}, so a frame trickled a byte at a time costs linear, not
-    quadratic, time.
+    C{bytearray}, read from an offset and compacted once consumed, so a
+    frame trickled a byte at a time costs linear, not quadratic, time.
+
+    L{next} decodes one frame at a time, so a reader can change the limit
+    between two frames of the same read (a client learns the relay's limit
+    from WELCOME, which may arrive together with the first DELIVER).
     """
 
     def __init__(self, max_envelope: int = MAX_ENVELOPE) -> None:
         self.set_limit(max_envelope)
         self._buffer = bytearray()
+        self._offset = 0
 
     def set_limit(self, max_envelope: int) -> None:
         """Accept envelopes up to C{max_envelope} bytes from now on."""
         self.max_envelope = max_envelope
         self.max_frame = max_frame_for(max_envelope)
 
+    def add(self, data: bytes) -> None:
+        """Append received bytes; decode them with L{next}."""
+        if self._offset and self._offset == len(self._buffer):
+            self._buffer.clear()
+            self._offset = 0
+        self._buffer += data
+
+    def next(self) -> Frame | None:
+        """
+        The next complete frame, or None until more bytes arrive.  Raises
+        L{ProtocolError} for a malformed frame; the stream is unusable after.
+        """
+        buf, offset = self._buffer, self._offset
+        if len(buf) - offset < LENGTH_PREFIX.size:
+            return None
+        (length,) = LENGTH_PREFIX.unpack_from(buf, offset)
+        if length == 0:
+            raise ProtocolError("empty frame: a frame needs at least a type byte")
+        if length > self.max_frame:
+            raise ProtocolError(
+                f"frame of {length} bytes is over the limit of {self.max_frame}"
+            )
+        start = offset + LENGTH_PREFIX.size
+        if len(buf) - start < length:
+            if offset:
+                # Keep only the partial frame, so the buffer never holds
+                # more than one frame's worth of consumed bytes.
+                del buf[:offset]
+                self._offset = 0
+            return None
+        self._offset = start + length
+        return decode(bytes(buf[start : start + length]), self.max_envelope)
+
     def feed(self, data: bytes) -> list[Frame]:
         """
         Add C{data}; return every frame now complete, in order.  Raises
-        L{ProtocolError} at the first malformed frame; the stream is unusable
-        after that.
+        L{ProtocolError} at the first malformed frame.
         """
-        self._buffer += data
+        self.add(data)
         frames: list[Frame] = []
-        offset = 0
-        buf = self._buffer
-        while len(buf) - offset >= LENGTH_PREFIX.size:
-            (length,) = LENGTH_PREFIX.unpack_from(buf, offset)
-            if length == 0:
-                raise ProtocolError("empty frame: a frame needs at least a type byte")
-            if length > self.max_frame:
-                raise ProtocolError(
-                    f"frame of {length} bytes is over the limit of {self.max_frame}"
-                )
-            start = offset + LENGTH_PREFIX.size
-            if len(buf) - start < length:
-                break
-            frames.append(decode(bytes(buf[start : start + length]), self.max_envelope))
-            offset = start + length
-        if offset:
-            del buf[:offset]
+        while (frame := self.next()) is not None:
+            frames.append(frame)
         return frames
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        """Bytes received and not yet decoded."""
+        return len(self._buffer) - self._offset

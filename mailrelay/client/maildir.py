@@ -14,6 +14,7 @@ import itertools
 import os
 import socket
 import time
+from email.headerregistry import Address
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -26,11 +27,13 @@ _counter = itertools.count()
 def as_email(opened: Opened, domain: str = DOMAIN) -> bytes:
     """The message as RFC 5322 bytes, with From, To, Date and Message-ID."""
     h = opened.header
-    msg = EmailMessage(policy=email.policy.SMTP)
-    msg["From"] = f"{h.sender}@{domain}"
-    msg["To"] = f"{h.recipient}@{domain}"
+    msg = EmailMessage(policy=email.policy.default)
+    # An id may hold "@": Address quotes the local part when it must.
+    msg["From"] = Address(username=h.sender, domain=domain)
+    msg["To"] = Address(username=h.recipient, domain=domain)
     msg["Date"] = email.utils.formatdate(h.timestamp, usegmt=True)
-    msg["Message-ID"] = f"<{h.message_id.hex()}.{h.sender}@{domain}>"
+    sender_tag = h.sender.replace("@", "%")
+    msg["Message-ID"] = f"<{h.message_id.hex()}.{sender_tag}@{domain}>"
     msg["X-Mailrelay-Sender-Fingerprint"] = h.sender_fingerprint.hex()
     try:
         msg.set_content(opened.plaintext.decode("utf-8"))

@@ -16,7 +16,7 @@ from typing import Callable
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectingCancelledError, ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -119,13 +119,16 @@ class ClientProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._state == "closed":
             return
-        try:
-            frames = self._frames.feed(data)
-        except wire.ProtocolError as e:
-            self._abort(RelayError(E.MALFORMED_FRAME, f"relay sent a malformed frame: {e}"))
-            return
-        for frame in frames:
-            if self._state == "closed":
+        self._frames.add(data)
+        # One frame at a time: WELCOME raises the frame limit for the frames
+        # after it, which may have arrived in the same read.
+        while self._state != "closed":
+            try:
+                frame = self._frames.next()
+            except wire.ProtocolError as e:
+                self._abort(RelayError(E.MALFORMED_FRAME, f"relay sent a malformed frame: {e}"))
+                return
+            if frame is None:
                 return
             self._handle(frame)
 
@@ -342,7 +345,7 @@ class ClientProtocol(Protocol):
     def _receive(self, frame: wire.Deliver):
         sender = None
         try:
-            env = envelope.parse(frame.envelope)
+            env = envelope.parse(frame.envelope, self.max_envelope)
             sender = env.header.sender
             if env.header.message_id != frame.message_id:
                 raise envelope.EnvelopeError("relay delivered it under another message id")
@@ -390,25 +393,35 @@ def connect(
     """
     Connect to the relay at C{endpoint} as C{identity}.  Fires with the
     authenticated L{ClientProtocol}: C{send(recipient, data)} and C{close()}.
+    Fails with L{defer.TimeoutError} when connecting and authenticating take
+    longer than C{timeout} seconds in all.
     """
     factory = ClientFactory(
         identity=identity, contacts=contacts, on_message=on_message,
         on_rejected=on_rejected, seen=seen, clock=reactor,
     )
+    started = reactor.seconds()
     connecting = endpoint.connect(factory)
     if timeout is not None:
         connecting.addTimeout(timeout, reactor)
-    protocol = yield connecting
+    try:
+        protocol = yield connecting
+    except (defer.CancelledError, ConnectingCancelledError):
+        # Endpoints report a connection attempt cancelled by the timeout in
+        # their own way; it is a timeout all the same.
+        raise defer.TimeoutError(f"no connection within {timeout} seconds") from None
     ready = protocol.ready
     if timeout is not None:
-        ready.addTimeout(timeout, reactor, onTimeoutCancel=lambda r, t: _timedOut(protocol, t))
+        remaining = max(timeout - (reactor.seconds() - started), 0)
+        ready.addTimeout(remaining, reactor,
+                         onTimeoutCancel=lambda r, t: _timedOut(protocol, timeout))
     client = yield ready
     return client
 
 
 def _timedOut(protocol: ClientProtocol, timeout: float):
     protocol.transport.abortConnection()
-    raise RelayError(E.AUTH_TIMEOUT, f"the relay did not welcome us within {timeout} seconds")
+    raise defer.TimeoutError(f"the relay did not welcome us within {timeout} seconds")
 
 
 def new_nonce() -> bytes:

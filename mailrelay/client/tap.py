@@ -62,14 +62,35 @@ class Filer:
                  reason=rejected.reason)
 
 
+class MailclientFactory(ClientFactory):
+    """Builds the client's protocol for each connection and logs how each session went."""
+
+    def __init__(self, server: str, **settings) -> None:
+        super().__init__(**settings)
+        self.server = server
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        name = self.settings["identity"].name
+        protocol.ready.addCallbacks(
+            lambda p: log.info(
+                "connected to {server} as {identity}; messages waiting: {queued}",
+                server=self.server, identity=name, queued=p.queued),
+            lambda f: log.warn(
+                "session with {server} ended before it began: {reason}",
+                server=self.server, reason=f.getErrorMessage()),
+        )
+        return protocol
+
+
 def makeService(options: Options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     home = keys.Home(options["home"])
-    identity = options["identity"]
     filer = Filer(Maildir(options["maildir"]))
-    factory = ClientFactory(
-        identity=identity,
+    factory = MailclientFactory(
+        options["server"],
+        identity=options["identity"],
         contacts=home,
         on_message=filer,
         on_rejected=filer.rejected,
@@ -78,19 +99,8 @@ def makeService(options: Options, reactor=None):
     )
     endpoint = endpoints.clientFromString(reactor, options["server"])
     top = service.MultiService()
+    # ClientService reconnects whenever the connection ends, with backoff.
     client = ClientService(endpoint, factory, retryPolicy=backoffPolicy(maxDelay=60),
                            clock=reactor)
     client.setServiceParent(top)
-
-    def connected(protocol):
-        protocol.ready.addCallbacks(
-            lambda p: log.info("connected to {server} as {identity}; messages waiting: {queued}",
-                               server=options["server"], identity=identity.name,
-                               queued=p.queued),
-            lambda f: log.warn("the relay refused {identity}: {reason}",
-                               identity=identity.name, reason=f.getErrorMessage()),
-        )
-        protocol.closed.addCallback(lambda _: client.whenConnected().addCallback(connected))
-
-    client.whenConnected().addCallback(connected)
     return top

@@ -1,0 +1,596 @@
+"""
+Tests for L{mailrelay.cli} and L{mailrelay.endpoints}, in-process.
+
+Commands run through L{cli._run} (what C{main} hands to C{task.react})
+with a L{Clock} when they stay offline, or a L{MemoryReactorClock} whose
+TCP connection is completed in memory to a real relay
+(L{tests.test_client.MemoryRelay}).  Standard output and error are
+captured by patching L{sys}.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import sys
+
+from twisted.internet import endpoints, error
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
+from twisted.python import monkey
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailrelay import cli, envelope, keys
+from mailrelay.client.defaults import DEFAULT_SERVER
+from mailrelay.endpoints import client_description, server_description
+from tests.test_client import ALICE, BOB, CAROL, MALLORY_BOB, MemoryRelay, mid
+
+SERVER = "127.0.0.1:9000"
+FINGERPRINT = re.compile(r"(?:[0-9A-F]{4} ){15}[0-9A-F]{4}")
+
+
+class EnvMixin:
+    def setenv(self, name: str, value: str | None) -> None:
+        old = os.environ.get(name)
+
+        def restore():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+        self.addCleanup(restore)
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+class ParserTests(SynchronousTestCase):
+    def parse(self, *argv):
+        return vars(cli.build_parser().parse_args(list(argv)))
+
+    def test_init(self):
+        self.assertEqual(
+            self.parse("init", "alice", "--home", "/h", "--offline"),
+            {"command": "init", "id": "alice", "home": "/h", "server": None,
+             "connect_timeout": 10.0, "offline": True},
+        )
+
+    def test_fingerprint(self):
+        self.assertEqual(
+            self.parse("fingerprint"),
+            {"command": "fingerprint", "id": None, "home": None, "server": None,
+             "connect_timeout": 10.0},
+        )
+        self.assertEqual(self.parse("fingerprint", "bob", "--server", "h:1")["id"], "bob")
+
+    def test_send(self):
+        self.assertEqual(
+            self.parse("send", "--to", "bob", "--server", "relay.example:9000",
+                       "--connect-timeout", "2.5", "hello", "there"),
+            {"command": "send", "to": "bob", "text": ["hello", "there"], "home": None,
+             "server": "relay.example:9000", "connect_timeout": 2.5},
+        )
+        self.assertEqual(self.parse("send", "--to", "bob")["text"], [])
+
+    def test_recv(self):
+        self.assertEqual(
+            self.parse("recv", "--count", "3", "--timeout", "1.5", "--json", "--home", "h"),
+            {"command": "recv", "count": 3, "timeout": 1.5, "json": True, "home": "h",
+             "server": None, "connect_timeout": 10.0},
+        )
+        self.assertEqual(
+            self.parse("recv"),
+            {"command": "recv", "count": None, "timeout": None, "json": False,
+             "home": None, "server": None, "connect_timeout": 10.0},
+        )
+
+    def test_chat(self):
+        self.assertEqual(
+            self.parse("chat", "--server", "tcp:h:1"),
+            {"command": "chat", "home": None, "server": "tcp:h:1", "connect_timeout": 10.0},
+        )
+
+    def usage_error(self, *argv):
+        self.patch(sys, "stderr", io.StringIO())
+        with self.assertRaises(SystemExit) as caught:
+            cli.build_parser().parse_args(list(argv))
+        self.assertEqual(caught.exception.code, 2)
+        return sys.stderr.getvalue()
+
+    def test_send_needs_to(self):
+        self.assertIn("--to", self.usage_error("send", "hello"))
+
+    def test_usage_errors(self):
+        self.usage_error()
+        self.usage_error("frobnicate")
+        self.usage_error("init")
+        self.usage_error("recv", "--count", "many")
+        self.usage_error("send", "--to", "bob", "--count", "1")
+
+    def test_every_command_has_a_handler(self):
+        parser = cli.build_parser()
+        sub = next(a for a in parser._actions if a.dest == "command")
+        self.assertEqual(set(sub.choices), set(cli.COMMANDS))
+
+
+class EndpointTests(SynchronousTestCase):
+    def test_server_description(self):
+        self.assertEqual(server_description("9000"), "tcp:9000")
+        self.assertEqual(server_description(" 9000 "), "tcp:9000")
+        for unchanged in ("tcp:9000", "tcp:9000:interface=127.0.0.1",
+                          "ssl:9443:privateKey=key.pem:certKey=cert.pem", "unix:/tmp/s"):
+            self.assertEqual(server_description(unchanged), unchanged)
+
+    def test_client_description(self):
+        self.assertEqual(client_description("localhost:9000"), "tcp:localhost:9000")
+        self.assertEqual(client_description("10.1.2.3:9000"), "tcp:10.1.2.3:9000")
+        self.assertEqual(client_description("[::1]:9000"), r"tcp:\:\:1:9000")
+        for unchanged in ("tcp:localhost:9000", "tls:relay.example:9443",
+                          "unix:/run/mailrelay.sock", "tcp6:[::1]:9000", DEFAULT_SERVER):
+            self.assertEqual(client_description(unchanged), unchanged)
+
+    def test_client_descriptions_parse(self):
+        """What client_description makes is an endpoint Twisted connects to the right place."""
+        for typed, host in [("localhost:9000", "localhost"), ("[::1]:9000", "::1"),
+                            ("[2001:db8::5]:9000", "2001:db8::5")]:
+            reactor = MemoryReactor()
+            endpoint = endpoints.clientFromString(reactor, client_description(typed))
+            endpoint.connect(Factory.forProtocol(Protocol))
+            self.assertEqual(reactor.tcpClients[0][:2], (host, 9000), typed)
+
+    def test_server_description_parses(self):
+        reactor = MemoryReactor()
+        endpoint = endpoints.serverFromString(reactor, server_description("9000"))
+        endpoint.listen(Factory.forProtocol(Protocol))
+        self.assertEqual(reactor.tcpServers[0][0], 9000)
+
+
+def opened(text: bytes) -> envelope.Opened:
+    header = envelope.Header(
+        version=1, suite=1, sender="123", sender_fingerprint=b"\0" * 32,
+        recipient="345", recipient_fingerprint=b"\1" * 32,
+        message_id=mid(0xABC), timestamp=1_700_000_000,
+    )
+    return envelope.Opened(header, text)
+
+
+class FormatTests(SynchronousTestCase):
+    def test_text(self):
+        self.assertEqual(cli._format(opened(b"hi"), False), "Received message from 123: hi")
+
+    def test_text_invalid_utf8(self):
+        self.assertEqual(cli._format(opened(b"a\xffb"), False),
+                         "Received message from 123: a\ufffdb")
+
+    def test_json(self):
+        line = cli._format(opened("héllo\nworld".encode()), True)
+        self.assertNotIn("\n", line)
+        self.assertEqual(json.loads(line), {
+            "id": mid(0xABC).hex(), "from": "123", "to": "345",
+            "sent_at": 1_700_000_000, "text": "héllo\nworld",
+        })
+
+
+class CommandTestCase(EnvMixin, SynchronousTestCase):
+    """Runs commands through cli._run with captured output."""
+
+    def setUp(self):
+        self.stdout = io.StringIO()
+        self.stderr = io.StringIO()
+        self.patch(sys, "stdout", self.stdout)
+        self.patch(sys, "stderr", self.stderr)
+        self.setenv("MAILRELAY_HOME", None)
+        self.setenv("MAILRELAY_SERVER", None)
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(self.root)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def home_with(self, identity: keys.Identity, name: str | None = None) -> str:
+        """A home holding C{identity} (its cached key: no key generation)."""
+        path = self.path(name or identity.name)
+        patcher = monkey.MonkeyPatcher(
+            (keys.Identity, "generate", classmethod(lambda cls, n, bits=0: identity)))
+        patcher.runWithPatches(keys.Home(path).create, identity.name)
+        return path
+
+    def run_cli(self, *argv, reactor=None):
+        args = cli.build_parser().parse_args(list(argv))
+        return cli._run(reactor if reactor is not None else Clock(), args)
+
+    def exits(self, d, code: int = 1, one_line: bool = True) -> str:
+        """C{d} failed with SystemExit(code); what is on stderr (one line)."""
+        failure = self.failureResultOf(d, SystemExit)
+        self.assertEqual(failure.value.code, code)
+        err = self.stderr.getvalue()
+        self.assertNotIn("Traceback", err)
+        self.assertTrue(err.startswith("mailrelay "), err)
+        if one_line:
+            self.assertEqual(err.count("\n"), 1, err)
+        return err
+
+    def lines(self) -> list[str]:
+        return self.stdout.getvalue().splitlines()
+
+
+class OnlineTestCase(CommandTestCase):
+    """Commands against a real relay reached through a memory reactor."""
+
+    def setUp(self):
+        super().setUp()
+        self.reactor = MemoryReactorClock()
+        self.relay = MemoryRelay(clock=self.reactor)
+
+    def run_online(self, *argv):
+        return self.run_cli(*argv, "--server", SERVER, reactor=self.reactor)
+
+    def accept(self):
+        """Complete the command's pending TCP connection to the relay."""
+        host, port, factory, timeout, bind = self.reactor.tcpClients.pop(0)
+        self.reactor.connectors.pop(0)
+        self.assertEqual((host, port), ("127.0.0.1", 9000))
+        pump = self.relay.serve(factory.buildProtocol(None))
+        self.relay.flush()
+        return pump
+
+    def queue(self, sender: keys.Identity, recipient: keys.Identity, text: bytes, n: int):
+        data = envelope.seal(sender, recipient.name, recipient.public_key, text,
+                             message_id=mid(n))
+        self.relay._result(self.relay.store.enqueue(recipient.name, sender.name, mid(n),
+                                                    data, 0))
+
+
+class InitTests(OnlineTestCase):
+    def test_offline(self):
+        """
+        init --offline creates the identity (an RSA-3072 key pair) and shows
+        where the files are and the fingerprint; nothing touches the network.
+        """
+        home = self.path("alice")
+        d = self.run_cli("init", "alice", "--home", home, "--offline")
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(sorted(os.listdir(home)),
+                         ["identity", "private_key.pem", "public_key.pem"])
+        identity = keys.Home(home).load()
+        self.assertEqual(identity.name, "alice")
+        self.assertEqual(identity.public_key.key_size, keys.KEY_BITS)
+        out = self.stdout.getvalue()
+        self.assertIn(f"Created identity alice in {home}", out)
+        self.assertIn(f"Fingerprint: {keys.format_fingerprint(identity.fingerprint)}\n", out)
+        self.assertIn("private_key.pem (keep it secret)", out)
+        self.assertEqual(self.stderr.getvalue(), "")
+
+    def test_twice(self):
+        """init over an existing identity: exit 1, one line, the identity kept."""
+        home = self.home_with(ALICE)
+        d = self.run_cli("init", "bob", "--home", home, "--offline")
+        err = self.exits(d)
+        self.assertTrue(err.startswith("mailrelay init: "))
+        self.assertIn("already holds", err)
+        self.assertIn("'alice'", err)
+        self.assertEqual(keys.Home(home).load().public_der, ALICE.public_der)
+        self.assertEqual(self.stdout.getvalue(), "")
+
+    def test_invalid_id(self):
+        home = self.path("x")
+        err = self.exits(self.run_cli("init", "bad!", "--home", home, "--offline"))
+        self.assertIn("not a valid identity", err)
+        self.assertFalse(os.path.exists(os.path.join(home, "identity")))
+
+    def test_publishes(self):
+        """Without --offline init registers the new key with the relay."""
+        patcher = monkey.MonkeyPatcher(
+            (keys.Identity, "generate", classmethod(lambda cls, n, bits=0: ALICE)))
+        patcher.patch()
+        self.addCleanup(patcher.restore)
+        d = self.run_online("init", "alice", "--home", self.path("alice"))
+        self.assertNoResult(d)
+        self.accept()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(self.lines()[-1], f"Published to the relay at {SERVER}.")
+        self.assertEqual(self.relay.store._keys["alice"], ALICE.public_der)
+        self.assertEqual(self.relay.factory.sessions, set())
+
+    def test_already_registered(self):
+        """init of an identity the relay already knows with this key says so."""
+        patcher = monkey.MonkeyPatcher(
+            (keys.Identity, "generate", classmethod(lambda cls, n, bits=0: ALICE)))
+        patcher.patch()
+        self.addCleanup(patcher.restore)
+        self.relay.register(ALICE)
+        d = self.run_online("init", "alice", "--home", self.path("alice"))
+        self.accept()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(self.lines()[-1], f"Already registered with the relay at {SERVER}.")
+
+    def test_relay_unreachable(self):
+        """A relay that cannot be reached leaves the identity created, exit 0."""
+        patcher = monkey.MonkeyPatcher(
+            (keys.Identity, "generate", classmethod(lambda cls, n, bits=0: ALICE)))
+        patcher.patch()
+        self.addCleanup(patcher.restore)
+        d = self.run_online("init", "alice", "--home", self.path("alice"))
+        iosim.ConnectionCompleter(self.reactor).failOnce()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertIn("Not published: cannot reach the relay at 127.0.0.1:9000: "
+                      "connection refused", self.stdout.getvalue())
+        self.assertTrue(keys.Home(self.path("alice")).has_identity())
+
+
+class FingerprintTests(OnlineTestCase):
+    def test_own(self):
+        home = self.home_with(ALICE)
+        d = self.run_cli("fingerprint", "--home", home)
+        self.assertEqual(self.successResultOf(d), 0)
+        out = self.stdout.getvalue()
+        self.assertRegex(out, r"^alice: " + FINGERPRINT.pattern + "\n$")
+        self.assertEqual(out, f"alice: {keys.format_fingerprint(ALICE.fingerprint)}\n")
+        d = self.run_cli("fingerprint", "alice", "--home", home)
+        self.assertEqual(self.successResultOf(d), 0)
+
+    def test_default_home_from_environment(self):
+        home = self.home_with(ALICE)
+        self.setenv("MAILRELAY_HOME", home)
+        self.assertEqual(self.successResultOf(self.run_cli("fingerprint")), 0)
+        self.assertTrue(self.stdout.getvalue().startswith("alice: "))
+
+    def test_pinned_contact_offline(self):
+        home = self.home_with(ALICE)
+        keys.Home(home).pin("bob", BOB.public_der)
+        d = self.run_cli("fingerprint", "bob", "--home", home)
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(self.stdout.getvalue(),
+                         f"bob: {keys.format_fingerprint(BOB.fingerprint)}\n")
+
+    def test_contact_fetched_and_pinned(self):
+        home = self.home_with(ALICE)
+        self.relay.register(BOB)
+        d = self.run_online("fingerprint", "bob", "--home", home)
+        self.accept()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(self.stdout.getvalue(),
+                         f"bob: {keys.format_fingerprint(BOB.fingerprint)}"
+                         f"  (fetched from the relay and pinned)\n")
+        self.assertEqual(keys.public_der(keys.Home(home).pinned("bob")), BOB.public_der)
+
+    def test_connection_lost_during_lookup(self):
+        """The relay going away while a key is looked up: exit 1 with one line."""
+        home = self.home_with(ALICE)
+        self.relay.register(BOB)
+        d = self.run_online("fingerprint", "bob", "--home", home)
+        host, port, factory, timeout, bind = self.reactor.tcpClients.pop(0)
+        client_side = factory.buildProtocol(None)
+        server = self.relay.factory.buildProtocol(None)
+        pump = iosim.connect(server, iosim.makeFakeServer(server), client_side,
+                             iosim.makeFakeClient(client_side), greet=False,
+                             clock=self.reactor)
+        # Handshake, then the relay vanishes before answering the lookup.
+        for _ in range(3):
+            pump.pump()
+        server.transport.loseConnection()
+        pump.flush()
+        self.exits(d)
+
+
+    def test_no_identity(self):
+        err = self.exits(self.run_cli("fingerprint", "--home", self.path("empty")))
+        self.assertIn("mailrelay init", err)
+
+
+class SendTests(OnlineTestCase):
+    def setUp(self):
+        super().setUp()
+        self.home = self.home_with(ALICE)
+        self.relay.register(BOB)
+
+    def stored_for_bob(self) -> list[bytes]:
+        box = self.relay.store._mailboxes.get("bob", {})
+        return [envelope.open_envelope(m.envelope, BOB, ALICE.public_key).plaintext
+                for m, _ in box.values()]
+
+    def test_send_text(self):
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "hello", "bob")
+        self.assertNoResult(d)
+        self.accept()
+        self.assertEqual(self.successResultOf(d), 0)
+        [line] = self.lines()
+        self.assertRegex(line, r"^Message [0-9a-f]{32} accepted by the relay for bob\.$")
+        self.assertEqual(self.stored_for_bob(), [b"hello bob"])
+        message_id = bytes.fromhex(line.split()[1])
+        self.assertIn(message_id, self.relay.store._mailboxes["bob"])
+        self.assertEqual(keys.public_der(keys.Home(self.home).pinned("bob")), BOB.public_der)
+        self.assertEqual(self.relay.factory.sessions, set())  # closed afterwards
+
+    def test_send_stdin(self):
+        """Without TEXT the message is standard input, less one trailing line end."""
+        self.patch(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"line 1\r\nline 2\r\n")))
+        d = self.run_online("send", "--home", self.home, "--to", "bob")
+        self.accept()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(self.stored_for_bob(), [b"line 1\r\nline 2"])
+
+    def test_invalid_recipient(self):
+        err = self.exits(self.run_online("send", "--home", self.home, "--to", "b b", "x"))
+        self.assertIn("'b b' is not a valid identity", err)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_unknown_recipient(self):
+        d = self.run_online("send", "--home", self.home, "--to", "nobody", "x")
+        self.accept()
+        err = self.exits(d)
+        self.assertIn("nobody", err)
+        self.assertEqual(self.stdout.getvalue(), "")
+        self.assertEqual(self.relay.factory.sessions, set())
+
+    def test_refused(self):
+        """A relay refusing the message (mailbox full): exit 1 with the reason."""
+        self.relay.store.quota = type(self.relay.store.quota)(messages=1, bytes=0)
+        self.queue(CAROL, BOB, b"filler", 1)
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "x")
+        self.accept()
+        err = self.exits(d)
+        self.assertIn("MAILBOX_FULL", err)
+
+    def test_connection_refused(self):
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "x")
+        iosim.ConnectionCompleter(self.reactor).failOnce(Failure(error.ConnectionRefusedError()))
+        err = self.exits(d)
+        self.assertIn(f"cannot reach the relay at {SERVER}: connection refused", err)
+
+    def test_no_welcome(self):
+        """A relay that never says Hello: exit 1 after --connect-timeout."""
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "--connect-timeout",
+                            "3", "x")
+        _, _, factory, _, _ = self.reactor.tcpClients.pop(0)
+        transport = StringTransport()
+        factory.buildProtocol(None).makeConnection(transport)
+        self.reactor.advance(2.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        err = self.exits(d)
+        self.assertIn("within 3.0 seconds", err)
+        self.assertTrue(transport.disconnecting)
+
+    def test_tcp_timeout(self):
+        """A relay host that never answers the TCP connection: one line, exit 1."""
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "--connect-timeout",
+                            "3", "x")
+        self.reactor.advance(3)
+        err = self.exits(d)
+        self.assertIn("did not answer within 3.0 seconds", err)
+
+
+    def test_key_conflict_at_relay(self):
+        self.relay.store._keys["alice"] = CAROL.public_der
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "x")
+        self.accept()
+        err = self.exits(d)
+        self.assertIn("Another key is registered there for 'alice'", err)
+
+    def test_pinned_key_differs(self):
+        """The relay's key for the recipient differs from the pinned one: not sent."""
+        keys.Home(self.home).pin("bob", MALLORY_BOB.public_der)
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "x")
+        self.accept()
+        err = self.exits(d, one_line=False)
+        self.assertIn(keys.format_fingerprint(BOB.fingerprint), err)
+        self.assertIn(keys.format_fingerprint(MALLORY_BOB.fingerprint), err)
+        self.assertEqual(self.stored_for_bob(), [])
+        self.assertEqual(keys.public_der(keys.Home(self.home).pinned("bob")),
+                         MALLORY_BOB.public_der)
+
+    def test_invalid_server(self):
+        err = self.exits(self.run_cli("send", "--home", self.home, "--to", "bob",
+                                      "--server", "nonsense:x", "hi"))
+        self.assertIn("is not a valid endpoint", err)
+
+    def test_no_identity(self):
+        err = self.exits(self.run_cli("send", "--home", self.path("none"), "--to", "bob",
+                                      "hi"))
+        self.assertIn("mailrelay init", err)
+
+
+class RecvTests(OnlineTestCase):
+    def setUp(self):
+        super().setUp()
+        self.home = self.home_with(ALICE)
+        self.relay.register(ALICE)
+        self.relay.register(BOB)
+
+    def test_count(self):
+        """
+        recv --count 1 with two messages waiting prints the first, exit 0;
+        the second stays with the relay.
+        """
+        self.queue(BOB, ALICE, b"first", 1)
+        self.queue(BOB, ALICE, b"second", 2)
+        d = self.run_online("recv", "--home", self.home, "--count", "1")
+        self.accept()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(self.lines(), ["Received message from bob: first"])
+        self.assertEqual(self.relay.count("alice"), 1)
+        self.assertEqual(self.relay.factory.sessions, set())
+
+    def test_json_and_seen(self):
+        """--json prints one object per message; a second run does not show them again."""
+        self.queue(BOB, ALICE, "héllo".encode(), 1)
+        self.queue(CAROL, ALICE, b"hey", 2)
+        self.relay.register(CAROL)
+        d = self.run_online("recv", "--home", self.home, "--count", "2", "--json")
+        self.accept()
+        self.assertEqual(self.successResultOf(d), 0)
+        records = [json.loads(line) for line in self.lines()]
+        self.assertEqual([(r["from"], r["to"], r["text"], r["id"]) for r in records],
+                         [("bob", "alice", "héllo", mid(1).hex()),
+                          ("carol", "alice", "hey", mid(2).hex())])
+        self.assertEqual(self.relay.count("alice"), 0)
+        self.assertTrue(os.path.exists(os.path.join(self.home, "seen.sqlite")))
+
+    def test_timeout_without_count(self):
+        """--timeout alone: print what arrives in that time, then exit 0."""
+        self.queue(BOB, ALICE, b"one", 1)
+        d = self.run_online("recv", "--home", self.home, "--timeout", "5")
+        self.accept()
+        self.assertNoResult(d)
+        self.reactor.advance(5)
+        self.relay.flush()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(self.lines(), ["Received message from bob: one"])
+
+    def test_count_not_reached(self):
+        d = self.run_online("recv", "--home", self.home, "--count", "2", "--timeout", "5")
+        self.accept()
+        self.queue(BOB, ALICE, b"one", 1)
+        self.relay.factory.mailboxes.wake("alice")
+        self.relay.flush()
+        self.reactor.advance(5)
+        self.relay.flush()
+        err = self.exits(d)
+        self.assertIn("only 1 of 2 messages arrived within 5 seconds", err)
+        self.assertEqual(self.lines(), ["Received message from bob: one"])
+
+    def test_rejected_reported(self):
+        """A message that cannot be opened is reported on stderr and dropped."""
+        data = bytearray(envelope.seal(BOB, "alice", ALICE.public_key, b"x",
+                                       message_id=mid(1)))
+        data[-3] ^= 1
+        self.relay._result(self.relay.store.enqueue("alice", "bob", mid(1), bytes(data), 0))
+        d = self.run_online("recv", "--home", self.home, "--timeout", "1")
+        self.accept()
+        self.reactor.advance(1)
+        self.relay.flush()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertIn(f"dropped message {mid(1).hex()} from bob", self.stderr.getvalue())
+        self.assertEqual(self.relay.count("alice"), 0)
+
+    def test_relay_closes(self):
+        """Another session of the identity supersedes recv's: exit 1 with the reason."""
+        d = self.run_online("recv", "--home", self.home)
+        self.accept()
+        self.assertNoResult(d)
+        self.relay.client(ALICE)
+        err = self.exits(d)
+        self.assertIn("the relay closed the connection", err)
+        self.assertIn("SUPERSEDED", err)
+
+    def test_invalid_count(self):
+        err = self.exits(self.run_cli("recv", "--home", self.home, "--count", "0"))
+        self.assertIn("--count must be at least 1", err)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_invalid_timeout(self):
+        err = self.exits(self.run_cli("recv", "--home", self.home, "--timeout", "-1"))
+        self.assertIn("--timeout must be positive", err)
+
+    def test_no_identity(self):
+        err = self.exits(self.run_cli("recv", "--home", self.path("nothing")))
+        self.assertIn("`mailrelay init", err)
+        self.assertEqual(self.stdout.getvalue(), "")

@@ -1,0 +1,1176 @@
+"""
+Tests for the client side: L{mailrelay.client.protocol} (driven both against
+a real L{RelaySession} over an in-memory connection and frame by frame over
+a L{StringTransport}), L{connect} on a memory reactor, the chat console, the
+Maildir filer and the seen-message store.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import email.utils
+import os
+
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import Clock
+from twisted.internet.testing import (
+    MemoryReactorClock,
+    StringTransport,
+    StringTransportWithDisconnection,
+)
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailrelay import envelope, keys, wire
+from mailrelay.client.console import ChatConsole
+from mailrelay.client.maildir import Maildir, as_email
+from mailrelay.client.protocol import (
+    ClientFactory,
+    ClientProtocol,
+    Disconnected,
+    Rejected,
+    RelayError,
+    SendRefused,
+    connect,
+)
+from mailrelay.client.seen import MemorySeen, SeenFile
+from mailrelay.relay.protocol import RelayFactory
+from mailrelay.relay.store import Quota
+from mailrelay.relay.store.memory import MemoryStore
+
+E = wire.ErrorCode
+RELAY = "relay"
+CHALLENGE = bytes(range(32))
+
+# RSA key generation is slow: every key is made once per process.
+_keys: dict[str, object] = {}
+
+
+def ident(name: str, key: str | None = None) -> keys.Identity:
+    """Identity C{name} with the cached 2048-bit key C{key} (default: its own)."""
+    tag = key or name
+    if tag not in _keys:
+        _keys[tag] = keys.Identity.generate("x", bits=2048).private_key
+    return keys.Identity(name, _keys[tag])
+
+
+ALICE = ident("alice")
+BOB = ident("bob")
+CAROL = ident("carol")
+MALLORY_BOB = ident("bob", key="mallory")
+"""Another key under bob's name: an impostor, or bob after losing his key."""
+
+
+def fp(identity: keys.Identity) -> str:
+    return keys.format_fingerprint(identity.fingerprint)
+
+
+def mid(n: int) -> bytes:
+    return n.to_bytes(wire.MESSAGE_ID_SIZE, "big")
+
+
+def read_frames(transport: StringTransport) -> list:
+    """Every frame written to C{transport} since the last call."""
+    data = transport.value()
+    transport.clear()
+    return wire.FrameBuffer().feed(data)
+
+
+class MemoryRelay:
+    """A real relay (L{RelayFactory} on a L{MemoryStore}) reached in memory."""
+
+    def __init__(self, clock: Clock | None = None, quota: Quota = Quota(), **settings):
+        self.clock = clock if clock is not None else Clock()
+        self.store = MemoryStore(quota)
+        self.factory = RelayFactory(self.store, self.clock, name=RELAY, **settings)
+        self.factory.storeReady()
+        self.pumps: list[iosim.IOPump] = []
+
+    def serve(self, client_protocol) -> iosim.IOPump:
+        """Connect any client-side protocol to a fresh relay session."""
+        server = self.factory.buildProtocol(None)
+        pump = iosim.connect(
+            server, iosim.makeFakeServer(server),
+            client_protocol, iosim.makeFakeClient(client_protocol),
+            clock=self.clock,
+        )
+        self.pumps.append(pump)
+        self.flush()
+        return pump
+
+    def client(self, identity: keys.Identity, **settings) -> ClientProtocol:
+        settings.setdefault("contacts", keys.MemoryContacts())
+        settings.setdefault("clock", self.clock)
+        client = ClientProtocol(identity, **settings)
+        self.serve(client)
+        return client
+
+    def flush(self) -> None:
+        while any([pump.flush() for pump in self.pumps]):
+            pass
+
+    def count(self, name: str) -> int:
+        return self._result(self.store.count(name))
+
+    def register(self, identity: keys.Identity) -> None:
+        self.store._keys[identity.name] = identity.public_der
+
+    @staticmethod
+    def _result(d: Deferred):
+        out = []
+        d.addBoth(out.append)
+        assert out, "store Deferred did not fire"
+        if isinstance(out[0], Failure):
+            out[0].raiseException()
+        return out[0]
+
+
+def ready_client(identity: keys.Identity = BOB, clock=None, **settings):
+    """
+    A client over a L{StringTransportWithDisconnection}, taken through Hello
+    and Welcome by hand; the transport is cleared.
+    """
+    transport = StringTransportWithDisconnection()
+    client = ClientProtocol(identity, clock=clock, **settings)
+    transport.protocol = client
+    client.makeConnection(transport)
+    client.dataReceived(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, RELAY, CHALLENGE)))
+    client.dataReceived(wire.encode(wire.Welcome(False, 0, wire.MAX_ENVELOPE)))
+    transport.clear()
+    return client, transport
+
+
+def sealed(sender=ALICE, recipient=BOB, text=b"hi bob", message_id=None) -> bytes:
+    return envelope.seal(sender, recipient.name, recipient.public_key, text,
+                         message_id=message_id)
+
+
+def key_frame(identity: keys.Identity) -> bytes:
+    return wire.encode(wire.Key(identity.name, identity.public_der))
+
+
+class HandshakeTests(SynchronousTestCase):
+    def test_authenticates_against_relay(self):
+        """
+        Against a real relay session the client authenticates: C{ready}
+        fires with the client itself, which is registered on its first
+        connection and knows the relay's name.
+        """
+        relay = MemoryRelay()
+        client = relay.client(ALICE)
+        self.assertIs(self.successResultOf(client.ready), client)
+        self.assertTrue(client.registered)
+        self.assertEqual(client.relay_name, RELAY)
+        self.assertEqual(client.queued, 0)
+        self.assertEqual(client.max_envelope, wire.MAX_ENVELOPE)
+        self.assertEqual(relay.store._keys["alice"], ALICE.public_der)
+
+    def test_second_connection_not_registered(self):
+        """The next session of the same identity and key is not a registration."""
+        relay = MemoryRelay()
+        first = relay.client(ALICE)
+        closing = first.close()
+        relay.flush()
+        self.successResultOf(closing)
+        second = relay.client(ALICE)
+        self.assertIs(self.successResultOf(second.ready), second)
+        self.assertFalse(second.registered)
+
+    def test_welcome_reports_queue_and_limit(self):
+        """queued and max_envelope come from the relay's Welcome."""
+        relay = MemoryRelay(max_envelope=100_000)
+        relay.register(BOB)
+        for n in (1, 2):
+            relay._result(relay.store.enqueue("bob", "alice", mid(n), b"x", 0))
+        client = relay.client(BOB)
+        self.successResultOf(client.ready)
+        self.assertEqual(client.queued, 2)
+        self.assertEqual(client.max_envelope, 100_000)
+
+    def test_auth_frame(self):
+        """The Auth frame carries the identity, its key and a valid transcript signature."""
+        transport = StringTransport()
+        client = ClientProtocol(ALICE)
+        client.makeConnection(transport)
+        self.assertEqual(transport.value(), b"")
+        client.dataReceived(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, RELAY, CHALLENGE)))
+        [auth] = read_frames(transport)
+        self.assertIsInstance(auth, wire.Auth)
+        self.assertEqual((auth.version, auth.identity, auth.public_key),
+                         (wire.PROTOCOL_VERSION, "alice", ALICE.public_der))
+        transcript = wire.auth_transcript(CHALLENGE, RELAY, "alice")
+        self.assertTrue(keys.verify(ALICE.public_key, auth.signature, transcript))
+        self.assertNoResult(client.ready)
+
+    def test_key_conflict_at_relay(self):
+        """
+        The relay refusing the key (another key is registered for the
+        identity) fails C{ready} with a L{RelayError} carrying KEY_CONFLICT.
+        """
+        relay = MemoryRelay()
+        relay.register(MALLORY_BOB)
+        client = relay.client(BOB)
+        failure = self.failureResultOf(client.ready, RelayError)
+        self.assertEqual(failure.value.code, E.KEY_CONFLICT)
+        self.assertIn("bob", failure.value.text)
+        self.successResultOf(client.closed)
+
+    def test_fatal_error_before_welcome(self):
+        """A fatal Error before Welcome fails ready with a RelayError of that code."""
+        transport = StringTransportWithDisconnection()
+        client = ClientProtocol(ALICE)
+        transport.protocol = client
+        client.makeConnection(transport)
+        client.dataReceived(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, RELAY, CHALLENGE)))
+        transport.clear()
+        client.dataReceived(wire.encode(wire.Error(E.AUTH_FAILED, b"", "bad signature")))
+        failure = self.failureResultOf(client.ready, RelayError)
+        self.assertEqual(failure.value.code, E.AUTH_FAILED)
+        self.assertEqual(failure.value.text, "bad signature")
+        self.assertFalse(transport.connected)
+        self.assertIs(client.close_reason, failure.value)
+        self.successResultOf(client.closed)
+        # The relay's error is not echoed back.
+        self.assertEqual(transport.value(), b"")
+
+    def test_unsupported_version(self):
+        """
+        A Hello of another protocol version: the client answers
+        UNSUPPORTED_VERSION, does not authenticate and closes.
+        """
+        transport = StringTransportWithDisconnection()
+        client = ClientProtocol(ALICE)
+        transport.protocol = client
+        client.makeConnection(transport)
+        client.dataReceived(wire.encode(wire.Hello(wire.PROTOCOL_VERSION + 1, RELAY, CHALLENGE)))
+        [frame] = read_frames(transport)
+        self.assertIsInstance(frame, wire.Error)
+        self.assertEqual(frame.code, E.UNSUPPORTED_VERSION)
+        self.assertIn(str(wire.PROTOCOL_VERSION + 1), frame.text)
+        self.assertFalse(transport.connected)
+        failure = self.failureResultOf(client.ready, RelayError)
+        self.assertEqual(failure.value.code, E.UNSUPPORTED_VERSION)
+
+    def test_frame_before_hello(self):
+        """Anything but Hello or Error before the handshake: UNEXPECTED_FRAME and close."""
+        transport = StringTransportWithDisconnection()
+        client = ClientProtocol(ALICE)
+        transport.protocol = client
+        client.makeConnection(transport)
+        client.dataReceived(wire.encode(wire.Deliver(mid(1), b"x")))
+        [frame] = read_frames(transport)
+        self.assertEqual(frame.code, E.UNEXPECTED_FRAME)
+        self.assertFalse(transport.connected)
+        self.assertEqual(self.failureResultOf(client.ready, RelayError).value.code,
+                         E.UNEXPECTED_FRAME)
+
+    def test_second_hello(self):
+        """A second Hello after authentication is a protocol error."""
+        client, transport = ready_client()
+        client.dataReceived(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, RELAY, CHALLENGE)))
+        [frame] = read_frames(transport)
+        self.assertEqual(frame.code, E.UNEXPECTED_FRAME)
+        self.assertFalse(transport.connected)
+
+    def test_malformed_frame(self):
+        """Bytes that are no frame: MALFORMED_FRAME sent back and the connection closed."""
+        transport = StringTransportWithDisconnection()
+        client = ClientProtocol(ALICE)
+        transport.protocol = client
+        client.makeConnection(transport)
+        client.dataReceived(b"\x00\x00\x00\x01\xee")
+        [frame] = read_frames(transport)
+        self.assertEqual(frame.code, E.MALFORMED_FRAME)
+        self.assertFalse(transport.connected)
+        self.assertEqual(self.failureResultOf(client.ready, RelayError).value.code,
+                         E.MALFORMED_FRAME)
+
+    def test_connection_lost_before_welcome(self):
+        """A connection that ends during the handshake fails ready with Disconnected."""
+        transport = StringTransportWithDisconnection()
+        client = ClientProtocol(ALICE)
+        transport.protocol = client
+        client.makeConnection(transport)
+        client.connectionLost(Failure(error.ConnectionDone()))
+        failure = self.failureResultOf(client.ready, Disconnected)
+        self.assertIn("closed the connection", str(failure.value))
+        self.successResultOf(client.closed)
+
+    def test_frames_split_anywhere(self):
+        """Hello and Welcome trickled one byte at a time still authenticate."""
+        transport = StringTransport()
+        client = ClientProtocol(ALICE)
+        client.makeConnection(transport)
+        data = (wire.encode(wire.Hello(wire.PROTOCOL_VERSION, RELAY, CHALLENGE)))
+        for i in range(len(data)):
+            client.dataReceived(data[i:i + 1])
+        self.assertIsInstance(read_frames(transport)[0], wire.Auth)
+        data = wire.encode(wire.Welcome(True, 3, 1000))
+        for i in range(len(data)):
+            client.dataReceived(data[i:i + 1])
+        self.successResultOf(client.ready)
+        self.assertEqual((client.registered, client.queued, client.max_envelope),
+                         (True, 3, 1000))
+
+
+class SendReceiveTests(SynchronousTestCase):
+    def setUp(self):
+        self.relay = MemoryRelay()
+        self.alice_contacts = keys.MemoryContacts()
+        self.alice = self.relay.client(ALICE, contacts=self.alice_contacts)
+        self.received: list[envelope.Opened] = []
+        self.bob = self.relay.client(BOB, on_message=self.received.append)
+        self.successResultOf(self.alice.ready)
+        self.successResultOf(self.bob.ready)
+
+    def test_send_and_deliver(self):
+        """
+        send fires with the message id once the relay accepted it; the
+        connected recipient is handed the verified plaintext and acks it, so
+        the relay's mailbox is empty again.
+        """
+        d = self.alice.send("bob", "héllo bob".encode())
+        self.relay.flush()
+        message_id = self.successResultOf(d)
+        self.assertEqual(len(message_id), wire.MESSAGE_ID_SIZE)
+        [opened] = self.received
+        self.assertEqual(opened.plaintext, "héllo bob".encode())
+        self.assertEqual(opened.sender, "alice")
+        self.assertEqual(opened.header.recipient, "bob")
+        self.assertEqual(opened.message_id, message_id)
+        self.assertEqual(self.relay.count("bob"), 0)
+        self.assertEqual(self.relay.factory.mailboxes.delivered_total, 1)
+
+    def test_send_with_chosen_message_id(self):
+        """A message id given to send is the one used end to end."""
+        d = self.alice.send("bob", b"x", message_id=mid(7))
+        self.relay.flush()
+        self.assertEqual(self.successResultOf(d), mid(7))
+        self.assertEqual([o.message_id for o in self.received], [mid(7)])
+
+    def test_messages_arrive_in_order(self):
+        """Several sends arrive in the order they were made."""
+        ds = [self.alice.send("bob", f"m{n}".encode()) for n in range(5)]
+        self.relay.flush()
+        ids = [self.successResultOf(d) for d in ds]
+        self.assertEqual([o.plaintext for o in self.received],
+                         [f"m{n}".encode() for n in range(5)])
+        self.assertEqual([o.message_id for o in self.received], ids)
+
+    def test_queued_while_offline(self):
+        """Messages sent while the recipient is offline arrive when it connects."""
+        closing = self.bob.close()
+        self.relay.flush()
+        self.successResultOf(closing)
+        ds = [self.alice.send("bob", b"one"), self.alice.send("bob", b"two")]
+        self.relay.flush()
+        for d in ds:
+            self.successResultOf(d)
+        self.assertEqual(self.relay.count("bob"), 2)
+        later: list[envelope.Opened] = []
+        bob = self.relay.client(BOB, on_message=later.append)
+        self.assertEqual(self.successResultOf(bob.ready).queued, 2)
+        self.assertEqual([o.plaintext for o in later], [b"one", b"two"])
+        self.assertEqual(self.relay.count("bob"), 0)
+
+    def test_contact_pinned_on_first_use(self):
+        """After a send the recipient's key is pinned in the sender's contacts."""
+        self.assertIsNone(self.alice_contacts.pinned("bob"))
+        d = self.alice.send("bob", b"x")
+        self.relay.flush()
+        self.successResultOf(d)
+        self.assertEqual(keys.public_der(self.alice_contacts.pinned("bob")), BOB.public_der)
+
+    def test_directory_key_changed(self):
+        """
+        When a directory later answers with another key for a pinned
+        contact (here: a relay whose directory binds bob to another key),
+        send fails with KeyConflict showing both fingerprints and nothing
+        is sent.
+        """
+        d = self.alice.send("bob", b"first")
+        self.relay.flush()
+        self.successResultOf(d)
+        other = MemoryRelay()
+        other.register(MALLORY_BOB)
+        alice = other.client(ALICE, contacts=self.alice_contacts)
+        self.successResultOf(alice.ready)
+        d = alice.send("bob", b"second")
+        other.flush()
+        failure = self.failureResultOf(d, keys.KeyConflict)
+        self.assertIn(fp(BOB), str(failure.value))
+        self.assertIn(fp(MALLORY_BOB), str(failure.value))
+        self.assertEqual(failure.value.identity, "bob")
+        self.assertEqual(keys.public_der(self.alice_contacts.pinned("bob")), BOB.public_der)
+        self.assertEqual([o.plaintext for o in self.received], [b"first"])
+        self.assertEqual(other.factory.mailboxes.accepted_total, 0)
+        self.assertEqual(other.count("bob"), 0)
+
+    def test_unknown_recipient(self):
+        """A recipient the relay does not know fails the send with UNKNOWN_IDENTITY."""
+        d = self.alice.send("nobody", b"x")
+        self.relay.flush()
+        failure = self.failureResultOf(d, RelayError)
+        self.assertEqual(failure.value.code, E.UNKNOWN_IDENTITY)
+        self.assertIn("nobody", failure.value.text)
+        # The session goes on.
+        d = self.alice.send("bob", b"after")
+        self.relay.flush()
+        self.successResultOf(d)
+
+    def test_invalid_recipient(self):
+        """An invalid identity fails at once, before anything is written."""
+        d = self.alice.send("not valid!", b"x")
+        self.failureResultOf(d, keys.IdentityError)
+
+    def test_send_refused(self):
+        """
+        A non-fatal Error naming a pending send's message id fails that send
+        with SendRefused carrying the code; the session goes on.
+        """
+        relay = MemoryRelay(quota=Quota(messages=1, bytes=0))
+        alice = relay.client(ALICE)
+        relay.register(BOB)
+        first = alice.send("bob", b"1")
+        second = alice.send("bob", b"2")
+        relay.flush()
+        self.successResultOf(first)
+        failure = self.failureResultOf(second, SendRefused)
+        self.assertEqual(failure.value.code, E.MAILBOX_FULL)
+        self.assertIsInstance(failure.value, RelayError)
+        self.assertEqual(relay.count("bob"), 1)
+        self.assertEqual(alice._state, "ready")
+
+    def test_message_too_large(self):
+        """A message over the relay's advertised limit fails before it is sent."""
+        relay = MemoryRelay(max_envelope=4096)
+        alice = relay.client(ALICE)
+        relay.register(BOB)
+        d = alice.send("bob", b"x" * 5000)
+        relay.flush()
+        self.failureResultOf(d, envelope.EnvelopeTooLarge)
+        self.assertEqual(relay.factory.mailboxes.accepted_total, 0)
+
+    def test_send_before_ready(self):
+        """send on a client that is not authenticated fails with RelayError."""
+        client = ClientProtocol(ALICE)
+        client.makeConnection(StringTransport())
+        self.failureResultOf(client.send("bob", b"x"), RelayError)
+
+    def test_close(self):
+        """close() ends the session: closed fires and the relay forgets the session."""
+        d = self.alice.close()
+        self.assertNoResult(d)
+        self.relay.flush()
+        self.successResultOf(d)
+        self.assertEqual(len(self.relay.factory.sessions), 1)
+        self.successResultOf(self.alice.close())
+
+    def test_large_envelope_on_relay_with_higher_limit(self):
+        """
+        A relay may accept envelopes above the protocol default
+        (--max-envelope); the recipient must still receive them.
+        """
+        relay = MemoryRelay(max_envelope=512 * 1024)
+        relay.register(BOB)
+        alice = relay.client(ALICE)
+        d = alice.send("bob", b"x" * 300_000)
+        relay.flush()
+        self.successResultOf(d)
+        got: list[envelope.Opened] = []
+        bob = relay.client(BOB, on_message=got.append)
+        self.successResultOf(bob.ready)
+        self.assertEqual([len(o.plaintext) for o in got], [300_000])
+
+
+    def test_large_deliver_after_welcome(self):
+        """
+        A Deliver above the protocol default, arriving after a Welcome that
+        allows it, is accepted.
+        """
+        got: list[envelope.Opened] = []
+        rejected: list[Rejected] = []
+        transport = StringTransportWithDisconnection()
+        client = ClientProtocol(BOB, on_message=got.append, on_rejected=rejected.append)
+        transport.protocol = client
+        client.makeConnection(transport)
+        client.dataReceived(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, RELAY, CHALLENGE)))
+        client.dataReceived(wire.encode(wire.Welcome(False, 1, 512 * 1024)))
+        client.dataReceived(key_frame(ALICE))
+        data = envelope.seal(ALICE, "bob", BOB.public_key, b"y" * 300_000,
+                             message_id=mid(1), max_envelope=512 * 1024)
+        self.assertGreater(len(data), wire.MAX_ENVELOPE)
+        client.dataReceived(wire.encode(wire.Deliver(mid(1), data)))
+        self.assertEqual([r.reason for r in rejected], [])
+        self.assertEqual([len(o.plaintext) for o in got], [300_000])
+        self.assertTrue(transport.connected)
+
+
+    def test_large_deliver_in_same_read_as_welcome(self):
+        """Welcome and a large Deliver in one read (as a relay sends them) still work."""
+        got: list[envelope.Opened] = []
+        transport = StringTransportWithDisconnection()
+        client = ClientProtocol(BOB, on_message=got.append)
+        transport.protocol = client
+        client.makeConnection(transport)
+        client.dataReceived(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, RELAY, CHALLENGE)))
+        data = envelope.seal(ALICE, "bob", BOB.public_key, b"y" * 300_000,
+                             message_id=mid(1), max_envelope=512 * 1024)
+        client.dataReceived(wire.encode(wire.Welcome(False, 1, 512 * 1024))
+                            + key_frame(ALICE)
+                            + wire.encode(wire.Deliver(mid(1), data)))
+        self.successResultOf(client.ready)
+        self.assertEqual([len(o.plaintext) for o in got], [300_000])
+
+
+    def test_deliver_over_advertised_limit(self):
+        """A Deliver over the limit the relay itself advertised is a malformed frame."""
+        transport = StringTransportWithDisconnection()
+        client = ClientProtocol(BOB)
+        transport.protocol = client
+        client.makeConnection(transport)
+        client.dataReceived(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, RELAY, CHALLENGE)))
+        client.dataReceived(wire.encode(wire.Welcome(False, 0, 16 * 1024)))
+        transport.clear()
+        client.dataReceived(wire.encode(wire.Deliver(mid(1), b"z" * 20_000)))
+        [frame] = read_frames(transport)
+        self.assertEqual(frame.code, E.MALFORMED_FRAME)
+        self.assertFalse(transport.connected)
+
+
+class DeliveryTests(SynchronousTestCase):
+    """Deliveries fed frame by frame to an authenticated client."""
+
+    def setUp(self):
+        self.received: list[envelope.Opened] = []
+        self.rejected: list[Rejected] = []
+        self.contacts = keys.MemoryContacts()
+        self.client, self.transport = ready_client(
+            BOB, contacts=self.contacts, on_message=self.received.append,
+            on_rejected=self.rejected.append,
+        )
+        # The directory's answer for alice, cached for the session.
+        self.client.dataReceived(key_frame(ALICE))
+
+    def deliver(self, message_id: bytes, data: bytes) -> None:
+        self.client.dataReceived(wire.encode(wire.Deliver(message_id, data)))
+
+    def test_delivered_and_acked(self):
+        self.deliver(mid(1), sealed(message_id=mid(1)))
+        [opened] = self.received
+        self.assertEqual((opened.sender, opened.plaintext, opened.message_id),
+                         ("alice", b"hi bob", mid(1)))
+        self.assertEqual(read_frames(self.transport), [wire.Ack(mid(1))])
+        self.assertEqual(keys.public_der(self.contacts.pinned("alice")), ALICE.public_der)
+
+    def test_sender_key_looked_up(self):
+        """An unknown sender's key is asked of the relay before the message is opened."""
+        self.deliver(mid(1), sealed(sender=CAROL, message_id=mid(1)))
+        self.assertEqual(read_frames(self.transport), [wire.Lookup("carol")])
+        self.assertEqual(self.received, [])
+        self.client.dataReceived(key_frame(CAROL))
+        self.assertEqual([o.sender for o in self.received], ["carol"])
+        self.assertEqual(read_frames(self.transport), [wire.Ack(mid(1))])
+
+    def test_tampered(self):
+        """
+        An envelope whose signature does not verify is handed to
+        on_rejected, never to on_message, and acknowledged.
+        """
+        data = bytearray(sealed(message_id=mid(2)))
+        data[-5] ^= 0x01  # inside the signature
+        self.deliver(mid(2), bytes(data))
+        self.assertEqual(self.received, [])
+        [rejected] = self.rejected
+        self.assertIsInstance(rejected, Rejected)
+        self.assertEqual((rejected.message_id, rejected.sender), (mid(2), "alice"))
+        self.assertIn("signature", rejected.reason)
+        self.assertEqual(read_frames(self.transport), [wire.Ack(mid(2))])
+        self.assertTrue(self.transport.connected)
+
+    def test_unparseable(self):
+        """Garbage is rejected with no sender, and acked."""
+        self.deliver(mid(3), b"\x01\x01garbage")
+        [rejected] = self.rejected
+        self.assertIsNone(rejected.sender)
+        self.assertEqual(rejected.message_id, mid(3))
+        self.assertEqual(read_frames(self.transport), [wire.Ack(mid(3))])
+
+    def test_delivered_under_another_id(self):
+        """The relay's message id must be the envelope's."""
+        self.deliver(mid(4), sealed(message_id=mid(5)))
+        [rejected] = self.rejected
+        self.assertEqual(rejected.message_id, mid(4))
+        self.assertIn("another message id", rejected.reason)
+        self.assertEqual(self.received, [])
+        self.assertEqual(read_frames(self.transport), [wire.Ack(mid(4))])
+
+    def test_sealed_for_someone_else(self):
+        """An envelope for carol delivered to bob is rejected."""
+        self.deliver(mid(6), sealed(recipient=CAROL, message_id=mid(6)))
+        [rejected] = self.rejected
+        self.assertIn("carol", rejected.reason)
+        self.assertEqual(read_frames(self.transport), [wire.Ack(mid(6))])
+
+    def test_sender_key_conflicts_with_pinned(self):
+        """
+        A sender whose directory key differs from the pinned one is
+        rejected with both fingerprints in the reason.
+        """
+        self.contacts.pin("carol", MALLORY_BOB.public_der)
+        self.deliver(mid(7), sealed(sender=CAROL, message_id=mid(7)))
+        read_frames(self.transport)
+        self.client.dataReceived(key_frame(CAROL))
+        [rejected] = self.rejected
+        self.assertIn(fp(CAROL), rejected.reason)
+        self.assertIn(fp(MALLORY_BOB), rejected.reason)
+        self.assertEqual(self.received, [])
+        self.assertEqual(read_frames(self.transport), [wire.Ack(mid(7))])
+
+    def test_unknown_sender(self):
+        """A sender the relay does not know: rejected, acked."""
+        self.deliver(mid(8), sealed(sender=CAROL, message_id=mid(8)))
+        read_frames(self.transport)
+        self.client.dataReceived(wire.encode(
+            wire.Error(E.UNKNOWN_IDENTITY, b"carol", "no identity 'carol'")))
+        [rejected] = self.rejected
+        self.assertEqual(rejected.sender, "carol")
+        self.assertEqual(read_frames(self.transport), [wire.Ack(mid(8))])
+
+    def test_rejected_without_handler(self):
+        """Without on_rejected a bad envelope is still acknowledged."""
+        self.client.on_rejected = None
+        self.deliver(mid(9), b"junk")
+        self.assertEqual(read_frames(self.transport), [wire.Ack(mid(9))])
+
+    def test_duplicate(self):
+        """The same delivery twice: handed over once, acknowledged both times."""
+        frame = wire.encode(wire.Deliver(mid(1), sealed(message_id=mid(1))))
+        self.client.dataReceived(frame)
+        self.client.dataReceived(frame)
+        self.assertEqual(len(self.received), 1)
+        self.assertEqual(read_frames(self.transport), [wire.Ack(mid(1)), wire.Ack(mid(1))])
+
+    def test_seen_store_consulted(self):
+        """A message already in the seen store (a previous session) is only acked."""
+        seen = MemorySeen()
+        seen.add("alice", mid(1))
+        self.client.seen = seen
+        self.deliver(mid(1), sealed(message_id=mid(1)))
+        self.assertEqual(self.received, [])
+        self.assertEqual(read_frames(self.transport), [wire.Ack(mid(1))])
+
+    def test_same_id_other_sender_not_duplicate(self):
+        """Seen ids are per sender: carol's message with alice's id is new."""
+        self.deliver(mid(1), sealed(message_id=mid(1)))
+        self.client.dataReceived(key_frame(CAROL))
+        self.deliver(mid(1), sealed(sender=CAROL, message_id=mid(1)))
+        self.assertEqual([o.sender for o in self.received], ["alice", "carol"])
+
+    def test_handler_raises(self):
+        """
+        on_message raising: the message is not acknowledged and the
+        connection is closed, so the relay delivers it again.
+        """
+        def boom(opened):
+            raise OSError("disk full")
+
+        self.client.on_message = boom
+        self.deliver(mid(1), sealed(message_id=mid(1)))
+        self.assertEqual(read_frames(self.transport), [])
+        self.assertFalse(self.transport.connected)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        # Not marked seen: the redelivery will be handed over.
+        self.assertFalse(self.client.seen.seen("alice", mid(1)))
+
+    def test_handler_raises_drops_queued(self):
+        """Deliveries queued behind a failing one are not handled either."""
+        waiting = Deferred()
+        calls = []
+
+        def handler(opened):
+            calls.append(opened.message_id)
+            return waiting
+
+        self.client.on_message = handler
+        self.deliver(mid(1), sealed(message_id=mid(1)))
+        self.deliver(mid(2), sealed(message_id=mid(2)))
+        self.assertEqual(calls, [mid(1)])
+        waiting.errback(OSError("disk full"))
+        self.assertEqual(calls, [mid(1)])
+        self.assertEqual(read_frames(self.transport), [])
+        self.assertFalse(self.transport.connected)
+        self.flushLoggedErrors(OSError)
+
+    def test_asynchronous_handler(self):
+        """
+        A handler returning a Deferred: the ack waits for it and the next
+        delivery waits its turn.
+        """
+        pending: list[Deferred] = []
+        calls = []
+
+        def handler(opened):
+            calls.append(opened.message_id)
+            d = Deferred()
+            pending.append(d)
+            return d
+
+        self.client.on_message = handler
+        self.deliver(mid(1), sealed(message_id=mid(1)))
+        self.deliver(mid(2), sealed(message_id=mid(2)))
+        self.assertEqual(calls, [mid(1)])
+        self.assertEqual(read_frames(self.transport), [])
+        pending[0].callback(None)
+        self.assertEqual(calls, [mid(1), mid(2)])
+        self.assertEqual(read_frames(self.transport), [wire.Ack(mid(1))])
+        pending[1].callback(None)
+        self.assertEqual(read_frames(self.transport), [wire.Ack(mid(2))])
+
+    def test_pause_receiving(self):
+        """After pause_receiving deliveries are neither handed over nor acked."""
+        self.deliver(mid(1), sealed(message_id=mid(1)))
+        self.client.pause_receiving()
+        self.deliver(mid(2), sealed(message_id=mid(2)))
+        self.deliver(mid(3), sealed(message_id=mid(3)))
+        self.assertEqual([o.message_id for o in self.received], [mid(1)])
+        self.assertEqual(read_frames(self.transport), [wire.Ack(mid(1))])
+        self.assertTrue(self.transport.connected)
+
+    def test_error_refusing_pending_send(self):
+        """A non-fatal Error whose ref is a pending send's id fails that send only."""
+        self.client.dataReceived(key_frame(CAROL))
+        d1 = self.client.send("carol", b"one", message_id=mid(1))
+        d2 = self.client.send("carol", b"two", message_id=mid(2))
+        frames = read_frames(self.transport)
+        self.assertEqual([type(f) for f in frames], [wire.Send, wire.Send])
+        self.client.dataReceived(wire.encode(wire.Error(E.STORE_FAILED, mid(2), "retry")))
+        failure = self.failureResultOf(d2, SendRefused)
+        self.assertEqual((failure.value.code, failure.value.text), (E.STORE_FAILED, "retry"))
+        self.assertNoResult(d1)
+        self.client.dataReceived(wire.encode(wire.Accepted(mid(1))))
+        self.assertEqual(self.successResultOf(d1), mid(1))
+        self.assertTrue(self.transport.connected)
+
+    def test_error_without_ref_refuses_oldest_send(self):
+        """
+        An Error with no ref (the relay could not even read the envelope)
+        fails the oldest pending send; later ones stay pending.
+        """
+        self.client.dataReceived(key_frame(CAROL))
+        d1 = self.client.send("carol", b"one", message_id=mid(1))
+        d2 = self.client.send("carol", b"two", message_id=mid(2))
+        self.client.dataReceived(wire.encode(wire.Error(E.BAD_ENVELOPE, b"", "malformed")))
+        self.assertEqual(self.failureResultOf(d1, SendRefused).value.code, E.BAD_ENVELOPE)
+        self.assertNoResult(d2)
+
+    def test_pending_send_fails_on_disconnect(self):
+        """A send not yet accepted when the connection ends fails with Disconnected."""
+        self.client.dataReceived(key_frame(CAROL))
+        d = self.client.send("carol", b"x")
+        self.client.connectionLost(Failure(error.ConnectionLost()))
+        self.failureResultOf(d, Disconnected)
+
+    def test_fatal_error_after_welcome(self):
+        """A fatal Error while ready closes and fails pending sends with its RelayError."""
+        self.client.dataReceived(key_frame(CAROL))
+        d = self.client.send("carol", b"x")
+        self.client.dataReceived(wire.encode(wire.Error(E.SUPERSEDED, b"", "replaced")))
+        failure = self.failureResultOf(d, RelayError)
+        self.assertEqual(failure.value.code, E.SUPERSEDED)
+        self.assertFalse(self.transport.connected)
+
+    def test_ping_answered(self):
+        """A Ping from the relay is answered with a Pong of the same payload."""
+        self.client.dataReceived(wire.encode(wire.Ping(b"12345678")))
+        self.assertEqual(read_frames(self.transport), [wire.Pong(b"12345678")])
+
+    def test_unexpected_frame_from_relay(self):
+        """A client-only frame from the relay ends the session."""
+        self.client.dataReceived(wire.encode(wire.Ack(mid(1))))
+        [frame] = read_frames(self.transport)
+        self.assertEqual(frame.code, E.UNEXPECTED_FRAME)
+        self.assertFalse(self.transport.connected)
+
+
+class PingTests(SynchronousTestCase):
+    def test_ping_every_interval(self):
+        """Once welcomed the client pings every ping_interval seconds of its clock."""
+        clock = Clock()
+        transport = StringTransportWithDisconnection()
+        client = ClientProtocol(ALICE, clock=clock, ping_interval=60.0)
+        transport.protocol = client
+        client.makeConnection(transport)
+        clock.advance(120)
+        self.assertEqual(transport.value(), b"")  # no ping before the handshake
+        client.dataReceived(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, RELAY, CHALLENGE)))
+        client.dataReceived(wire.encode(wire.Welcome(False, 0, wire.MAX_ENVELOPE)))
+        transport.clear()
+        clock.advance(59.9)
+        self.assertEqual(read_frames(transport), [])
+        clock.advance(0.1)
+        [ping] = read_frames(transport)
+        self.assertIsInstance(ping, wire.Ping)
+        self.assertEqual(len(ping.opaque), wire.PING_SIZE)
+        clock.advance(60)
+        [second] = read_frames(transport)
+        self.assertIsInstance(second, wire.Ping)
+        self.assertNotEqual(second.opaque, ping.opaque)
+        client.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_no_clock_no_ping(self):
+        """Without a clock nothing is scheduled."""
+        client, transport = ready_client(ALICE)
+        self.assertIsNone(client._ping)
+
+    def test_ping_keeps_relay_session_alive(self):
+        """
+        Against a real relay with a 100 s idle timeout, 60 s pings keep an
+        idle session open.
+        """
+        relay = MemoryRelay(idle_timeout=100.0)
+        client = relay.client(ALICE)
+        for _ in range(5):
+            relay.clock.advance(60)
+            relay.flush()
+        self.assertNoResult(client.closed)
+        self.assertEqual(len(relay.factory.sessions), 1)
+
+
+class ConnectTests(SynchronousTestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", 9000)
+
+    def build(self):
+        """The protocol connect() asked the reactor to connect."""
+        host, port, factory, timeout, bind = self.reactor.tcpClients[-1]
+        self.assertEqual((host, port), ("127.0.0.1", 9000))
+        return factory.buildProtocol(None)
+
+    def test_connect(self):
+        """connect() fires with the authenticated client, settings passed on."""
+        relay = MemoryRelay(clock=self.reactor)
+        received = []
+        d = connect(self.reactor, self.endpoint, ALICE, on_message=received.append, timeout=5)
+        self.assertNoResult(d)
+        relay.serve(self.build())
+        client = self.successResultOf(d)
+        self.assertIsInstance(client, ClientProtocol)
+        self.assertIs(client.identity, ALICE)
+        self.assertIs(client.clock, self.reactor)
+        self.assertTrue(client.registered)
+        self.assertEqual(client.on_message, received.append)
+        # The auth timeout is cancelled once welcomed.
+        self.reactor.advance(10)
+        relay.flush()
+        self.assertNoResult(client.closed)
+
+    def test_no_hello_times_out(self):
+        """
+        A relay that accepts the connection but never says Hello: connect()
+        fails with TimeoutError after C{timeout} seconds in all and aborts
+        the connection.
+        """
+        d = connect(self.reactor, self.endpoint, ALICE, timeout=5)
+        protocol = self.build()
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.reactor.advance(4.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        self.failureResultOf(d, defer.TimeoutError)
+        self.assertTrue(transport.disconnecting)
+
+    def test_one_deadline_for_connecting_and_welcome(self):
+        """
+        The timeout covers connecting and authenticating together: a TCP
+        connection that took 3 of 5 seconds leaves 2 for the welcome.
+        """
+        d = connect(self.reactor, self.endpoint, ALICE, timeout=5)
+        self.reactor.advance(3)
+        protocol = self.build()
+        protocol.makeConnection(StringTransport())
+        self.reactor.advance(1.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        self.failureResultOf(d, defer.TimeoutError)
+
+    def test_tcp_connect_times_out(self):
+        """
+        A TCP connection that never completes is given up after C{timeout}
+        seconds (the connector is stopped) and connect() fails with
+        TimeoutError, the error mailrelay.cli._connect turns into "did not
+        answer within N seconds".
+        """
+        d = connect(self.reactor, self.endpoint, ALICE, timeout=5)
+        self.reactor.advance(4.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        self.assertTrue(self.reactor.connectors[-1].stoppedConnecting)
+        self.failureResultOf(d, defer.TimeoutError)
+
+
+    def test_tcp_connect_gives_up_after_timeout(self):
+        """Whatever the error, connect() gives up on the TCP stage after C{timeout}."""
+        d = connect(self.reactor, self.endpoint, ALICE, timeout=5)
+        self.reactor.advance(4.9)
+        self.assertNoResult(d)
+        self.assertFalse(self.reactor.connectors[-1].stoppedConnecting)
+        self.reactor.advance(0.1)
+        self.assertTrue(self.reactor.connectors[-1].stoppedConnecting)
+        self.failureResultOf(d)
+
+    def test_refused(self):
+        """A refused connection fails connect() with ConnectionRefusedError."""
+        d = connect(self.reactor, self.endpoint, ALICE, timeout=5)
+        iosim.ConnectionCompleter(self.reactor).failOnce()
+        self.failureResultOf(d, error.ConnectionRefusedError)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_relay_refuses_key(self):
+        """A relay refusing the identity's key fails connect() with KEY_CONFLICT."""
+        relay = MemoryRelay(clock=self.reactor)
+        relay.register(MALLORY_BOB)
+        d = connect(self.reactor, self.endpoint, BOB, timeout=5)
+        relay.serve(self.build())
+        self.assertEqual(self.failureResultOf(d, RelayError).value.code, E.KEY_CONFLICT)
+
+    def test_factory_settings(self):
+        """ClientFactory builds a fresh protocol with its settings per connection."""
+        contacts = keys.MemoryContacts()
+        clock = Clock()
+        factory = ClientFactory(identity=ALICE, contacts=contacts, clock=clock,
+                                ping_interval=5.0)
+        p1 = factory.buildProtocol(None)
+        p2 = factory.buildProtocol(None)
+        self.assertIsNot(p1, p2)
+        self.assertIs(p1.factory, factory)
+        self.assertEqual((p1.identity, p1.contacts, p1.clock, p1.ping_interval),
+                         (ALICE, contacts, clock, 5.0))
+        self.assertIsNot(p1.ready, p2.ready)
+
+
+class FakeClient:
+    """Records send() calls; each returns a Deferred the test fires."""
+
+    def __init__(self):
+        self.sent: list[tuple[str, bytes, Deferred]] = []
+
+    def send(self, recipient, data):
+        d = Deferred()
+        self.sent.append((recipient, data, d))
+        return d
+
+
+class ConsoleTests(SynchronousTestCase):
+    def setUp(self):
+        self.console = ChatConsole("alice")
+        self.client = FakeClient()
+        self.console.client = self.client
+        self.transport = StringTransportWithDisconnection()
+        self.transport.protocol = self.console
+        self.console.makeConnection(self.transport)
+
+    def output(self) -> str:
+        text = self.transport.value().decode("utf-8")
+        self.transport.clear()
+        return text
+
+    def test_greeting(self):
+        self.assertEqual(self.output(),
+                         "Connected as alice. Type /quit to leave.\nEnter receiver: ")
+
+    def test_send(self):
+        """A receiver line, then a message line, sends the message and reports it."""
+        self.output()
+        self.console.dataReceived(b"bob\n")
+        self.assertEqual(self.output(), "Message for bob: ")
+        self.console.dataReceived("héllo there\r\n".encode())
+        [(recipient, data, d)] = self.client.sent
+        self.assertEqual((recipient, data), ("bob", "héllo there".encode()))
+        self.assertEqual(self.output(), "Enter receiver: ")
+        d.callback(bytes.fromhex("0123456789abcdef") * 2)
+        self.assertEqual(self.output(), "\nMessage sent to bob (01234567).\nEnter receiver: ")
+
+    def test_send_failed(self):
+        """A failed send is reported with its reason."""
+        self.console.dataReceived(b"bob\nhi\n")
+        self.output()
+        self.client.sent[0][2].errback(SendRefused(E.MAILBOX_FULL, "mailbox full"))
+        self.assertEqual(self.output(),
+                         "\nNot sent to bob: mailbox full (MAILBOX_FULL)\nEnter receiver: ")
+
+    def test_invalid_receiver(self):
+        """An invalid receiver prints why and asks again."""
+        self.output()
+        self.console.dataReceived(b"bad name!\n")
+        text = self.output()
+        self.assertIn("'bad name!' is not a valid identity", text)
+        self.assertTrue(text.endswith("\nEnter receiver: "))
+        self.assertEqual(self.client.sent, [])
+        self.console.dataReceived(b"carol\nyo\n")
+        self.assertEqual([(r, m) for r, m, _ in self.client.sent], [("carol", b"yo")])
+
+    def test_empty_receiver(self):
+        self.output()
+        self.console.dataReceived(b"  \n")
+        self.assertEqual(self.output(), "Enter receiver: ")
+
+    def test_show(self):
+        """show() prints a received message and the prompt again."""
+        self.output()
+        opened = envelope.open_envelope(sealed(recipient=BOB), BOB, ALICE.public_key)
+        self.console.show(opened)
+        self.assertEqual(self.output(),
+                         "\nReceived message from alice: hi bob\nEnter receiver: ")
+        self.console.dataReceived(b"bob\n")
+        self.console.show(opened)
+        self.assertTrue(self.output().endswith("Message for bob: "))
+
+    def test_rejected(self):
+        self.output()
+        self.console.rejected(Rejected(mid(1), None, "garbled"))
+        self.assertEqual(self.output(),
+                         "\nDropped a message from an unknown sender: garbled\nEnter receiver: ")
+
+    def test_quit(self):
+        """/quit closes the console; done fires."""
+        self.assertNoResult(self.console.done)
+        self.console.dataReceived(b"/quit\n")
+        self.assertFalse(self.transport.connected)
+        self.successResultOf(self.console.done)
+        self.assertEqual(self.client.sent, [])
+
+    def test_quit_while_composing(self):
+        self.console.dataReceived(b"bob\n /quit \n")
+        self.assertFalse(self.transport.connected)
+        self.assertEqual(self.client.sent, [])
+
+
+def opened_message(text: bytes, sender=ALICE, recipient=BOB, message_id=mid(42),
+                   timestamp=1_700_000_000) -> envelope.Opened:
+    data = envelope.seal(sender, recipient.name, recipient.public_key, text,
+                         message_id=message_id, timestamp=timestamp)
+    return envelope.open_envelope(data, recipient, sender.public_key)
+
+
+class MaildirTests(SynchronousTestCase):
+    def setUp(self):
+        self.path = self.mktemp()
+        self.maildir = Maildir(self.path)
+
+    def test_creates_layout(self):
+        self.assertEqual(sorted(os.listdir(self.path)), ["cur", "new", "tmp"])
+
+    def test_add(self):
+        """
+        One message: one file in new/, nothing left in tmp/, an RFC 5322
+        message with From, To, Date, Message-ID and the text as body.
+        """
+        opened = opened_message("héllo bob\nsecond line".encode())
+        path = self.maildir.add(opened)
+        self.assertEqual(os.listdir(os.path.join(self.path, "new")), [path.name])
+        self.assertEqual(os.listdir(os.path.join(self.path, "tmp")), [])
+        self.assertEqual(os.listdir(os.path.join(self.path, "cur")), [])
+        msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+        self.assertEqual(msg["From"], "alice@mailrelay.invalid")
+        self.assertEqual(msg["To"], "bob@mailrelay.invalid")
+        self.assertEqual(email.utils.parsedate_to_datetime(msg["Date"]).timestamp(),
+                         1_700_000_000)
+        self.assertEqual(msg["Message-ID"], f"<{mid(42).hex()}.alice@mailrelay.invalid>")
+        self.assertEqual(msg["X-Mailrelay-Sender-Fingerprint"].strip(), ALICE.fingerprint.hex())
+        self.assertEqual(msg.get_content_type(), "text/plain")
+        # The file is written with CRLF line ends (policy SMTP).
+        self.assertEqual(msg.get_content().splitlines(), ["héllo bob", "second line"])
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+
+    def test_binary(self):
+        """Plaintext that is not UTF-8 is kept byte for byte as application/octet-stream."""
+        payload = b"\xff\xfe\x00binary\x80"
+        path = self.maildir.add(opened_message(payload))
+        msg = email.message_from_bytes(path.read_bytes())
+        self.assertEqual(msg.get_content_type(), "application/octet-stream")
+        self.assertEqual(msg.get_payload(decode=True), payload)
+        self.assertEqual(msg["From"], "alice@mailrelay.invalid")
+
+    def test_unique_names(self):
+        """Two messages, even with the same id, are two files."""
+        a = self.maildir.add(opened_message(b"one"))
+        b = self.maildir.add(opened_message(b"one"))
+        self.assertNotEqual(a, b)
+        self.assertEqual(len(os.listdir(os.path.join(self.path, "new"))), 2)
+
+    def test_identity_with_at_sign(self):
+        """
+        Identities may contain '@' (the identity alphabet allows it); the
+        From address must still be one address naming that sender, and the
+        Message-ID must stay in the mailrelay.invalid domain.
+        """
+        sender = ident("bob@example.org", key="alice")
+        opened = opened_message(b"hi", sender=sender, recipient=BOB)
+        msg = email.message_from_bytes(as_email(opened), policy=email.policy.default)
+        [address] = msg["From"].addresses
+        self.assertEqual(address.domain, "mailrelay.invalid")
+        self.assertIn("bob@example.org", str(address))
+        self.assertIn(mid(42).hex(), msg["Message-ID"])
+        self.assertTrue(msg["Message-ID"].strip().endswith("@mailrelay.invalid>"))
+
+
+
+class SeenTests(SynchronousTestCase):
+    def test_memory(self):
+        seen = MemorySeen()
+        self.assertFalse(seen.seen("alice", mid(1)))
+        seen.add("alice", mid(1))
+        self.assertTrue(seen.seen("alice", mid(1)))
+        self.assertFalse(seen.seen("carol", mid(1)))
+        self.assertFalse(seen.seen("alice", mid(2)))
+
+    def test_file_persists(self):
+        """Ids recorded in a SeenFile are still there after reopening it."""
+        path = self.mktemp()
+        seen = SeenFile(path)
+        self.assertFalse(seen.seen("alice", mid(1)))
+        seen.add("alice", mid(1))
+        seen.add("alice", mid(1))  # idempotent
+        self.assertTrue(seen.seen("alice", mid(1)))
+        seen.close()
+        again = SeenFile(path)
+        self.addCleanup(again.close)
+        self.assertTrue(again.seen("alice", mid(1)))
+        self.assertFalse(again.seen("alice", mid(2)))
+        self.assertFalse(again.seen("carol", mid(1)))
+
+    def test_file_prunes_old_entries(self):
+        """Entries older than keep_days are dropped when the file is opened."""
+        path = self.mktemp()
+        seen = SeenFile(path)
+        seen.add("alice", mid(1))
+        seen._db.execute("UPDATE seen SET seen_at = seen_at - ?", (3 * 86400,))
+        seen.add("alice", mid(2))
+        seen.close()
+        again = SeenFile(path, keep_days=2)
+        self.addCleanup(again.close)
+        self.assertFalse(again.seen("alice", mid(1)))
+        self.assertTrue(again.seen("alice", mid(2)))
+
+    def test_client_with_seen_file(self):
+        """A message seen in one session is not handed over again in the next."""
+        path = self.mktemp()
+        frame = wire.encode(wire.Deliver(mid(1), sealed(message_id=mid(1))))
+        counts = []
+        for _ in range(2):
+            seen = SeenFile(path)
+            got = []
+            client, transport = ready_client(BOB, on_message=got.append, seen=seen)
+            client.dataReceived(key_frame(ALICE) + frame)
+            self.assertEqual(read_frames(transport), [wire.Ack(mid(1))])
+            counts.append(len(got))
+            seen.close()
+        self.assertEqual(counts, [1, 0])

@@ -1,0 +1,413 @@
+"""
+Tests for the twistd plugins' options and service trees:
+L{mailrelay.relay.tap} (C{twistd mailrelay}) and L{mailrelay.client.tap}
+(C{twistd mailclient}), on a memory reactor.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import gc
+import os
+import stat
+
+from twisted.application import service
+from twisted.internet import error
+from twisted.internet.defer import CancelledError, fail
+from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
+from twisted.logger import Logger
+from twisted.python import monkey, usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailrelay import keys, wire
+from mailrelay.client import tap as client_tap
+from mailrelay.client.defaults import DEFAULT_SERVER
+from mailrelay.relay import tap as relay_tap
+from mailrelay.relay.protocol import RelayFactory
+from mailrelay.relay.store import StoreError
+from mailrelay.relay.store.memory import MemoryStore
+from tests.test_cli import EnvMixin
+from tests.test_client import ALICE, BOB, MemoryRelay, read_frames
+
+E = wire.ErrorCode
+
+
+def relay_options(*argv) -> relay_tap.Options:
+    options = relay_tap.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+class InTempDirectory:
+    """Runs each test in a fresh working directory (the default --data is ./var)."""
+
+    def setUp(self):
+        super().setUp()
+        self.cwd = os.path.abspath(self.mktemp())
+        os.makedirs(self.cwd)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(self.cwd)
+
+
+class RelayOptionsTests(InTempDirectory, SynchronousTestCase):
+    def test_defaults(self):
+        """
+        The defaults; --data ./var is made absolute and created (private)
+        when the store is sqlite.
+        """
+        self.assertEqual(dict(relay_options()), {
+            "port": "tcp:9000",
+            "data": os.path.join(self.cwd, "var"),
+            "store": "sqlite",
+            "name": "mailrelay",
+            "max-envelope": 262144,
+            "window": 64,
+            "auth-timeout": 10.0,
+            "idle-timeout": 300.0,
+            "quota-messages": 10000,
+            "quota-bytes": 268435456,
+        })
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.cwd, "var")).st_mode) & 0o077,
+                         0)
+
+    def test_memory_store_leaves_data_alone(self):
+        self.assertEqual(relay_options("--store", "memory")["data"], "./var")
+        self.assertFalse(os.path.exists(os.path.join(self.cwd, "var")))
+
+    def test_unusable_data(self):
+        """A --data that is a file, or a database that is not SQLite, is a usage error."""
+        with open("afile", "w") as f:
+            f.write("x")
+        self.assertRaises(usage.UsageError, relay_options, "--data", "afile")
+        os.makedirs("bad")
+        with open(os.path.join("bad", "mailrelay.sqlite"), "wb") as f:
+            f.write(b"this is not a database" * 100)
+        self.assertRaises(usage.UsageError, relay_options, "--data", "bad")
+
+    def test_values(self):
+        options = relay_options(
+            "-p", "9100", "-d", "/srv/relay", "--store", "memory", "--name", "relay.example",
+            "--max-envelope", "65536", "--window", "8", "--auth-timeout", "2.5",
+            "--idle-timeout", "60", "--quota-messages", "0", "--quota-bytes", "1000",
+        )
+        self.assertEqual(dict(options), {
+            "port": "tcp:9100", "data": "/srv/relay", "store": "memory",
+            "name": "relay.example", "max-envelope": 65536, "window": 8,
+            "auth-timeout": 2.5, "idle-timeout": 60.0, "quota-messages": 0,
+            "quota-bytes": 1000,
+        })
+
+    def test_port_number(self):
+        self.assertEqual(relay_options("--port", "9000")["port"], "tcp:9000")
+
+    def test_port_endpoint_unchanged(self):
+        for port in ("tcp:9000:interface=127.0.0.1", "tcp6:9000:interface=\\:\\:1",
+                     "unix:/tmp/mailrelay.sock"):
+            self.assertEqual(relay_options("--port", port)["port"], port)
+
+    def test_usage_errors(self):
+        for argv in (
+            ["--store", "postgres"],
+            ["--port", "nonsense:9000"],
+            ["--port", "tcp:notaport"],
+            ["--window", "0"],
+            ["--window", "-3"],
+            ["--window", "many"],
+            ["--quota-messages", "-1"],
+            ["--quota-bytes", "-1"],
+            ["--auth-timeout", "0"],
+            ["--idle-timeout", "-5"],
+            ["--max-envelope", "0"],
+            ["--max-envelope", str(2**30)],
+            ["--name", "not valid"],
+            ["--unknown"],
+        ):
+            self.assertRaises(usage.UsageError, relay_options, *argv)
+
+
+class RelayServiceTests(SynchronousTestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+
+    def make(self, *argv):
+        return relay_tap.makeService(relay_options("--store", "memory", *argv),
+                                     reactor=self.reactor)
+
+    def start(self, top):
+        top.privilegedStartService()
+        top.startService()
+        self.addCleanup(lambda: top.running and top.stopService())
+
+    def test_listens(self):
+        """
+        The service listens on the chosen port with a RelayFactory that has
+        the options' settings, and opens the store when started.
+        """
+        top = self.make("--port", "9100", "--name", "relay1", "--window", "5",
+                        "--max-envelope", "65536", "--auth-timeout", "3",
+                        "--idle-timeout", "30", "--quota-messages", "7")
+        self.assertIsInstance(top, service.MultiService)
+        self.assertEqual(self.reactor.tcpServers, [])
+        top.privilegedStartService()
+        [(port, factory, backlog, interface)] = self.reactor.tcpServers
+        self.assertEqual((port, interface), (9100, ""))
+        self.assertIsInstance(factory, RelayFactory)
+        self.assertEqual(
+            (factory.name, factory.max_envelope, factory.mailboxes.window,
+             factory.auth_timeout, factory.idle_timeout, factory.clock),
+            ("relay1", 65536, 5, 3.0, 30.0, self.reactor),
+        )
+        self.assertIsInstance(factory.store, MemoryStore)
+        self.assertEqual(factory.store.quota.messages, 7)
+        self.assertNoResult(factory.ready())
+        top.startService()
+        self.successResultOf(factory.ready())
+        self.successResultOf(top.stopService())
+        self.assertFalse(top.running)
+
+    def test_interface(self):
+        top = self.make("--port", "tcp:9000:interface=127.0.0.1")
+        self.start(top)
+        [(port, factory, backlog, interface)] = self.reactor.tcpServers
+        self.assertEqual((port, interface), (9000, "127.0.0.1"))
+
+    def test_serves_clients(self):
+        """A client reaching the listening factory authenticates and sends."""
+        top = self.make()
+        self.start(top)
+        factory = self.reactor.tcpServers[0][1]
+        relay = MemoryRelay(clock=self.reactor)
+        relay.factory = factory
+        relay.store = factory.store
+        alice = relay.client(ALICE)
+        bob = relay.client(BOB)
+        self.successResultOf(alice.ready)
+        self.successResultOf(bob.ready)
+        d = alice.send("bob", b"through the tap")
+        relay.flush()
+        self.successResultOf(d)
+        self.assertEqual(factory.mailboxes.accepted_total, 1)
+
+    def test_stop_closes_sessions(self):
+        """Stopping the relay ends every session with SHUTTING_DOWN."""
+        top = self.make()
+        self.start(top)
+        factory = self.reactor.tcpServers[0][1]
+        session = factory.buildProtocol(None)
+        transport = StringTransportWithDisconnection()
+        transport.protocol = session
+        session.makeConnection(transport)
+        read_frames(transport)
+        self.successResultOf(top.stopService())
+        [frame] = read_frames(transport)
+        self.assertEqual(frame.code, E.SHUTTING_DOWN)
+        self.assertFalse(transport.connected)
+        self.assertEqual(factory.sessions, set())
+
+    def test_cannot_listen(self):
+        """A port that cannot be bound makes privilegedStartService raise."""
+
+        class Busy(MemoryReactorClock):
+            def listenTCP(self, port, factory, backlog=50, interface=""):
+                raise error.CannotListenError(interface, port, OSError("in use"))
+
+        top = relay_tap.makeService(relay_options("--store", "memory"), reactor=Busy())
+        self.assertRaises(error.CannotListenError, top.privilegedStartService)
+
+    def test_store_fails_to_open(self):
+        """A store that cannot be opened stops the reactor."""
+
+        class Broken(MemoryStore):
+            def start(self):
+                return fail(StoreError("disk on fire"))
+
+        events = []
+        self.patch(relay_tap, "log", Logger(observer=events.append))
+        self.patch(relay_tap, "open_store", lambda *a, **kw: Broken())
+        top = self.make()
+        self.start(top)
+        self.assertTrue(self.reactor.hasStopped)
+        self.assertTrue(any("disk on fire" in str(e.get("reason")) for e in events))
+        self.assertNoResult(top.factory.ready())
+
+    def test_totals_logged(self):
+        """Totals are logged every minute when they changed."""
+        events = []
+        self.patch(relay_tap, "log", Logger(observer=events.append))
+        top = self.make()
+        self.start(top)
+        totals = lambda: [e for e in events if e.get("log_format", "").startswith("totals")]
+        self.reactor.advance(60)
+        self.assertEqual(totals(), [])
+        factory = self.reactor.tcpServers[0][1]
+        factory.mailboxes.accepted_total = 3
+        self.reactor.advance(60)
+        self.assertEqual([e["accepted"] for e in totals()], [3])
+        self.reactor.advance(60)
+        self.assertEqual(len(totals()), 1)
+
+    def test_sqlite_store(self):
+        """With --store sqlite the store is a file in the data directory."""
+        data = os.path.abspath(self.mktemp())
+        top = relay_tap.makeService(relay_options("--data", data), reactor=self.reactor)
+        self.assertTrue(os.path.isdir(data))
+        self.assertEqual(top.factory.store.path, os.path.join(data, "mailrelay.sqlite"))
+
+
+class HomeMixin(EnvMixin):
+    """A clean environment, bob's home (his cached key) and a Maildir path."""
+
+    def setUp(self):
+        self.setenv("MAILRELAY_HOME", None)
+        self.setenv("MAILRELAY_SERVER", None)
+        self.home = os.path.abspath(self.mktemp())
+        patcher = monkey.MonkeyPatcher(
+            (keys.Identity, "generate", classmethod(lambda cls, n, bits=0: BOB)))
+        patcher.runWithPatches(keys.Home(self.home).create, "bob", bits=2048)
+        self.maildir = os.path.abspath(self.mktemp())
+
+
+class ClientOptionsTests(HomeMixin, SynchronousTestCase):
+
+    def parse(self, *argv):
+        options = client_tap.Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_maildir_required(self):
+        exc = self.assertRaises(usage.UsageError, self.parse, "--home", self.home)
+        self.assertIn("--maildir", str(exc))
+
+    def test_no_identity(self):
+        exc = self.assertRaises(usage.UsageError, self.parse, "--home", self.mktemp(),
+                                "--maildir", self.maildir)
+        self.assertIn("mailrelay init", str(exc))
+
+    def test_options(self):
+        options = self.parse("--home", self.home, "--maildir", self.maildir,
+                             "--server", "host:9000")
+        identity = options["identity"]
+        self.assertEqual((identity.name, identity.public_der), ("bob", BOB.public_der))
+        self.assertEqual(
+            {k: v for k, v in options.items() if k != "identity"},
+            {"home": self.home, "maildir": self.maildir, "server": "tcp:host:9000"},
+        )
+
+    def test_server_endpoint_unchanged(self):
+        options = self.parse("--home", self.home, "--maildir", self.maildir,
+                             "--server", "tls:relay.example:9443")
+        self.assertEqual(options["server"], "tls:relay.example:9443")
+
+    def test_defaults(self):
+        """Without --server: tcp:localhost:9000."""
+        self.setenv("MAILRELAY_HOME", self.home)
+        options = self.parse("--maildir", self.maildir)
+        self.assertEqual(options["server"], DEFAULT_SERVER)
+        self.assertEqual(options["home"], self.home)
+
+    def test_server_from_environment(self):
+        self.setenv("MAILRELAY_SERVER", "relay.example:9100")
+        options = self.parse("--home", self.home, "--maildir", self.maildir)
+        self.assertEqual(options["server"], "tcp:relay.example:9100")
+
+
+class ClientServiceTests(HomeMixin, SynchronousTestCase):
+    def setUp(self):
+        super().setUp()
+        self.reactor = MemoryReactorClock()
+        self.relay = MemoryRelay(clock=self.reactor)
+        self.relay.register(BOB)
+        self.events: list[dict] = []
+        self.patch(client_tap, "log", Logger(observer=self.events.append))
+
+    def make(self):
+        options = client_tap.Options()
+        options.parseOptions(["--home", self.home, "--maildir", self.maildir,
+                              "--server", "relay.example:9000"])
+        return client_tap.makeService(options, reactor=self.reactor)
+
+    def accept(self):
+        host, port, factory, timeout, bind = self.reactor.tcpClients.pop(0)
+        self.reactor.connectors.pop(0)
+        self.assertEqual((host, port), ("relay.example", 9000))
+        self.relay.serve(factory.buildProtocol(None))
+
+    def forget(self):
+        """Drop every reference to the connection, so it can be collected now."""
+        self.relay = self.reactor = None
+
+    def connected_events(self):
+        return [e for e in self.events if e.get("log_format", "").startswith("connected to")]
+
+    def test_files_messages(self):
+        """
+        Started, the client connects to the relay; a message sent to bob is
+        filed into the Maildir and acknowledged.
+        """
+        top = self.make()
+        self.assertIsInstance(top, service.MultiService)
+        self.assertTrue(os.path.isdir(os.path.join(self.maildir, "new")))
+        top.startService()
+        self.accept()
+        self.assertEqual(len(self.connected_events()), 1)
+        alice = self.relay.client(ALICE)
+        d = alice.send("bob", b"filed")
+        self.relay.flush()
+        message_id = self.successResultOf(d)
+        [name] = os.listdir(os.path.join(self.maildir, "new"))
+        with open(os.path.join(self.maildir, "new", name), "rb") as f:
+            msg = email.message_from_bytes(f.read(), policy=email.policy.default)
+        self.assertEqual(msg["From"], "alice@mailrelay.invalid")
+        self.assertEqual(msg.get_content().strip(), "filed")
+        self.assertEqual(self.relay.count("bob"), 0)
+        self.assertTrue(os.path.exists(os.path.join(self.home, "seen.sqlite")))
+        self.assertEqual(keys.public_der(keys.Home(self.home).pinned("alice")),
+                         ALICE.public_der)
+        self.assertTrue(any(e.get("log_format", "").startswith("filed message")
+                            and e["id"] == message_id.hex() for e in self.events))
+        stopping = top.stopService()
+        self.relay.flush()
+        self.successResultOf(stopping)
+        self.assertEqual([s.identity for s in self.relay.factory.sessions], ["alice"])
+
+    def test_stop_while_connected(self):
+        """Stopping the client while it is connected leaves no unhandled error behind."""
+        top = self.make()
+        top.startService()
+        self.accept()
+        stopping = top.stopService()
+        self.relay.flush()
+        self.successResultOf(stopping)
+        self.assertEqual(self.relay.factory.sessions, set())
+        self.forget()
+        del top, stopping
+        gc.collect()
+        unhandled = self.flushLoggedErrors(CancelledError)
+        self.assertEqual(unhandled, [])
+
+    def test_reconnects(self):
+        """
+        When the relay drops the connection the client reconnects after a
+        backoff, and the new session is reported once.
+        """
+        top = self.make()
+        top.startService()
+        self.addCleanup(top.stopService)
+        self.accept()
+        self.assertEqual(len(self.connected_events()), 1)
+        [session] = self.relay.factory.sessions
+        session.fatal(E.SHUTTING_DOWN, "restarting")
+        self.relay.flush()
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.reactor.advance(60)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.accept()
+        self.assertEqual(len(self.connected_events()), 2)
+
+    def test_filer_rejected_logged(self):
+        from mailrelay.client.protocol import Rejected
+
+        client_tap.Filer.rejected(Rejected(b"\x01" * 16, "alice", "garbled"))
+        [event] = self.events
+        self.assertEqual((event["sender"], event["reason"]), ("alice", "garbled"))
