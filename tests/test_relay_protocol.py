@@ -1257,3 +1257,45 @@ class OddKeyTests(RelayTestMixin, SynchronousTestCase):
         client = Client(self.factory)
         client.send(wire.Auth(wire.PROTOCOL_VERSION, "A", ec_der, b"x" * 64))
         self.assertFatal(client, E.AUTH_FAILED)
+
+
+class PerPeerLimitTests(SynchronousTestCase):
+    """One address cannot hold more than max_per_peer connections."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.factory = RelayFactory(MemoryStore(), self.clock, name=RELAY, max_per_peer=2)
+        self.factory.storeReady()
+
+    def connect(self, host: str):
+        from twisted.internet.address import IPv4Address
+
+        proto = self.factory.buildProtocol(IPv4Address("TCP", host, 40000))
+        if proto is None:
+            return None
+        transport = StringTransportWithDisconnection()
+        transport.protocol = proto
+        proto.makeConnection(transport)
+        return transport
+
+    def test_limit_per_address(self):
+        first, second = self.connect("192.0.2.1"), self.connect("192.0.2.1")
+        self.assertIsNotNone(first)
+        self.assertIsNotNone(second)
+        self.assertIsNone(self.connect("192.0.2.1"))
+        # Another address is not affected.
+        self.assertIsNotNone(self.connect("192.0.2.2"))
+        # A closed connection makes room again.
+        first.loseConnection()
+        self.assertIsNotNone(self.connect("192.0.2.1"))
+        self.assertIsNone(self.connect("192.0.2.1"))
+
+    def test_counts_return_to_zero(self):
+        transports = [self.connect("192.0.2.1"), self.connect("192.0.2.1")]
+        for transport in transports:
+            transport.loseConnection()
+        self.assertEqual(self.factory.per_peer, {})
+
+    def test_no_limit(self):
+        self.factory.max_per_peer = 0
+        self.assertTrue(all(self.connect("192.0.2.1") is not None for _ in range(5)))

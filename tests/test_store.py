@@ -197,6 +197,22 @@ class StoreTestsMixin:
         self.assertEqual((yield store.pending("bob", 0, 10)), [])
 
     @inlineCallbacks
+    def test_forget_acknowledged(self):
+        """
+        Ids acknowledged before the cut-off are forgotten (a retry of those is
+        a new message again); later ones are still recognised.
+        """
+        store = yield self.makeStore()
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW)
+        yield store.enqueue("bob", "alice", mid(2), env(2), NOW)
+        yield store.delete("bob", mid(1), NOW)
+        yield store.delete("bob", mid(2), NOW + 100)
+        self.assertEqual((yield store.forget_acknowledged(NOW + 50)), 1)
+        self.assertIs((yield store.enqueue("bob", "alice", mid(1), env(1), NOW)), True)
+        self.assertIs((yield store.enqueue("bob", "alice", mid(2), env(2), NOW)), False)
+        self.assertEqual((yield store.forget_acknowledged(NOW + 50)), 0)
+
+    @inlineCallbacks
     def test_other_envelope_after_delete(self):
         store = yield self.makeStore()
         yield store.enqueue("bob", "alice", mid(1), env(1), NOW)

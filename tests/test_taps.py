@@ -67,6 +67,8 @@ class RelayOptionsTests(InTempDirectory, SynchronousTestCase):
             "idle-timeout": 300.0,
             "quota-messages": 10000,
             "quota-bytes": 268435456,
+            "max-per-peer": 64,
+            "retry-window": 30.0,
         })
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.cwd, "var")).st_mode) & 0o077,
                          0)
@@ -90,12 +92,13 @@ class RelayOptionsTests(InTempDirectory, SynchronousTestCase):
             "-p", "9100", "-d", "/srv/relay", "--store", "memory", "--name", "relay.example",
             "--max-envelope", "65536", "--window", "8", "--auth-timeout", "2.5",
             "--idle-timeout", "60", "--quota-messages", "0", "--quota-bytes", "1000",
+            "--max-per-peer", "0", "--retry-window", "7",
         )
         self.assertEqual(dict(options), {
             "port": "tcp:9100", "data": "/srv/relay", "store": "memory",
             "name": "relay.example", "max-envelope": 65536, "window": 8,
             "auth-timeout": 2.5, "idle-timeout": 60.0, "quota-messages": 0,
-            "quota-bytes": 1000,
+            "quota-bytes": 1000, "max-per-peer": 0, "retry-window": 7.0,
         })
 
     def test_port_number(self):
@@ -411,3 +414,22 @@ class ClientServiceTests(HomeMixin, SynchronousTestCase):
         client_tap.Filer.rejected(Rejected(b"\x01" * 16, "alice", "garbled"))
         [event] = self.events
         self.assertEqual((event["sender"], event["reason"]), ("alice", "garbled"))
+
+
+class ForgetTimerTests(SynchronousTestCase):
+    def test_forgets_old_ids_hourly(self):
+        """The relay's timer forgets ids acknowledged more than --retry-window days ago."""
+        reactor = MemoryReactorClock()
+        options = relay_tap.Options()
+        options.parseOptions(["--store", "memory", "--retry-window", "1",
+                              "--port", "tcp:0:interface=127.0.0.1"])
+        top = relay_tap.makeService(options, reactor=reactor)
+        top.privilegedStartService()
+        top.startService()
+        self.addCleanup(top.stopService)
+        store = top.factory.store
+        self.successResultOf(store.enqueue("b", "a", b"\x01" * 16, b"env", 0))
+        self.successResultOf(store.delete("b", b"\x01" * 16, 0))
+        reactor.advance(86400 + 3600)
+        self.assertIs(self.successResultOf(store.enqueue("b", "a", b"\x01" * 16, b"env", 0)),
+                      True)

@@ -45,6 +45,9 @@ MAX_PENDING_ANSWERS = 32
 MAX_QUEUED_FRAMES = 64
 """Frames read but not yet handled before the relay stops reading."""
 
+DEFAULT_MAX_PER_PEER = 64
+"""Connections one address may hold open at once."""
+
 
 class Fatal(Exception):
     """End the session with this error frame."""
@@ -87,6 +90,7 @@ class RelaySession(Protocol, TimeoutMixin):
         self._deadline = None
         self._challenge = b""
         self.peer = "?"
+        self.host: str | None = None
 
     # Twisted's TimeoutMixin schedules through this attribute.
     @property
@@ -433,6 +437,7 @@ class RelaySession(Protocol, TimeoutMixin):
         self._cancelDeadline()
         self.setTimeout(None)
         self.factory.sessions.discard(self)
+        self.factory.sessionEnded(self)
         if self.outbox is not None:
             self.factory.mailboxes.detach(self.outbox)
             self.log.info(
@@ -464,6 +469,7 @@ class RelayFactory(Factory):
         window: int = DEFAULT_WINDOW,
         auth_timeout: float = 10.0,
         idle_timeout: float = 300.0,
+        max_per_peer: int = DEFAULT_MAX_PER_PEER,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -471,14 +477,45 @@ class RelayFactory(Factory):
         self.max_envelope = max_envelope
         self.auth_timeout = auth_timeout
         self.idle_timeout = idle_timeout
+        self.max_per_peer = max_per_peer
         self.directory = Directory(store, clock)
         self.mailboxes = Mailboxes(store, clock, window)
         self.sessions: set[RelaySession] = set()
+        self.per_peer: dict[str, int] = {}
+        self._refusal_logged: dict[str, float] = {}
         self._ready = False
         self._waiting: list[Deferred] = []
 
-    def buildProtocol(self, addr) -> RelaySession:
-        return RelaySession(self)
+    def buildProtocol(self, addr) -> RelaySession | None:
+        """
+        A session for a new connection, or None (Twisted then closes the
+        connection at once) when its address already has C{max_per_peer}
+        connections open: one host cannot take every connection.
+        """
+        host = getattr(addr, "host", None)
+        if host is not None and self.max_per_peer:
+            open_now = self.per_peer.get(host, 0)
+            if open_now >= self.max_per_peer:
+                now = self.clock.seconds()
+                if now - self._refusal_logged.get(host, -60.0) >= 60.0:
+                    self._refusal_logged[host] = now
+                    self.log.warn(
+                        "refusing connections from {host}: {count} already open "
+                        "(--max-per-peer)", host=host, count=open_now,
+                    )
+                return None
+            self.per_peer[host] = open_now + 1
+        session = RelaySession(self)
+        session.host = host
+        return session
+
+    def sessionEnded(self, session: RelaySession) -> None:
+        host = getattr(session, "host", None)
+        if host is not None and host in self.per_peer:
+            self.per_peer[host] -= 1
+            if self.per_peer[host] <= 0:
+                del self.per_peer[host]
+                self._refusal_logged.pop(host, None)
 
     def storeReady(self) -> None:
         """The store is open: sessions waiting for it go on."""

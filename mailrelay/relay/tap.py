@@ -17,7 +17,7 @@ from mailrelay import wire
 from mailrelay.encoding import valid_identity
 from mailrelay.endpoints import server_description
 from mailrelay.relay.mailbox import DEFAULT_WINDOW
-from mailrelay.relay.protocol import RelayFactory
+from mailrelay.relay.protocol import DEFAULT_MAX_PER_PEER, RelayFactory
 from mailrelay.relay.store import STORE_FILE, Quota, StoreError, open_store
 from mailrelay.relay.store.sqlite import preflight
 
@@ -67,6 +67,11 @@ class Options(usage.Options):
          _non_negative_int],
         ["quota-bytes", None, 256 * 1024 * 1024, "Bytes per mailbox (0: no limit).",
          _non_negative_int],
+        ["max-per-peer", None, DEFAULT_MAX_PER_PEER,
+         "Connections one address may hold open at once (0: no limit).", _non_negative_int],
+        ["retry-window", None, 30.0,
+         "Days a delivered message's id is remembered, so a late retry of it is "
+         "recognised and not delivered again.", _positive(float)],
     ]
 
     def postOptions(self) -> None:
@@ -167,6 +172,17 @@ class RelayService(service.MultiService):
 
         return d.addBoth(close)
 
+    def forgetOldIds(self, retry_window_days: float) -> None:
+        before = int(self.reactor.seconds() - retry_window_days * 86400)
+        d = self.factory.store.forget_acknowledged(before)
+
+        def done(count: int) -> None:
+            if count:
+                log.info("forgot {count} ids of messages delivered over {days:g} days ago",
+                         count=count, days=retry_window_days)
+
+        d.addCallbacks(done, lambda f: log.failure("forgetting old message ids failed", f))
+
     def logTotals(self) -> None:
         m = self.factory.mailboxes
         if (m.accepted_total, m.delivered_total) != getattr(self, "_last", (0, 0)):
@@ -193,6 +209,7 @@ def makeService(options: Options, reactor=None):
         window=options["window"],
         auth_timeout=options["auth-timeout"],
         idle_timeout=options["idle-timeout"],
+        max_per_peer=options["max-per-peer"],
     )
     top = RelayService(factory, reactor)
     endpoint = endpoints.serverFromString(reactor, options["port"])
@@ -200,4 +217,7 @@ def makeService(options: Options, reactor=None):
     stats = TimerService(60, top.logTotals)
     stats.clock = reactor
     stats.setServiceParent(top)
+    forget = TimerService(3600, top.forgetOldIds, options["retry-window"])
+    forget.clock = reactor
+    forget.setServiceParent(top)
     return top

@@ -89,3 +89,10 @@ class MailboxStore(Protocol):
 
     def count(self, recipient: str) -> Deferred[int]:
         """How many messages wait in the mailbox."""
+
+    def forget_acknowledged(self, before: int) -> Deferred[int]:
+        """
+        Forget the ids of messages acknowledged before C{before} (Unix
+        seconds): a retry of those is no longer recognised.  Fires with how
+        many were forgotten.
+        """

@@ -21,7 +21,7 @@ class MemoryStore:
         self.quota = quota
         self._keys: dict[str, bytes] = {}
         self._mailboxes: dict[str, dict[bytes, tuple[StoredMessage, bytes]]] = {}
-        self._acked: dict[tuple[str, bytes], tuple[str, bytes]] = {}
+        self._acked: dict[tuple[str, bytes], tuple[str, bytes, int]] = {}
         self._seq = 0
 
     def start(self) -> Deferred[None]:
@@ -46,7 +46,7 @@ class MemoryStore:
             same = previous[0].sender == sender and previous[1] == d
             return succeed(False) if same else fail(DuplicateId(message_id.hex()))
         if (recipient, message_id) in self._acked:
-            if self._acked[recipient, message_id] == (sender, d):
+            if self._acked[recipient, message_id][:2] == (sender, d):
                 return succeed(False)
             return fail(DuplicateId(message_id.hex()))
         if self.quota.messages and len(box) >= self.quota.messages:
@@ -71,8 +71,14 @@ class MemoryStore:
         entry = box.pop(message_id, None)
         if entry is None:
             return succeed(False)
-        self._acked[recipient, message_id] = (entry[0].sender, entry[1])
+        self._acked[recipient, message_id] = (entry[0].sender, entry[1], now)
         return succeed(True)
 
     def count(self, recipient: str) -> Deferred[int]:
         return succeed(len(self._mailboxes.get(recipient, {})))
+
+    def forget_acknowledged(self, before: int) -> Deferred[int]:
+        old = [key for key, (_, _, at) in self._acked.items() if at < before]
+        for key in old:
+            del self._acked[key]
+        return succeed(len(old))

@@ -70,6 +70,7 @@ MIGRATIONS: dict[int, str] = {
         acked_at      INTEGER NOT NULL,
         PRIMARY KEY (recipient, message_id)
     );
+    CREATE INDEX acked_by_time ON acked (acked_at);
     """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -188,7 +189,10 @@ class SQLiteStore:
         except StoreError:
             self._close()
             raise
-        if before != SCHEMA_VERSION:
+        if before == 0:
+            self.log.info("store {path} created (schema version {new})",
+                          path=self.path, new=SCHEMA_VERSION)
+        elif before != SCHEMA_VERSION:
             self.log.info(
                 "store {path} schema upgraded from version {old} to {new}",
                 path=self.path, old=before, new=SCHEMA_VERSION,
@@ -362,3 +366,9 @@ class SQLiteStore:
             return 0 if row is None else row[0]
 
         return self._pool.runInteraction(run)
+
+    def forget_acknowledged(self, before: int) -> Deferred[int]:
+        def run(txn):
+            return txn.execute("DELETE FROM acked WHERE acked_at < ?", (before,)).rowcount
+
+        return self._write(run)
