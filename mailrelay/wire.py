@@ -113,13 +113,19 @@ class Hello:
 
 @dataclass(frozen=True)
 class Auth:
-    """Client to relay: the identity, its public key and proof of holding its private key."""
+    """
+    Client to relay: the identity, its public key and proof of holding its
+    private key.  C{receive} asks for the mailbox to be delivered to this
+    session; a session that only sends or looks keys up leaves it unset, so
+    it neither takes messages nor displaces the identity's receiving session.
+    """
 
     TYPE: ClassVar[int] = 0x02
     version: int
     identity: str
     public_key: bytes
     signature: bytes
+    receive: bool = True
 
 
 @dataclass(frozen=True)
@@ -226,6 +232,13 @@ _FRAME_TYPES = (
 )
 
 
+def _flag(reader: Reader, what: str) -> bool:
+    value = reader.u8(what)
+    if value > 1:
+        raise ProtocolError(f"{what} must be 0 or 1, not {value}")
+    return bool(value)
+
+
 def _fixed(reader: Reader, size: int, what: str) -> bytes:
     return reader.raw(size, what)
 
@@ -255,7 +268,7 @@ def encode(frame: Frame) -> bytes:
         _check_max(frame.public_key, MAX_KEY_SIZE, "public key")
         _check_max(frame.signature, MAX_SIGNATURE_SIZE, "signature")
         w.u16(frame.version).identity(frame.identity)
-        w.blob16(frame.public_key).blob16(frame.signature)
+        w.blob16(frame.public_key).blob16(frame.signature).u8(1 if frame.receive else 0)
     elif isinstance(frame, Welcome):
         w.u8(1 if frame.registered else 0).u32(frame.queued).u32(frame.max_envelope)
     elif isinstance(frame, Lookup):
@@ -296,12 +309,11 @@ def decode(body: bytes, max_envelope: int = MAX_ENVELOPE) -> Frame:
     elif kind == Auth.TYPE:
         frame = Auth(r.u16("version"), r.identity("identity"),
                      r.blob16("public key", MAX_KEY_SIZE),
-                     r.blob16("signature", MAX_SIGNATURE_SIZE))
+                     r.blob16("signature", MAX_SIGNATURE_SIZE),
+                     _flag(r, "receive flag"))
     elif kind == Welcome.TYPE:
-        flag = r.u8("registered flag")
-        if flag > 1:
-            raise ProtocolError(f"registered flag must be 0 or 1, not {flag}")
-        frame = Welcome(bool(flag), r.u32("queued count"), r.u32("max envelope"))
+        frame = Welcome(_flag(r, "registered flag"), r.u32("queued count"),
+                        r.u32("max envelope"))
     elif kind == Lookup.TYPE:
         frame = Lookup(r.identity("identity"))
     elif kind == Key.TYPE:

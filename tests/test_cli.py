@@ -576,7 +576,7 @@ class RecvTests(OnlineTestCase):
         d = self.run_online("recv", "--home", self.home)
         self.accept()
         self.assertNoResult(d)
-        self.relay.client(ALICE)
+        self.relay.client(ALICE, on_message=list.append)
         err = self.exits(d)
         self.assertIn("the relay closed the connection", err)
         self.assertIn("SUPERSEDED", err)

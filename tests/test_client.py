@@ -1174,3 +1174,35 @@ class SeenTests(SynchronousTestCase):
             counts.append(len(got))
             seen.close()
         self.assertEqual(counts, [1, 0])
+
+
+class SendingOnlyClientTests(SynchronousTestCase):
+    """A client without a message handler asks not to receive, and acks nothing."""
+
+    def test_auth_asks_not_to_receive(self):
+        client = ClientProtocol(ALICE, contacts=keys.MemoryContacts())
+        transport = StringTransportWithDisconnection()
+        transport.protocol = client
+        client.makeConnection(transport)
+        client.dataReceived(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, "relay", b"c" * 32)))
+        [auth] = wire.FrameBuffer().feed(transport.value())
+        self.assertIs(auth.receive, False)
+        transport.clear()
+        client.dataReceived(wire.encode(wire.Welcome(False, 1, wire.MAX_ENVELOPE)))
+        sealed = envelope.seal(BOB, "alice", ALICE.public_key, b"x")
+        client.dataReceived(wire.encode(wire.Deliver(envelope.parse(sealed).header.message_id,
+                                                     sealed)))
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(transport.disconnecting)
+
+    def test_receiving_client_asks_to_receive(self):
+        client = ClientProtocol(ALICE, contacts=keys.MemoryContacts(), on_message=list.append)
+        transport = StringTransportWithDisconnection()
+        transport.protocol = client
+        client.makeConnection(transport)
+        client.dataReceived(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, "relay", b"c" * 32)))
+        [auth] = wire.FrameBuffer().feed(transport.value())
+        self.assertIs(auth.receive, True)
+
+    def test_receive_needs_a_handler(self):
+        self.assertRaises(ValueError, ClientProtocol, ALICE, receive=True)

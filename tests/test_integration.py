@@ -70,6 +70,8 @@ class RelayEndToEndTests(SynchronousTestCase):
         )
         self.addCleanup(lambda: listener.poll() is None and listener.kill())
         self.relay.log.wait_for(r"345 authenticated")
+        # 345 sending meanwhile does not displace its own listening session.
+        self.run_ok(self.bob, "send", "--to", "123", "busy listening")
         self.run_ok(self.alice, "send", "--to", "345", "one")
         self.run_ok(self.alice, "send", "--to", "345", "two")
         out, _ = listener.communicate(timeout=60)
@@ -85,6 +87,18 @@ class RelayEndToEndTests(SynchronousTestCase):
         self.assertEqual(again.returncode, 1)
         self.assertEqual(again.stdout, "")
         self.assertIn("only 0 of 1 messages arrived", again.stderr)
+
+    def test_sending_does_not_take_the_mailbox(self) -> None:
+        """
+        A message waiting for 345 stays waiting while 345 sends (its send
+        session does not receive), and does not disturb a running recv.
+        """
+        self.init_both()
+        self.run_ok(self.alice, "send", "--to", "345", "waiting for you")
+        self.run_ok(self.bob, "send", "--to", "123", "sent while a message waits")
+        self.run_ok(self.bob, "fingerprint", "123")
+        received = self.run_ok(self.bob, "recv", "--count", "1", "--timeout", "30")
+        self.assertEqual(received.stdout, "Received message from 123: waiting for you\n")
 
     def test_recv_timeout_without_count_is_success(self) -> None:
         self.init_both()

@@ -1299,3 +1299,42 @@ class PerPeerLimitTests(SynchronousTestCase):
     def test_no_limit(self):
         self.factory.max_per_peer = 0
         self.assertTrue(all(self.connect("192.0.2.1") is not None for _ in range(5)))
+
+
+class SendingOnlySessionTests(RelayTestMixin, SynchronousTestCase):
+    """
+    A session that authenticates with receive unset (a `mailrelay send`)
+    neither takes the mailbox nor displaces the identity's receiving session.
+    """
+
+    def authSendingOnly(self, identity):
+        client = Client(self.factory)
+        transcript = wire.auth_transcript(client.hello.challenge, client.hello.relay,
+                                          identity.name)
+        client.send(wire.Auth(wire.PROTOCOL_VERSION, identity.name, identity.public_der,
+                              identity.sign(transcript), receive=False))
+        [welcome] = client.frames()
+        self.assertIsInstance(welcome, wire.Welcome)
+        return client
+
+    def test_no_deliveries(self):
+        self.register(A, B)
+        sender = self.connect(A)
+        sender.send(wire.Send(seal(A, B, message_id=mid(1))))
+        self.assertEqual(sender.frames(), [wire.Accepted(mid(1))])
+        b_sending = self.authSendingOnly(B)
+        self.assertEqual(b_sending.frames(), [])
+        b_sending.send(wire.Ack(mid(1)))
+        [error] = b_sending.frames()
+        self.assertEqual(error.code, E.UNKNOWN_MESSAGE)
+        self.assertEqual(self.successResultOf(self.store.count("B")), 1)
+
+    def test_does_not_supersede(self):
+        self.register(A, B)
+        receiving = self.connect(B)
+        self.authSendingOnly(B)
+        self.assertTrue(receiving.connected)
+        sender = self.connect(A)
+        env = seal(A, B, message_id=mid(1))
+        sender.send(wire.Send(env))
+        self.assertEqual(receiving.frames(), [wire.Deliver(mid(1), env)])

@@ -60,6 +60,7 @@ auths = st.builds(
     identity=identities,
     public_key=st.binary(max_size=wire.MAX_KEY_SIZE),
     signature=st.binary(max_size=wire.MAX_SIGNATURE_SIZE),
+    receive=st.booleans(),
 )
 welcomes = st.builds(Welcome, registered=st.booleans(), queued=u32, max_envelope=u32)
 lookups = st.builds(Lookup, identity=identities)

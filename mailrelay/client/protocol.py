@@ -86,8 +86,14 @@ class ClientProtocol(Protocol):
         seen=None,
         clock=None,
         ping_interval: float = PING_INTERVAL,
+        receive: bool | None = None,
     ) -> None:
         self.identity = identity
+        # Only a session that hands messages to someone asks for them: one
+        # that only sends must not take (and acknowledge) the mailbox.
+        self.receive = on_message is not None if receive is None else receive
+        if self.receive and on_message is None:
+            raise ValueError("a receiving client needs an on_message handler")
         self.contacts = contacts if contacts is not None else keys.MemoryContacts()
         self.on_message = on_message
         self.on_rejected = on_rejected
@@ -185,6 +191,11 @@ class ClientProtocol(Protocol):
         elif self._state != "ready" and not isinstance(frame, wire.Error):
             self._abort(RelayError(E.UNEXPECTED_FRAME, f"{type(frame).__name__} before welcome"))
         elif isinstance(frame, wire.Deliver):
+            if not self.receive:
+                # Not asked for: leave it unacknowledged for the receiving session.
+                self.log.warn("relay delivered {id} to a sending-only session; ignored",
+                              id=frame.message_id.hex())
+                return
             self._deliveries.append(frame)
             self._nextDelivery()
         elif isinstance(frame, wire.Accepted):
@@ -220,7 +231,7 @@ class ClientProtocol(Protocol):
         self._state = "authenticating"
         self._write(wire.Auth(
             wire.PROTOCOL_VERSION, self.identity.name, self.identity.public_der,
-            self.identity.sign(transcript),
+            self.identity.sign(transcript), self.receive,
         ))
 
     def _welcome(self, frame: wire.Welcome) -> None:

@@ -304,6 +304,8 @@ class RelaySession(Protocol, TimeoutMixin):
             how="new identity registered" if registered else "known key",
         )
         self._write(wire.Welcome(registered, queued, self.factory.max_envelope))
+        if not frame.receive:
+            return  # a sending session: the mailbox stays with whoever receives
         self.outbox = Outbox(frame.identity, self._push)
         previous = self.factory.mailboxes.attach(self.outbox)
         if previous is not None:
@@ -373,7 +375,7 @@ class RelaySession(Protocol, TimeoutMixin):
         raise Refused(E.STORE_FAILED, ref, "the relay could not store the message; retry")
 
     def _ack(self, frame: wire.Ack):
-        if frame.message_id not in self.outbox.in_flight:
+        if self.outbox is None or frame.message_id not in self.outbox.in_flight:
             self._answer(wire.Error(
                 E.UNKNOWN_MESSAGE, frame.message_id,
                 "no delivered, unacknowledged message has this id",
