@@ -241,7 +241,8 @@ def cmd_recv(reactor, args):
     clients.append(client)
     timer = None
     if args.timeout is not None:
-        timer = reactor.callLater(args.timeout, lambda: finished.called or finished.callback("timeout"))
+        timer = reactor.callLater(
+            args.timeout, lambda: finished.called or finished.callback("timeout"))
     client.closed.addCallback(lambda _: finished.called or finished.callback("closed"))
     why = yield finished
     if timer is not None and timer.active():

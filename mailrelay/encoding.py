@@ -40,7 +40,8 @@ class Writer:
         try:
             self._parts.append(struct.pack(fmt, value))
         except struct.error:
-            raise ValueError(f"{value!r} does not fit an unsigned {struct.calcsize(fmt) * 8}-bit field") from None
+            bits = struct.calcsize(fmt) * 8
+            raise ValueError(f"{value!r} does not fit an unsigned {bits}-bit field") from None
         return self
 
     def u8(self, value: int) -> Writer:

@@ -243,7 +243,8 @@ def open_envelope(
             f"trusted ({keys.format_fingerprint(trusted)})"
         )
     if not keys.verify(sender_key, envelope.signature, envelope.signed):
-        raise EnvelopeError(f"signature of {h.sender!r} does not verify: envelope altered or forged")
+        raise EnvelopeError(
+            f"signature of {h.sender!r} does not verify: envelope altered or forged")
     try:
         content_key = recipient.private_key.decrypt(envelope.wrapped_key, OAEP)
     except ValueError:

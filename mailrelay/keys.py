@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from mailrelay.encoding import valid_identity
+from mailrelay.files import write_durably
 
 KEY_BITS = 3072
 MIN_KEY_BITS = 2048
@@ -164,24 +164,6 @@ class Identity:
         return self.private_key.sign(data, PSS, hashes.SHA256())
 
 
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    """Write C{path} atomically (temp file, fsync, rename) with C{mode}."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 class Home:
     """The files of one person's client: their identity and pinned contacts."""
 
@@ -222,10 +204,10 @@ class Home:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _write_file(self.private_key_file, private_pem, 0o600)
-        _write_file(self.public_key_file, public_pem(identity.public_key), 0o644)
+        write_durably(self.private_key_file, private_pem, 0o600)
+        write_durably(self.public_key_file, public_pem(identity.public_key), 0o644)
         # Written last: an identity exists only once both keys do.
-        _write_file(self._id_file, name.encode("ascii") + b"\n", 0o644)
+        write_durably(self._id_file, name.encode("ascii") + b"\n", 0o644)
         return identity
 
     def load(self) -> Identity:
@@ -280,7 +262,7 @@ class Home:
                 )
             return current
         self.contacts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _write_file(self._contact_file(name), public_pem(key), 0o644)
+        write_durably(self._contact_file(name), public_pem(key), 0o644)
         return key
 
 

@@ -271,7 +271,8 @@ class PinTests(SynchronousTestCase):
         self.assertIn(pinned_fp, str(error))
         self.assertIn(offered_fp, str(error))
         self.assertIn("bob", str(error))
-        self.assertEqual((error.identity, error.pinned, error.offered), ("bob", pinned_fp, offered_fp))
+        self.assertEqual((error.identity, error.pinned, error.offered),
+                         ("bob", pinned_fp, offered_fp))
         # Nothing changed.
         self.assertEqual(path.read_bytes(), before)
         self.assertEqual(os.listdir(self.home.contacts_dir), ["bob.pem"])

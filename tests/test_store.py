@@ -498,8 +498,10 @@ class SQLiteUsageTests(TestCase):
         yield store.stop()
         db = sqlite3.connect(path)
         try:
-            actual = db.execute("SELECT COUNT(*), SUM(size) FROM messages WHERE recipient = 'b'").fetchone()
-            kept = db.execute("SELECT messages, bytes FROM mailboxes WHERE recipient = 'b'").fetchone()
+            actual = db.execute(
+                "SELECT COUNT(*), SUM(size) FROM messages WHERE recipient = 'b'").fetchone()
+            kept = db.execute(
+                "SELECT messages, bytes FROM mailboxes WHERE recipient = 'b'").fetchone()
         finally:
             db.close()
         self.assertEqual(actual, (4, 100))

@@ -500,7 +500,8 @@ class MalformedTests(SynchronousTestCase):
             Writer().u8(Auth.TYPE).u16(1).identity("a").blob16(b"").blob16(too_long_sig)
             .getvalue()
         )
-        self.assertProtocolError(Writer().u8(Key.TYPE).identity("a").blob16(too_long_key).getvalue())
+        self.assertProtocolError(
+            Writer().u8(Key.TYPE).identity("a").blob16(too_long_key).getvalue())
         self.assertProtocolError(
             Writer().u8(Error.TYPE).u16(1).blob16(b"r" * (wire.MAX_ERROR_REF + 1))
             .blob16(b"").getvalue()
@@ -705,7 +706,8 @@ class AuthTranscriptTests(SynchronousTestCase):
 
     def test_every_input_matters(self):
         base = wire.auth_transcript(self.challenge, "relay", "alice")
-        self.assertNotEqual(base, wire.auth_transcript(b"\x01" + self.challenge[1:], "relay", "alice"))
+        self.assertNotEqual(
+            base, wire.auth_transcript(b"\x01" + self.challenge[1:], "relay", "alice"))
         self.assertNotEqual(base, wire.auth_transcript(self.challenge, "relay2", "alice"))
         self.assertNotEqual(base, wire.auth_transcript(self.challenge, "relay", "alice2"))
         # Swapping the roles of relay and client changes the transcript.

@@ -19,6 +19,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 from mailrelay.envelope import Opened
+from mailrelay.files import write_durably
 
 DOMAIN = "mailrelay.invalid"
 _counter = itertools.count()
@@ -60,23 +61,5 @@ class Maildir:
         name = self._unique(opened.message_id)
         tmp = self.path / "tmp" / name
         final = self.path / "new" / name
-        data = as_email(opened)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, final)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        dir_fd = os.open(self.path / "new", os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_durably(final, as_email(opened), 0o600, tmp=tmp)
         return final
