@@ -14,11 +14,12 @@ from __future__ import annotations
 import re
 import struct
 
-IDENTITY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+IDENTITY_PATTERN = re.compile(r"[a-z0-9][a-z0-9._@+-]{0,63}")
 """
-An identity is 1 to 64 characters: letters, digits and C{._@+-}, starting
-with a letter or a digit.  Identities name files in a client's home, so the
-alphabet is deliberately small.
+An identity is 1 to 64 characters: lowercase letters, digits and C{._@+-},
+starting with a letter or a digit.  Identities name files in a client's
+home, so the alphabet is deliberately small, and lowercase only so that no
+two identities share a file name on a case-insensitive file system.
 """
 
 

@@ -27,6 +27,7 @@ from mailrelay.files import write_durably
 
 KEY_BITS = 3072
 MIN_KEY_BITS = 2048
+MAX_KEY_BITS = 4096
 PUBLIC_EXPONENT = 65537
 
 
@@ -46,6 +47,20 @@ class IdentityExists(IdentityError):
     """C{init} would overwrite an identity."""
 
 
+class RelayMismatch(IdentityError):
+    """The relay at an address calls itself by another id than the one pinned."""
+
+    def __init__(self, server: str, pinned: str, offered: str, path: Path) -> None:
+        self.server = server
+        self.pinned = pinned
+        self.offered = offered
+        super().__init__(
+            f"the relay at {server} calls itself {offered!r}, but this home knows it as "
+            f"{pinned!r}. It may be passing on another relay's challenge to take your "
+            f"messages. If the relay was reinstalled and you trust it, remove {path}."
+        )
+
+
 class KeyConflict(IdentityError):
     """A key for a known identity differs from the pinned one."""
 
@@ -63,6 +78,11 @@ class KeyConflict(IdentityError):
 
 
 def check_identity(identity: str) -> str:
+    """
+    The identity as mailrelay spells it (lowercase: C{Alice} is C{alice}),
+    or L{IdentityError} when it cannot be one.
+    """
+    identity = identity.lower()
     if not valid_identity(identity):
         raise IdentityError(
             f"{identity!r} is not a valid identity: use 1 to 64 letters, digits "
@@ -101,10 +121,19 @@ def canonical_der(der: bytes) -> bytes:
 
 
 def _check_rsa(key: object) -> rsa.RSAPublicKey:
+    """
+    Only RSA keys of 2048 to 4096 bits with e = 65537.  The upper bounds keep
+    a signature check cheap: a relay verifies one for every connection,
+    before it knows who is connecting.
+    """
     if not isinstance(key, rsa.RSAPublicKey):
         raise BadKey("only RSA keys are supported")
     if key.key_size < MIN_KEY_BITS:
         raise BadKey(f"RSA key of {key.key_size} bits is under the minimum of {MIN_KEY_BITS}")
+    if key.key_size > MAX_KEY_BITS:
+        raise BadKey(f"RSA key of {key.key_size} bits is over the maximum of {MAX_KEY_BITS}")
+    if key.public_numbers().e != PUBLIC_EXPONENT:
+        raise BadKey(f"RSA public exponent must be {PUBLIC_EXPONENT}")
     return key
 
 
@@ -141,9 +170,10 @@ class Identity:
 
     @classmethod
     def generate(cls, name: str, bits: int = KEY_BITS) -> Identity:
-        check_identity(name)
-        if bits < MIN_KEY_BITS:
-            raise BadKey(f"refusing to generate a {bits}-bit key; the minimum is {MIN_KEY_BITS}")
+        name = check_identity(name)
+        if not MIN_KEY_BITS <= bits <= MAX_KEY_BITS:
+            raise BadKey(f"refusing to generate a {bits}-bit key; "
+                         f"use {MIN_KEY_BITS} to {MAX_KEY_BITS} bits")
         key = rsa.generate_private_key(public_exponent=PUBLIC_EXPONENT, key_size=bits)
         return cls(name, key)
 
@@ -191,7 +221,7 @@ class Home:
 
     def create(self, name: str, bits: int = KEY_BITS) -> Identity:
         """Generate and store a new identity; refuse to overwrite one."""
-        check_identity(name)
+        name = check_identity(name)
         if self.has_identity():
             raise IdentityExists(
                 f"{self.path} already holds the identity {self._id_file.read_text().strip()!r}; "
@@ -228,6 +258,27 @@ class Home:
             raise BadKey(f"{self.private_key_file} is not an RSA private key")
         _check_rsa(key.public_key())
         return Identity(name, key)
+
+    def _relay_file(self, server: str) -> Path:
+        digest = hashlib.sha256(server.encode("utf-8")).hexdigest()[:32]
+        return self.path / "relays" / digest
+
+    def pin_relay(self, server: str, relay: str) -> None:
+        """
+        Remember the id the relay at C{server} gave on first contact, and
+        refuse (L{RelayMismatch}) a later different one: another relay
+        forwarding this one's challenge shows the other relay's id.
+        """
+        path = self._relay_file(server)
+        try:
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_durably(path, f"{server}\n{relay}\n".encode("utf-8"), 0o644)
+            return
+        pinned = lines[1] if len(lines) > 1 else ""
+        if pinned != relay:
+            raise RelayMismatch(server, pinned, relay, path)
 
     def _contact_file(self, name: str) -> Path:
         return self.contacts_dir / f"{check_identity(name)}.pem"

@@ -23,6 +23,13 @@ PROTOCOL_VERSION = 1
 MAX_ENVELOPE = 256 * 1024
 """The default largest envelope, in bytes, a relay accepts."""
 
+LARGEST_ENVELOPE = 64 * 1024 * 1024
+"""
+The largest envelope any relay may be configured to accept.  Clients accept
+deliveries up to this size whatever the relay's current limit: a message
+stored under a higher limit must still come out after the limit is lowered.
+"""
+
 FRAME_OVERHEAD = 64
 """Room in a frame for the type, a message id and length prefixes."""
 
@@ -49,11 +56,30 @@ def max_frame_for(max_envelope: int) -> int:
     return max(max_envelope, MIN_FRAME_ROOM) + FRAME_OVERHEAD
 
 
-def auth_transcript(challenge: bytes, relay: str, identity: str) -> bytes:
+BINDING_NONE = 0
+BINDING_TLS_EXPORTER = 1
+TLS_EXPORTER_LABEL = b"EXPORTER-mailrelay-auth-v1"
+CHANNEL_BINDING_SIZE = 32
+
+
+def auth_transcript(
+    challenge: bytes,
+    relay: str,
+    identity: str,
+    receive: bool = True,
+    channel_binding: bytes = b"",
+) -> bytes:
     """
     What a client signs to authenticate: a context label, the relay's
-    challenge, the relay's id and the client's own id, each length-prefixed
-    so no two transcripts share an encoding.
+    challenge, the relay's id, the client's own id, whether the session
+    receives, and the channel binding (the TLS exporter value of this very
+    connection when the relay terminates TLS itself, else empty), each
+    length-prefixed so no two transcripts share an encoding.
+
+    The channel binding is what stops a relay (or anyone the client was
+    induced to connect to) from passing the challenge of another relay to
+    the client and the signed answer back: the answer is good only on the
+    TLS connection it was made on.
     """
     return (
         Writer()
@@ -61,6 +87,8 @@ def auth_transcript(challenge: bytes, relay: str, identity: str) -> bytes:
         .blob16(challenge)
         .identity(relay)
         .identity(identity)
+        .u8(1 if receive else 0)
+        .blob16(channel_binding)
         .getvalue()
     )
 
@@ -103,12 +131,17 @@ class ErrorCode(enum.IntEnum):
 
 @dataclass(frozen=True)
 class Hello:
-    """Relay to client, first frame of a session: who the relay is and the challenge."""
+    """
+    Relay to client, first frame of a session: who the relay is, the
+    challenge, and the channel binding the answer must include
+    (L{BINDING_NONE} or L{BINDING_TLS_EXPORTER}).
+    """
 
     TYPE: ClassVar[int] = 0x01
     version: int
     relay: str
     challenge: bytes
+    binding: int = BINDING_NONE
 
 
 @dataclass(frozen=True)
@@ -263,7 +296,9 @@ def encode(frame: Frame) -> bytes:
     w = Writer().u8(frame.TYPE)
     if isinstance(frame, Hello):
         _check_fixed(frame.challenge, CHALLENGE_SIZE, "challenge")
-        w.u16(frame.version).identity(frame.relay).raw(frame.challenge)
+        if frame.binding not in (BINDING_NONE, BINDING_TLS_EXPORTER):
+            raise ValueError(f"unknown channel binding {frame.binding}")
+        w.u16(frame.version).identity(frame.relay).raw(frame.challenge).u8(frame.binding)
     elif isinstance(frame, Auth):
         _check_max(frame.public_key, MAX_KEY_SIZE, "public key")
         _check_max(frame.signature, MAX_SIGNATURE_SIZE, "signature")
@@ -305,7 +340,9 @@ def decode(body: bytes, max_envelope: int = MAX_ENVELOPE) -> Frame:
     frame: Frame
     if kind == Hello.TYPE:
         frame = Hello(r.u16("version"), r.identity("relay id"),
-                      _fixed(r, CHALLENGE_SIZE, "challenge"))
+                      _fixed(r, CHALLENGE_SIZE, "challenge"), r.u8("channel binding"))
+        if frame.binding not in (BINDING_NONE, BINDING_TLS_EXPORTER):
+            raise ProtocolError(f"unknown channel binding {frame.binding}")
     elif kind == Auth.TYPE:
         frame = Auth(r.u16("version"), r.identity("identity"),
                      r.blob16("public key", MAX_KEY_SIZE),

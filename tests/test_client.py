@@ -11,6 +11,7 @@ import email
 import email.policy
 import email.utils
 import os
+import time
 
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
@@ -37,7 +38,7 @@ from mailrelay.client.protocol import (
     SendRefused,
     connect,
 )
-from mailrelay.client.seen import MemorySeen, SeenFile
+from mailrelay.client.seen import MemorySeen, SeenFile, SeenFileError
 from mailrelay.relay.protocol import RelayFactory
 from mailrelay.relay.store import Quota
 from mailrelay.relay.store.memory import MemoryStore
@@ -202,7 +203,9 @@ class HandshakeTests(SynchronousTestCase):
         self.assertIsInstance(auth, wire.Auth)
         self.assertEqual((auth.version, auth.identity, auth.public_key),
                          (wire.PROTOCOL_VERSION, "alice", ALICE.public_der))
-        transcript = wire.auth_transcript(CHALLENGE, RELAY, "alice")
+        # A client without a handler does not receive; the flag is signed.
+        self.assertIs(auth.receive, False)
+        transcript = wire.auth_transcript(CHALLENGE, RELAY, "alice", receive=False)
         self.assertTrue(keys.verify(ALICE.public_key, auth.signature, transcript))
         self.assertNoResult(client.ready)
 
@@ -528,15 +531,36 @@ class SendReceiveTests(SynchronousTestCase):
 
 
     def test_deliver_over_advertised_limit(self):
-        """A Deliver over the limit the relay itself advertised is a malformed frame."""
+        """
+        A message stored while the relay allowed larger envelopes still comes
+        out after the limit was lowered: deliveries are not held to the
+        relay's current sending limit.
+        """
+        received = []
         transport = StringTransportWithDisconnection()
-        client = ClientProtocol(BOB)
+        client = ClientProtocol(BOB, on_message=received.append)
+        transport.protocol = client
+        client.makeConnection(transport)
+        client.dataReceived(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, RELAY, CHALLENGE)))
+        client.dataReceived(wire.encode(wire.Welcome(False, 1, 16 * 1024)))
+        client.contacts.pin("alice", ALICE.public_der)
+        client._directory["alice"] = ALICE.public_der
+        sealed = envelope.seal(ALICE, "bob", BOB.public_key, b"z" * 20_000, message_id=mid(1))
+        transport.clear()
+        client.dataReceived(wire.encode(wire.Deliver(mid(1), sealed)))
+        self.assertEqual([m.plaintext for m in received], [b"z" * 20_000])
+        self.assertEqual(read_frames(transport), [wire.Ack(mid(1))])
+
+    def test_deliver_over_largest_envelope(self):
+        """Nothing larger than any relay may store is accepted."""
+        transport = StringTransportWithDisconnection()
+        client = ClientProtocol(BOB, on_message=list.append)
         transport.protocol = client
         client.makeConnection(transport)
         client.dataReceived(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, RELAY, CHALLENGE)))
         client.dataReceived(wire.encode(wire.Welcome(False, 0, 16 * 1024)))
         transport.clear()
-        client.dataReceived(wire.encode(wire.Deliver(mid(1), b"z" * 20_000)))
+        client.dataReceived(wire.LENGTH_PREFIX.pack(wire.max_frame_for(wire.LARGEST_ENVELOPE) + 1))
         [frame] = read_frames(transport)
         self.assertEqual(frame.code, E.MALFORMED_FRAME)
         self.assertFalse(transport.connected)
@@ -1121,6 +1145,27 @@ class MaildirTests(SynchronousTestCase):
         self.assertIn(mid(42).hex(), msg["Message-ID"])
         self.assertTrue(msg["Message-ID"].strip().endswith("@mailrelay.invalid>"))
 
+    def test_absurd_timestamp(self):
+        """
+        A sender-chosen timestamp no date can show (2**63, year 10000, far
+        before 1970) does not stop the message being filed: it is dated by
+        its receipt and the sender's number kept in X-Mailrelay-Sent-At.
+        """
+        for timestamp in (2**63, 253_402_300_800, 2**64 - 1):
+            before = int(time.time())
+            path = self.maildir.add(opened_message(b"from the far future", timestamp=timestamp))
+            after = time.time()
+            msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+            self.assertEqual(msg["X-Mailrelay-Sent-At"], str(timestamp))
+            date = email.utils.parsedate_to_datetime(msg["Date"]).timestamp()
+            self.assertTrue(before <= date <= after, (before, date, after))
+            self.assertEqual(msg.get_content().strip(), "from the far future")
+
+    def test_ordinary_timestamp_has_no_sent_at(self):
+        msg = email.message_from_bytes(as_email(opened_message(b"x")),
+                                       policy=email.policy.default)
+        self.assertIsNone(msg["X-Mailrelay-Sent-At"])
+
 
 
 class SeenTests(SynchronousTestCase):
@@ -1147,18 +1192,42 @@ class SeenTests(SynchronousTestCase):
         self.assertFalse(again.seen("alice", mid(2)))
         self.assertFalse(again.seen("carol", mid(1)))
 
-    def test_file_prunes_old_entries(self):
-        """Entries older than keep_days are dropped when the file is opened."""
+    def test_file_keeps_old_entries(self):
+        """
+        Entries are never pruned: a relay replaying a message years later
+        does not get it shown again.
+        """
         path = self.mktemp()
         seen = SeenFile(path)
         seen.add("alice", mid(1))
-        seen._db.execute("UPDATE seen SET seen_at = seen_at - ?", (3 * 86400,))
+        seen._db.execute("UPDATE seen SET seen_at = seen_at - ?", (3 * 365 * 86400,))
         seen.add("alice", mid(2))
         seen.close()
-        again = SeenFile(path, keep_days=2)
+        again = SeenFile(path)
         self.addCleanup(again.close)
-        self.assertFalse(again.seen("alice", mid(1)))
+        self.assertTrue(again.seen("alice", mid(1)))
         self.assertTrue(again.seen("alice", mid(2)))
+
+    def test_file_not_a_database(self):
+        """A seen file that is not SQLite: SeenFileError saying what to do."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("this is not a database\n" * 100)
+        exc = self.assertRaises(SeenFileError, SeenFile, path)
+        self.assertEqual(
+            str(exc),
+            f"cannot read {path}: file is not a database; move it aside to start afresh "
+            f"(messages already shown may then be shown again)",
+        )
+        with open(path) as f:
+            self.assertTrue(f.read().startswith("this is not a database"))
+
+    def test_file_unopenable(self):
+        """A seen file path that cannot be opened (a directory): SeenFileError."""
+        path = os.path.abspath(self.mktemp())
+        os.makedirs(path)
+        exc = self.assertRaises(SeenFileError, SeenFile, path)
+        self.assertTrue(str(exc).startswith(f"cannot read {path}: "), str(exc))
 
     def test_client_with_seen_file(self):
         """A message seen in one session is not handed over again in the next."""

@@ -451,3 +451,46 @@ class CanonicalEncodingTests(SynchronousTestCase):
             contacts.pin("canon", self.identity.public_der)
             key = contacts.pin("canon", self.odd)
             self.assertEqual(keys.public_der(key), self.identity.public_der)
+
+
+class KeyLimitsTests(SynchronousTestCase):
+    """Keys a relay must verify before it knows who is connecting stay cheap to verify."""
+
+    def test_refuses_other_public_exponents(self):
+        from cryptography.hazmat.primitives.asymmetric import rsa as rsa_
+
+        key = rsa_.generate_private_key(public_exponent=3, key_size=2048).public_key()
+        e = self.assertRaises(keys.BadKey, keys.load_public_der, keys.public_der(key))
+        self.assertIn("65537", str(e))
+
+    def test_refuses_keys_over_4096_bits(self):
+        from cryptography.hazmat.primitives.asymmetric import rsa as rsa_
+
+        key = rsa_.generate_private_key(public_exponent=65537, key_size=4104).public_key()
+        e = self.assertRaises(keys.BadKey, keys.load_public_der, keys.public_der(key))
+        self.assertIn("4096", str(e))
+        self.assertRaises(keys.BadKey, keys.Identity.generate, "big", bits=8192)
+
+
+class IdentitySpellingTests(SynchronousTestCase):
+    def test_identities_are_lowercase(self):
+        """Alice is alice: no two ids can share a file name on a case-insensitive disk."""
+        self.assertEqual(keys.check_identity("Alice"), "alice")
+        home = keys.Home(self.mktemp())
+        identity = home.create("Alice", bits=2048)
+        self.assertEqual(identity.name, "alice")
+        self.assertEqual(home.load().name, "alice")
+
+
+class RelayPinningTests(SynchronousTestCase):
+    def test_first_id_pinned_then_enforced(self):
+        home = keys.Home(self.mktemp())
+        home.pin_relay("tcp:relay.example:9000", "relay-1")
+        home.pin_relay("tcp:relay.example:9000", "relay-1")
+        e = self.assertRaises(keys.RelayMismatch, home.pin_relay,
+                              "tcp:relay.example:9000", "relay-2")
+        self.assertIn("'relay-2'", str(e))
+        self.assertIn("'relay-1'", str(e))
+        self.assertIn(str(home.path / "relays"), str(e))
+        # Each server address has its own pin.
+        home.pin_relay("tcp:other.example:9000", "relay-2")

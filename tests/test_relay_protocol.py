@@ -175,12 +175,12 @@ class RelayTestMixin:
         return list(frames)
 
 
-A = ident("A")
-B = ident("B")
-C = ident("C")
-B_OTHER_KEY = ident("B", key_tag="X")
-A_OTHER_KEY = ident("A", key_tag="X")
-A_WEAK_KEY = ident("A", key_tag="weak", bits=1024)
+A = ident("a")
+B = ident("b")
+C = ident("c")
+B_OTHER_KEY = ident("b", key_tag="X")
+A_OTHER_KEY = ident("a", key_tag="X")
+A_WEAK_KEY = ident("a", key_tag="weak", bits=1024)
 
 
 class HelloTests(RelayTestMixin, SynchronousTestCase):
@@ -209,8 +209,8 @@ class AuthTests(RelayTestMixin, SynchronousTestCase):
         client.auth(A)
         self.assertEqual(client.frames(), [wire.Welcome(True, 0, self.factory.max_envelope)])
         self.assertEqual(client.proto.state, "ready")
-        self.assertEqual(client.proto.identity, "A")
-        self.assertEqual(self.successResultOf(self.factory.directory.lookup("A")), der(A))
+        self.assertEqual(client.proto.identity, "a")
+        self.assertEqual(self.successResultOf(self.factory.directory.lookup("a")), der(A))
 
     def test_welcome_known_key(self):
         self.connect(A).disconnect()
@@ -249,7 +249,7 @@ class AuthTests(RelayTestMixin, SynchronousTestCase):
         client = Client(self.factory)
         client.auth(A, challenge=os.urandom(wire.CHALLENGE_SIZE))
         self.assertFatal(client, E.AUTH_FAILED)
-        self.assertIsNone(self.successResultOf(self.factory.directory.lookup("A")))
+        self.assertIsNone(self.successResultOf(self.factory.directory.lookup("a")))
 
     def test_replayed_auth(self):
         """An Auth recorded on one connection does not authenticate another."""
@@ -267,13 +267,13 @@ class AuthTests(RelayTestMixin, SynchronousTestCase):
         client = Client(self.factory)
         client.auth(A, signer=A_OTHER_KEY)
         self.assertFatal(client, E.AUTH_FAILED)
-        self.assertIsNone(self.successResultOf(self.factory.directory.lookup("A")))
+        self.assertIsNone(self.successResultOf(self.factory.directory.lookup("a")))
 
     def test_key_too_small(self):
         client = Client(self.factory)
         client.auth(A_WEAK_KEY)  # correctly signed, but 1024 bits
         self.assertFatal(client, E.AUTH_FAILED)
-        self.assertIsNone(self.successResultOf(self.factory.directory.lookup("A")))
+        self.assertIsNone(self.successResultOf(self.factory.directory.lookup("a")))
 
     def test_key_not_der(self):
         client = Client(self.factory)
@@ -284,14 +284,14 @@ class AuthTests(RelayTestMixin, SynchronousTestCase):
         client = Client(self.factory)
         client.auth(A, version=wire.PROTOCOL_VERSION + 1)
         self.assertFatal(client, E.UNSUPPORTED_VERSION)
-        self.assertIsNone(self.successResultOf(self.factory.directory.lookup("A")))
+        self.assertIsNone(self.successResultOf(self.factory.directory.lookup("a")))
 
     def test_key_conflict(self):
         self.register(A)
         client = Client(self.factory)
         client.auth(A_OTHER_KEY)  # a valid proof, for another key than the registered one
         self.assertFatal(client, E.KEY_CONFLICT)
-        self.assertEqual(self.successResultOf(self.factory.directory.lookup("A")), der(A))
+        self.assertEqual(self.successResultOf(self.factory.directory.lookup("a")), der(A))
         self.assertIsNone(client.proto.identity)
 
     def test_key_conflict_does_not_supersede(self):
@@ -328,11 +328,11 @@ class AuthTests(RelayTestMixin, SynchronousTestCase):
     def test_send_before_auth(self):
         self.register(A, B)
         self._before_auth(wire.Send(seal(A, B)))
-        self.assertEqual(self.count("B"), 0)
+        self.assertEqual(self.count("b"), 0)
 
     def test_lookup_before_auth(self):
         self.register(A)
-        self._before_auth(wire.Lookup("A"))
+        self._before_auth(wire.Lookup("a"))
 
     def test_ping_before_auth(self):
         self._before_auth(wire.Ping(b"12345678"))
@@ -348,11 +348,11 @@ class AuthTests(RelayTestMixin, SynchronousTestCase):
 
     def test_frames_after_failed_auth_discarded(self):
         client = Client(self.factory)
-        transcript = wire.auth_transcript(os.urandom(wire.CHALLENGE_SIZE), RELAY, "A")
+        transcript = wire.auth_transcript(os.urandom(wire.CHALLENGE_SIZE), RELAY, "a")
         client.feed(
-            wire.encode(wire.Auth(wire.PROTOCOL_VERSION, "A", der(A), A.sign(transcript)))
+            wire.encode(wire.Auth(wire.PROTOCOL_VERSION, "a", der(A), A.sign(transcript)))
             + wire.encode(wire.Ping(b"12345678"))
-            + wire.encode(wire.Lookup("A"))
+            + wire.encode(wire.Lookup("a"))
         )
         frames = client.frames()
         self.assertEqual(len(frames), 1, frames)
@@ -372,16 +372,16 @@ class AuthTests(RelayTestMixin, SynchronousTestCase):
         """Frames following Auth in one read are handled after it, in order."""
         self.register(B)
         client = Client(self.factory)
-        transcript = wire.auth_transcript(client.hello.challenge, RELAY, "A")
+        transcript = wire.auth_transcript(client.hello.challenge, RELAY, "a")
         data = (
-            wire.encode(wire.Auth(wire.PROTOCOL_VERSION, "A", der(A), A.sign(transcript)))
-            + wire.encode(wire.Lookup("B"))
+            wire.encode(wire.Auth(wire.PROTOCOL_VERSION, "a", der(A), A.sign(transcript)))
+            + wire.encode(wire.Lookup("b"))
             + wire.encode(wire.Ping(b"abcdefgh"))
         )
         client.feed(data)
         self.assertEqual(client.frames(), [
             wire.Welcome(True, 0, self.factory.max_envelope),
-            wire.Key("B", der(B)),
+            wire.Key("b", der(B)),
             wire.Pong(b"abcdefgh"),
         ])
 
@@ -477,10 +477,10 @@ class LookupPingTests(RelayTestMixin, SynchronousTestCase):
     def test_lookup_known(self):
         self.register(B)
         client = self.connect(A)
-        client.send(wire.Lookup("B"))
-        self.assertEqual(client.frames(), [wire.Key("B", der(B))])
-        client.send(wire.Lookup("A"))
-        self.assertEqual(client.frames(), [wire.Key("A", der(A))])
+        client.send(wire.Lookup("b"))
+        self.assertEqual(client.frames(), [wire.Key("b", der(B))])
+        client.send(wire.Lookup("a"))
+        self.assertEqual(client.frames(), [wire.Key("a", der(A))])
 
     def test_lookup_unknown(self):
         client = self.connect(A)
@@ -524,13 +524,13 @@ class SendTests(RelayTestMixin, SynchronousTestCase):
         sender.send(wire.Send(env))
         self.assertEqual(sender.frames(), [wire.Accepted(mid(7))])
         self.assertEqual(receiver.frames(), [wire.Deliver(mid(7), env)])
-        self.assertEqual(self.count("B"), 1)
+        self.assertEqual(self.count("b"), 1)
         # The bytes delivered are the sender's, and open for B.
         opened = envelope.open_envelope(env, B, A.public_key)
         self.assertEqual(opened.plaintext, b"hello B")
         receiver.send(wire.Ack(mid(7)))
         self.assertEqual(receiver.frames(), [])
-        self.assertEqual(self.count("B"), 0)
+        self.assertEqual(self.count("b"), 0)
 
     def test_send_to_self(self):
         client = self.connect(A)
@@ -544,12 +544,12 @@ class SendTests(RelayTestMixin, SynchronousTestCase):
         env = seal(A, B, message_id=mid(1))
         sender.send(wire.Send(env))
         self.assertEqual(sender.frames(), [wire.Accepted(mid(1))])
-        self.assertEqual(self.count("B"), 1)
+        self.assertEqual(self.count("b"), 1)
         receiver = self.connect(B)
         self.assertEqual(receiver.welcome.queued, 1)
         self.assertEqual(receiver.after_welcome, [wire.Deliver(mid(1), env)])
         receiver.send(wire.Ack(mid(1)))
-        self.assertEqual(self.count("B"), 0)
+        self.assertEqual(self.count("b"), 0)
 
     def test_unacked_redelivered_next_session(self):
         receiver = self.connect(B)
@@ -558,13 +558,13 @@ class SendTests(RelayTestMixin, SynchronousTestCase):
         sender.send(wire.Send(env))
         self.assertEqual(receiver.frames(), [wire.Deliver(mid(1), env)])
         receiver.disconnect()
-        self.assertEqual(self.count("B"), 1)
+        self.assertEqual(self.count("b"), 1)
         again = self.connect(B)
         self.assertEqual(again.welcome.queued, 1)
         self.assertEqual(again.after_welcome, [wire.Deliver(mid(1), env)])
         again.send(wire.Ack(mid(1)))
         self.assertEqual(again.frames(), [])
-        self.assertEqual(self.count("B"), 0)
+        self.assertEqual(self.count("b"), 0)
         again.disconnect()
         third = self.connect(B)
         self.assertEqual(third.welcome.queued, 0)
@@ -575,15 +575,15 @@ class SendTests(RelayTestMixin, SynchronousTestCase):
         env = seal(C, B, message_id=mid(3))  # sealed and signed by C
         client.send(wire.Send(env))
         self.assertRefused(client, E.SENDER_MISMATCH, mid(3))
-        self.assertEqual(self.count("B"), 0)
+        self.assertEqual(self.count("b"), 0)
 
     def test_sender_name_mismatch_same_key(self):
         """An envelope signed with A's own key but naming C as sender is refused."""
         client = self.connect(A)
-        env = seal(ident("C", key_tag="A"), B, message_id=mid(3))
+        env = seal(ident("c", key_tag="a"), B, message_id=mid(3))
         client.send(wire.Send(env))
         self.assertRefused(client, E.SENDER_MISMATCH, mid(3))
-        self.assertEqual(self.count("B"), 0)
+        self.assertEqual(self.count("b"), 0)
 
     def test_sender_other_key(self):
         """An envelope naming A but sealed with another key of A is refused."""
@@ -591,21 +591,21 @@ class SendTests(RelayTestMixin, SynchronousTestCase):
         env = seal(A_OTHER_KEY, B, message_id=mid(3))
         client.send(wire.Send(env))
         self.assertRefused(client, E.SENDER_MISMATCH, mid(3))
-        self.assertEqual(self.count("B"), 0)
+        self.assertEqual(self.count("b"), 0)
 
     def test_recipient_key_mismatch(self):
         client = self.connect(A)
         env = seal(A, B_OTHER_KEY, message_id=mid(4))
         client.send(wire.Send(env))
         self.assertRefused(client, E.RECIPIENT_KEY_MISMATCH, mid(4))
-        self.assertEqual(self.count("B"), 0)
+        self.assertEqual(self.count("b"), 0)
 
     def test_unknown_recipient(self):
         client = self.connect(A)
         env = seal(A, C, message_id=mid(5))  # C never registered
         client.send(wire.Send(env))
         self.assertRefused(client, E.UNKNOWN_IDENTITY, mid(5))
-        self.assertEqual(self.count("C"), 0)
+        self.assertEqual(self.count("c"), 0)
 
     def test_bad_envelope(self):
         client = self.connect(A)
@@ -618,7 +618,7 @@ class SendTests(RelayTestMixin, SynchronousTestCase):
         env = seal(A, B, message_id=mid(1))
         client.send(wire.Send(env[:-1]))
         self.assertRefused(client, E.BAD_ENVELOPE, b"")
-        self.assertEqual(self.count("B"), 0)
+        self.assertEqual(self.count("b"), 0)
 
     def test_session_goes_on_after_refusal(self):
         receiver = self.connect(B)
@@ -637,7 +637,7 @@ class SendTests(RelayTestMixin, SynchronousTestCase):
         sender.send(wire.Send(env))
         sender.send(wire.Send(env))
         self.assertEqual(sender.frames(), [wire.Accepted(mid(9)), wire.Accepted(mid(9))])
-        self.assertEqual(self.count("B"), 1)
+        self.assertEqual(self.count("b"), 1)
         self.assertEqual(receiver.frames(), [wire.Deliver(mid(9), env)])
 
     def test_retry_after_ack(self):
@@ -650,7 +650,7 @@ class SendTests(RelayTestMixin, SynchronousTestCase):
         receiver.send(wire.Ack(mid(9)))
         sender.send(wire.Send(env))
         self.assertEqual(sender.frames(), [wire.Accepted(mid(9)), wire.Accepted(mid(9))])
-        self.assertEqual(self.count("B"), 0)
+        self.assertEqual(self.count("b"), 0)
         self.assertEqual(receiver.frames(), [])
 
     def test_duplicate_id(self):
@@ -663,7 +663,7 @@ class SendTests(RelayTestMixin, SynchronousTestCase):
         self.assertEqual(sender.frames(), [wire.Accepted(mid(9))])
         sender.send(wire.Send(other))
         self.assertRefused(sender, E.DUPLICATE_ID, mid(9))
-        self.assertEqual(self.count("B"), 1)
+        self.assertEqual(self.count("b"), 1)
         self.assertEqual(receiver.frames(), [wire.Deliver(mid(9), env)])
 
     def test_quota(self):
@@ -677,8 +677,8 @@ class SendTests(RelayTestMixin, SynchronousTestCase):
         self.assertEqual(sender.frames(), [wire.Accepted(mid(1)), wire.Accepted(mid(2))])
         sender.send(wire.Send(seal(A, B, message_id=mid(3))))
         self.assertRefused(sender, E.MAILBOX_FULL, mid(3))
-        self.assertEqual(self.count("B"), 2)
-        ids = [m.message_id for m in self.successResultOf(store.pending("B", 0, 10))]
+        self.assertEqual(self.count("b"), 2)
+        ids = [m.message_id for m in self.successResultOf(store.pending("b", 0, 10))]
         self.assertEqual(ids, [mid(1), mid(2)])
 
 
@@ -699,28 +699,28 @@ class AckTests(RelayTestMixin, SynchronousTestCase):
     def test_ack_unknown(self):
         self.receiver.send(wire.Ack(mid(99)))
         self.assertRefused(self.receiver, E.UNKNOWN_MESSAGE, mid(99))
-        self.assertEqual(self.count("B"), 2)
+        self.assertEqual(self.count("b"), 2)
 
     def test_ack_twice(self):
         self.receiver.send(wire.Ack(mid(1)))
         self.assertEqual(self.receiver.frames(), [wire.Deliver(mid(2), self.envs[1])])
-        self.assertEqual(self.count("B"), 1)
+        self.assertEqual(self.count("b"), 1)
         self.receiver.send(wire.Ack(mid(1)))
         self.assertRefused(self.receiver, E.UNKNOWN_MESSAGE, mid(1))
-        self.assertEqual(self.count("B"), 1)
+        self.assertEqual(self.count("b"), 1)
 
     def test_ack_not_yet_delivered(self):
         """Only delivered messages can be acknowledged: mid(2) waits behind the window."""
         self.receiver.send(wire.Ack(mid(2)))
         self.assertRefused(self.receiver, E.UNKNOWN_MESSAGE, mid(2))
-        self.assertEqual(self.count("B"), 2)
+        self.assertEqual(self.count("b"), 2)
 
     def test_ack_other_mailbox(self):
         """C cannot delete B's message by acknowledging its id."""
         other = self.connect(C)
         other.send(wire.Ack(mid(1)))
         self.assertRefused(other, E.UNKNOWN_MESSAGE, mid(1))
-        self.assertEqual(self.count("B"), 2)
+        self.assertEqual(self.count("b"), 2)
 
 
 class DeliveryOrderTests(RelayTestMixin, SynchronousTestCase):
@@ -769,7 +769,7 @@ class DeliveryOrderTests(RelayTestMixin, SynchronousTestCase):
         self.assertEqual(receiver.frames(), [wire.Deliver(mid(4), envs[4])])
         receiver.send(wire.Ack(mid(4)))
         self.assertEqual(receiver.frames(), [])
-        self.assertEqual(self.count("B"), 0)
+        self.assertEqual(self.count("b"), 0)
 
     def test_window_offline(self):
         self.factory = RelayFactory(MemoryStore(), self.clock, name=RELAY, window=2)
@@ -825,8 +825,8 @@ class ConcurrentDeliveryTests(RelayTestMixin, SynchronousTestCase):
         return SlowPendingStore(MemoryStore(), set())
 
     def slowB(self) -> None:
-        self.assertEqual(self.store.outstanding.get("B", []), [])
-        self.store.slow.add("B")
+        self.assertEqual(self.store.outstanding.get("b", []), [])
+        self.store.slow.add("b")
 
     def test_serialised_per_recipient(self):
         self.register(A, B, C)
@@ -835,9 +835,9 @@ class ConcurrentDeliveryTests(RelayTestMixin, SynchronousTestCase):
         c = self.connect(C)
         receiver = self.connect(B)
         self.assertEqual(receiver.after_welcome, [])
-        self.assertEqual(len(self.store.outstanding["B"]), 1)
+        self.assertEqual(len(self.store.outstanding["b"]), 1)
 
-        sent = {"A": [], "C": []}
+        sent = {"a": [], "c": []}
 
         def send(client, identity, n):
             env = seal(identity, B, message_id=mid(n))
@@ -849,23 +849,23 @@ class ConcurrentDeliveryTests(RelayTestMixin, SynchronousTestCase):
         # five sends wake the loop meanwhile.
         for client, identity, n in [(a, A, 1), (c, C, 2), (a, A, 3), (c, C, 4), (a, A, 5)]:
             send(client, identity, n)
-        self.assertEqual(len(self.store.outstanding["B"]), 1)
+        self.assertEqual(len(self.store.outstanding["b"]), 1)
         self.assertEqual(receiver.frames(), [])
 
         delivered: list[wire.Deliver] = []
 
         def fire():
-            self.store.fire("B")
-            self.assertLessEqual(len(self.store.outstanding["B"]), 1)
+            self.store.fire("b")
+            self.assertLessEqual(len(self.store.outstanding["b"]), 1)
             delivered.extend(self.delivered(receiver.frames()))
 
         # 2. It answers nothing; the folded wakes run one query (sees 1-5).
         fire()
         self.assertEqual(delivered, [])
-        self.assertEqual(len(self.store.outstanding["B"]), 1)
+        self.assertEqual(len(self.store.outstanding["b"]), 1)
         send(c, C, 6)
         send(a, A, 7)
-        self.assertEqual(len(self.store.outstanding["B"]), 1)
+        self.assertEqual(len(self.store.outstanding["b"]), 1)
 
         # 3. 1-5 are pushed; the next query (sees 6-7) goes out.
         fire()
@@ -873,22 +873,22 @@ class ConcurrentDeliveryTests(RelayTestMixin, SynchronousTestCase):
         receiver.send(wire.Ack(mid(1)))
         self.assertEqual(receiver.frames(), [])
         send(a, A, 8)
-        self.assertEqual(len(self.store.outstanding["B"]), 1)
+        self.assertEqual(len(self.store.outstanding["b"]), 1)
 
         # 4. The rest, with one more wake racing the queries.
         fire()
         send(c, C, 9)
-        while self.store.outstanding["B"]:
+        while self.store.outstanding["b"]:
             fire()
 
         self.assertEqual(self.store.max_outstanding, 1)
         # Wakes fold: far fewer queries than the ten wakes plus connect.
-        self.assertLess(self.store.calls["B"], 8)
+        self.assertLess(self.store.calls["b"], 8)
         ids = [d.message_id for d in delivered]
         self.assertEqual(len(ids), len(set(ids)), "a message was delivered twice")
         self.assertEqual(sorted(ids), sorted(mid(n) for n in range(1, 10)))
         by_id = {d.message_id: d.envelope for d in delivered}
-        for name in ("A", "C"):
+        for name in ("a", "c"):
             self.assertEqual([m for m, _ in sent[name]],
                              [i for i in ids if i in dict(sent[name])])
             for m, env in sent[name]:
@@ -902,15 +902,15 @@ class ConcurrentDeliveryTests(RelayTestMixin, SynchronousTestCase):
         env = seal(A, B, message_id=mid(1))
         sender.send(wire.Send(env))
         first = self.connect(B)
-        self.assertEqual(len(self.store.outstanding["B"]), 1)
+        self.assertEqual(len(self.store.outstanding["b"]), 1)
         first.disconnect()
         second = self.connect(B)
-        self.assertEqual(len(self.store.outstanding["B"]), 1)
-        self.store.fire("B")  # the first session's query
+        self.assertEqual(len(self.store.outstanding["b"]), 1)
+        self.store.fire("b")  # the first session's query
         self.assertEqual(first.frames(), [])
         self.assertEqual(second.frames(), [])
-        self.assertEqual(len(self.store.outstanding["B"]), 1)
-        self.store.fire("B")
+        self.assertEqual(len(self.store.outstanding["b"]), 1)
+        self.store.fire("b")
         self.assertEqual(second.frames(), [wire.Deliver(mid(1), env)])
         self.assertEqual(self.store.max_outstanding, 1)
 
@@ -937,7 +937,7 @@ class SupersedeTests(RelayTestMixin, SynchronousTestCase):
         second.send(wire.Ack(mid(1)))
         second.send(wire.Ack(mid(2)))
         self.assertEqual(second.frames(), [])
-        self.assertEqual(self.count("B"), 0)
+        self.assertEqual(self.count("b"), 0)
 
     def test_superseded_session_ignored(self):
         """Frames still arriving on the superseded connection do nothing."""
@@ -949,9 +949,9 @@ class SupersedeTests(RelayTestMixin, SynchronousTestCase):
         first.frames()
         first.send(wire.Ack(mid(1)))
         self.assertEqual(first.frames(), [])
-        self.assertEqual(self.count("B"), 1)
+        self.assertEqual(self.count("b"), 1)
         second.send(wire.Ack(mid(1)))
-        self.assertEqual(self.count("B"), 0)
+        self.assertEqual(self.count("b"), 0)
 
     def test_other_identities_not_superseded(self):
         self.register(A, B)
@@ -976,14 +976,18 @@ class BackpressureTests(RelayTestMixin, SynchronousTestCase):
         sender.send(wire.Send(envs[2]))
         self.assertEqual(sender.frames(), [wire.Accepted(mid(1)), wire.Accepted(mid(2))])
         self.assertEqual(receiver.frames(), [])
-        receiver.send(wire.Ack(mid(0)))  # an ack wakes the loop, which stays paused
+        # Requests wait while the write buffer is full: their answers would
+        # pile up unread.
+        receiver.send(wire.Ack(mid(0)))
+        receiver.send(wire.Ping(b"stillok!"))
         self.assertEqual(receiver.frames(), [])
-        # Requests are still answered while paused.
-        self.assertStillServes(receiver)
+        self.assertEqual(self.count("b"), 3)
 
         receiver.proto.resumeProducing()
         self.assertEqual(receiver.frames(),
-                         [wire.Deliver(mid(n), envs[n]) for n in (1, 2)])
+                         [wire.Deliver(mid(n), envs[n]) for n in (1, 2)]
+                         + [wire.Pong(b"stillok!")])
+        self.assertEqual(self.count("b"), 2)
 
     def test_pause_before_queued_delivery(self):
         self.register(A, B)
@@ -1018,8 +1022,8 @@ class BackpressureMidDeliveryTests(RelayTestMixin, SynchronousTestCase):
         return SlowPendingStore(MemoryStore(), set())
 
     def slowB(self) -> None:
-        self.assertEqual(self.store.outstanding.get("B", []), [])
-        self.store.slow.add("B")
+        self.assertEqual(self.store.outstanding.get("b", []), [])
+        self.store.slow.add("b")
 
     def test_pause_while_query_outstanding(self):
         self.register(A, B)
@@ -1028,13 +1032,13 @@ class BackpressureMidDeliveryTests(RelayTestMixin, SynchronousTestCase):
         env = seal(A, B, message_id=mid(1))
         sender.send(wire.Send(env))
         receiver = self.connect(B)
-        self.assertEqual(len(self.store.outstanding["B"]), 1)  # sees mid(1)
+        self.assertEqual(len(self.store.outstanding["b"]), 1)  # sees mid(1)
         receiver.proto.pauseProducing()
-        self.store.fire("B")
+        self.store.fire("b")
         self.assertEqual(receiver.frames(), [], "Deliver written while the producer is paused")
         receiver.proto.resumeProducing()
-        while self.store.outstanding["B"]:
-            self.store.fire("B")
+        while self.store.outstanding["b"]:
+            self.store.fire("b")
         self.assertEqual(receiver.frames(), [wire.Deliver(mid(1), env)])
 
 
@@ -1094,7 +1098,7 @@ class StoreFailureTests(RelayTestMixin, SynchronousTestCase):
         client.send(wire.Send(seal(A, B, message_id=mid(1))))
         self.assertRefused(client, E.STORE_FAILED, mid(1))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.assertEqual(self.count("B"), 0)
+        self.assertEqual(self.count("b"), 0)
         # The retry succeeds.
         client.send(wire.Send(seal(A, B, message_id=mid(1))))
         self.assertEqual(client.frames(), [wire.Accepted(mid(1))])
@@ -1166,7 +1170,7 @@ class PipelinedSendTests(RelayTestMixin, SynchronousTestCase):
         self.assertEqual(client.frames(), [wire.Accepted(mid(1)), wire.Pong(b"12345678")])
         self.store.fire()
         self.assertEqual(client.frames(), [wire.Accepted(mid(2))])
-        ids = [m.message_id for m in self.successResultOf(self.store.pending("B", 0, 10))]
+        ids = [m.message_id for m in self.successResultOf(self.store.pending("b", 0, 10))]
         self.assertEqual(ids, [mid(1), mid(2)])
 
     def test_refusal_keeps_its_place(self):
@@ -1202,12 +1206,16 @@ class PipelinedSendTests(RelayTestMixin, SynchronousTestCase):
         self.assertEqual(client.frames(), [wire.Accepted(mid(n)) for n in range(total)])
 
     def test_reading_paused_while_flooded(self):
-        """A client that sends far ahead is not read until the relay catches up."""
-        from mailrelay.relay.protocol import MAX_QUEUED_FRAMES
+        """
+        A client that sends far ahead is not read once a frame and the
+        read-ahead are buffered, until the relay catches up.
+        """
+        from mailrelay.relay.protocol import READ_AHEAD
 
         self.register(A, B)
         client = self.connect(A)
-        total = MAX_QUEUED_FRAMES + 40
+        frame = wire.encode(wire.Send(seal(A, B, message_id=mid(0))))
+        total = (self.factory.max_envelope + READ_AHEAD) // len(frame) + 40
         client.feed(b"".join(
             wire.encode(wire.Send(seal(A, B, message_id=mid(n))))
             for n in range(total)
@@ -1217,6 +1225,20 @@ class PipelinedSendTests(RelayTestMixin, SynchronousTestCase):
             self.store.fire()
         self.assertEqual(client.transport.producerState, "producing")
         self.assertEqual(len(client.frames()), total)
+
+    def test_nothing_handled_while_output_paused(self):
+        """
+        While the transport's write buffer is full, requests are not handled
+        (their answers would pile up unread); they are once it drains.
+        """
+        self.register(A, B)
+        client = self.connect(A)
+        client.proto.pauseProducing()
+        for n in range(3):
+            client.send(wire.Ping(b"%08d" % n))
+        self.assertEqual(client.frames(), [])
+        client.proto.resumeProducing()
+        self.assertEqual(client.frames(), [wire.Pong(b"%08d" % n) for n in range(3)])
 
 
 class StoreNotReadyTests(SynchronousTestCase):
@@ -1239,7 +1261,7 @@ class StoreNotReadyTests(SynchronousTestCase):
         self.assertEqual(client.frames()[-1].code, E.AUTH_TIMEOUT)
         self.factory.storeReady()
         self.assertEqual(client.frames(), [])
-        self.assertIsNone(self.successResultOf(self.store.get_key("A")),
+        self.assertIsNone(self.successResultOf(self.store.get_key("a")),
                           "a session refused with AUTH_TIMEOUT registered its key")
 
 
@@ -1247,7 +1269,7 @@ class StoreNotReadyTests(SynchronousTestCase):
 class OddKeyTests(RelayTestMixin, SynchronousTestCase):
     def test_empty_signature(self):
         client = Client(self.factory)
-        client.send(wire.Auth(wire.PROTOCOL_VERSION, "A", der(A), b""))
+        client.send(wire.Auth(wire.PROTOCOL_VERSION, "a", der(A), b""))
         self.assertFatal(client, E.AUTH_FAILED)
 
     def test_non_rsa_key(self):
@@ -1255,7 +1277,7 @@ class OddKeyTests(RelayTestMixin, SynchronousTestCase):
         ec_der = key.public_bytes(serialization.Encoding.DER,
                                   serialization.PublicFormat.SubjectPublicKeyInfo)
         client = Client(self.factory)
-        client.send(wire.Auth(wire.PROTOCOL_VERSION, "A", ec_der, b"x" * 64))
+        client.send(wire.Auth(wire.PROTOCOL_VERSION, "a", ec_der, b"x" * 64))
         self.assertFatal(client, E.AUTH_FAILED)
 
 
@@ -1310,7 +1332,7 @@ class SendingOnlySessionTests(RelayTestMixin, SynchronousTestCase):
     def authSendingOnly(self, identity):
         client = Client(self.factory)
         transcript = wire.auth_transcript(client.hello.challenge, client.hello.relay,
-                                          identity.name)
+                                          identity.name, receive=False)
         client.send(wire.Auth(wire.PROTOCOL_VERSION, identity.name, identity.public_der,
                               identity.sign(transcript), receive=False))
         [welcome] = client.frames()
@@ -1327,7 +1349,7 @@ class SendingOnlySessionTests(RelayTestMixin, SynchronousTestCase):
         b_sending.send(wire.Ack(mid(1)))
         [error] = b_sending.frames()
         self.assertEqual(error.code, E.UNKNOWN_MESSAGE)
-        self.assertEqual(self.successResultOf(self.store.count("B")), 1)
+        self.assertEqual(self.successResultOf(self.store.count("b")), 1)
 
     def test_does_not_supersede(self):
         self.register(A, B)
@@ -1338,3 +1360,25 @@ class SendingOnlySessionTests(RelayTestMixin, SynchronousTestCase):
         env = seal(A, B, message_id=mid(1))
         sender.send(wire.Send(env))
         self.assertEqual(receiving.frames(), [wire.Deliver(mid(1), env)])
+
+
+class HandshakeLimitTests(RelayTestMixin, SynchronousTestCase):
+    """Before authentication a peer cannot make the relay buffer an envelope's worth."""
+
+    def test_large_frame_before_auth_refused_at_its_prefix(self):
+        client = self.connect()
+        client.feed(wire.LENGTH_PREFIX.pack(wire.MIN_FRAME_ROOM + wire.FRAME_OVERHEAD + 1))
+        self.assertFatal(client, E.MALFORMED_FRAME)
+
+    def test_envelope_sized_frames_after_auth(self):
+        """AUTH raises the limit, also for a SEND that arrived in the same read."""
+        self.register(A, B)
+        client = Client(self.factory)
+        big = seal(A, B, text=b"x" * (3 * wire.MIN_FRAME_ROOM), message_id=mid(1))
+        transcript = wire.auth_transcript(client.hello.challenge, client.hello.relay, "a")
+        client.feed(wire.encode(wire.Auth(wire.PROTOCOL_VERSION, "a", A.public_der,
+                                          A.sign(transcript)))
+                    + wire.encode(wire.Send(big)))
+        frames = client.frames()
+        self.assertIsInstance(frames[0], wire.Welcome)
+        self.assertEqual(frames[1:], [wire.Accepted(mid(1))])

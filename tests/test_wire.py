@@ -216,7 +216,7 @@ class RoundTripTests(SynchronousTestCase):
         """Every bounded field round-trips at exactly its limit."""
         for frame in [
             Auth(0xFFFF, "a" * 64, b"k" * wire.MAX_KEY_SIZE, b"s" * wire.MAX_SIGNATURE_SIZE),
-            Key("Z" * 64, b"k" * wire.MAX_KEY_SIZE),
+            Key("z" * 64, b"k" * wire.MAX_KEY_SIZE),
             Send(b"e" * wire.MAX_ENVELOPE),
             Deliver(b"\xff" * 16, b"e" * wire.MAX_ENVELOPE),
             Welcome(True, 0xFFFFFFFF, 0xFFFFFFFF),
@@ -700,7 +700,7 @@ class AuthTranscriptTests(SynchronousTestCase):
         self.assertEqual(
             transcript,
             Writer().blob16(wire.AUTH_CONTEXT).blob16(self.challenge)
-            .u8(5).raw(b"relay").u8(5).raw(b"alice").getvalue(),
+            .u8(5).raw(b"relay").u8(5).raw(b"alice").u8(1).blob16(b"").getvalue(),
         )
         self.assertEqual(transcript, wire.auth_transcript(self.challenge, "relay", "alice"))
 
@@ -710,6 +710,11 @@ class AuthTranscriptTests(SynchronousTestCase):
             base, wire.auth_transcript(b"\x01" + self.challenge[1:], "relay", "alice"))
         self.assertNotEqual(base, wire.auth_transcript(self.challenge, "relay2", "alice"))
         self.assertNotEqual(base, wire.auth_transcript(self.challenge, "relay", "alice2"))
+        self.assertNotEqual(
+            base, wire.auth_transcript(self.challenge, "relay", "alice", receive=False))
+        self.assertNotEqual(
+            base, wire.auth_transcript(self.challenge, "relay", "alice",
+                                       channel_binding=b"\x00" * 32))
         # Swapping the roles of relay and client changes the transcript.
         self.assertNotEqual(
             wire.auth_transcript(self.challenge, "a", "b"),

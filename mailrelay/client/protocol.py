@@ -17,12 +17,14 @@ from typing import Callable
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mailrelay import envelope, keys, wire
 from mailrelay.client.seen import MemorySeen
+from mailrelay.channel import channel_binding
 
 E = wire.ErrorCode
 PING_INTERVAL = 60.0
@@ -39,6 +41,10 @@ class RelayError(Exception):
 
 class SendRefused(RelayError):
     """The relay refused one message; nothing was stored."""
+
+
+class UnknownSender(RelayError):
+    """The relay's directory has no key for the identity asked about."""
 
 
 class Disconnected(Exception):
@@ -87,6 +93,7 @@ class ClientProtocol(Protocol):
         clock=None,
         ping_interval: float = PING_INTERVAL,
         receive: bool | None = None,
+        relay_check: Callable[[str], None] | None = None,
     ) -> None:
         self.identity = identity
         # Only a session that hands messages to someone asks for them: one
@@ -104,10 +111,13 @@ class ClientProtocol(Protocol):
         self.registered = False
         self.queued = 0
         self.relay_name: str | None = None
+        # Called with the relay's id from HELLO; raises to refuse the relay.
+        self.relay_check = relay_check
         self.ready: Deferred[ClientProtocol] = Deferred()
         self.closed: Deferred[None] = Deferred()
         self.close_reason: Exception | None = None
-        self._frames = wire.FrameBuffer()
+        # Deliveries may be as large as any relay can store (see LARGEST_ENVELOPE).
+        self._frames = wire.FrameBuffer(wire.LARGEST_ENVELOPE)
         self._sends: dict[bytes, Deferred[bytes]] = {}
         self._lookups: dict[str, list[Deferred[bytes]]] = {}
         self._directory: dict[str, bytes] = {}
@@ -226,8 +236,26 @@ class ClientProtocol(Protocol):
                 f"this client {wire.PROTOCOL_VERSION}",
             ))
             return
+        if self.relay_check is not None:
+            try:
+                self.relay_check(frame.relay)
+            except keys.IdentityError as e:
+                self._abort(RelayError(E.AUTH_FAILED, str(e)))
+                return
+        binding = b""
+        if frame.binding == wire.BINDING_TLS_EXPORTER:
+            if not ISSLTransport.providedBy(self.transport):
+                self._abort(RelayError(
+                    E.AUTH_FAILED,
+                    "the relay asks for a TLS channel binding, but this connection is not "
+                    "TLS: something between us is relaying another connection's challenge",
+                ))
+                return
+            binding = channel_binding(self.transport)
         self.relay_name = frame.relay
-        transcript = wire.auth_transcript(frame.challenge, frame.relay, self.identity.name)
+        transcript = wire.auth_transcript(
+            frame.challenge, frame.relay, self.identity.name, self.receive, binding
+        )
         self._state = "authenticating"
         self._write(wire.Auth(
             wire.PROTOCOL_VERSION, self.identity.name, self.identity.public_der,
@@ -239,7 +267,6 @@ class ClientProtocol(Protocol):
         self.registered = frame.registered
         self.queued = frame.queued
         self.max_envelope = frame.max_envelope
-        self._frames.set_limit(frame.max_envelope)
         if self.clock is not None and self.ping_interval:
             self._ping = LoopingCall(lambda: self._write(wire.Ping(new_nonce())))
             self._ping.clock = self.clock
@@ -288,9 +315,15 @@ class ClientProtocol(Protocol):
         """
         The key to use for C{name}: the directory's, which must match the one
         pinned (trust on first use: pinned if none is).  A mismatch raises
-        L{keys.KeyConflict} with both fingerprints.
+        L{keys.KeyConflict} with both fingerprints; an identity the relay
+        does not know, L{UnknownSender}.
         """
-        der = yield self.lookup(name)
+        try:
+            der = yield self.lookup(name)
+        except RelayError as e:
+            if e.code == E.UNKNOWN_IDENTITY:
+                raise UnknownSender(e.code, e.text) from None
+            raise
         return self.contacts.pin(name, der)
 
     # Sending
@@ -356,13 +389,17 @@ class ClientProtocol(Protocol):
     def _receive(self, frame: wire.Deliver):
         sender = None
         try:
-            env = envelope.parse(frame.envelope, self.max_envelope)
+            env = envelope.parse(frame.envelope, wire.LARGEST_ENVELOPE)
             sender = env.header.sender
             if env.header.message_id != frame.message_id:
                 raise envelope.EnvelopeError("relay delivered it under another message id")
             key = yield self.contact_key(sender)
             opened = envelope.open_envelope(env, self.identity, key)
-        except (envelope.EnvelopeError, keys.IdentityError, RelayError) as e:
+        except (envelope.EnvelopeError, keys.KeyConflict, UnknownSender) as e:
+            # Only what is wrong with the envelope itself, or with its claimed
+            # sender, drops it: coming again would not make it any better.
+            # Anything else (an unreadable local file, the session ending
+            # during the key lookup) leaves it unacknowledged, to come again.
             rejected = Rejected(frame.message_id, sender, str(e))
             self.log.warn("rejected message {id} from {sender}: {reason}",
                           id=frame.message_id.hex(), sender=sender, reason=str(e))

@@ -18,6 +18,7 @@ from typing import Callable
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailrelay.relay.store import MailboxStore, StoredMessage
 
@@ -154,11 +155,12 @@ class Mailboxes:
         outbox.acknowledged += 1
         d = self.store.delete(outbox.recipient, message_id, int(self.clock.seconds()))
 
-        def deleted(found: bool) -> bool:
+        def deleted(result):
+            # Whether or not the delete committed, the window has room again.
             self.wake(outbox.recipient)
-            return True
+            return True if not isinstance(result, Failure) else result
 
-        return d.addCallback(deleted)
+        return d.addBoth(deleted)
 
     def pause(self, outbox: Outbox) -> None:
         outbox.paused = True

@@ -26,13 +26,14 @@ import os
 from collections import deque
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from mailrelay import envelope, keys, wire
+from mailrelay.channel import channel_binding
 from mailrelay.relay.directory import Directory, KeyConflict
 from mailrelay.relay.mailbox import DEFAULT_WINDOW, Mailboxes, Outbox
 from mailrelay.relay.store import DuplicateId, MailboxFull, MailboxStore, StoredMessage
@@ -42,8 +43,8 @@ E = wire.ErrorCode
 MAX_PENDING_ANSWERS = 32
 """Requests of one session whose answers may be outstanding at once."""
 
-MAX_QUEUED_FRAMES = 64
-"""Frames read but not yet handled before the relay stops reading."""
+READ_AHEAD = 64 * 1024
+"""Bytes read beyond one whole frame before the relay stops reading."""
 
 DEFAULT_MAX_PER_PEER = 64
 """Connections one address may hold open at once."""
@@ -80,11 +81,14 @@ class RelaySession(Protocol, TimeoutMixin):
         self._fingerprint = b""
         self.outbox: Outbox | None = None
         self.accepted = 0
-        self._frames = wire.FrameBuffer(factory.max_envelope)
-        self._queue: deque[wire.Frame] = deque()
+        # Until authenticated, only handshake-sized frames: an unknown peer
+        # cannot make the relay buffer an envelope's worth of bytes.
+        self._frames = wire.FrameBuffer(wire.MIN_FRAME_ROOM)
         self._answers: deque[list] = deque()
         self._waitingForRoom: list[Deferred] = []
-        self._readingPaused = False
+        self._readPauses: set[str] = set()
+        self._outputPaused = False
+        self._binding = wire.BINDING_NONE
         self._busy = False
         self._draining = False
         self._deadline = None
@@ -103,7 +107,12 @@ class RelaySession(Protocol, TimeoutMixin):
         self.log.info("connection from {peer}", peer=self.peer)
         self.factory.sessions.add(self)
         self._challenge = os.urandom(wire.CHALLENGE_SIZE)
-        self._write(wire.Hello(wire.PROTOCOL_VERSION, self.factory.name, self._challenge))
+        if ISSLTransport.providedBy(self.transport):
+            # This relay terminates TLS: answers must be bound to this very
+            # connection, so no one can relay our challenge to a victim.
+            self._binding = wire.BINDING_TLS_EXPORTER
+        self._write(wire.Hello(wire.PROTOCOL_VERSION, self.factory.name, self._challenge,
+                               self._binding))
         self._deadline = self.factory.clock.callLater(
             self.factory.auth_timeout, self._authDeadline
         )
@@ -117,34 +126,52 @@ class RelaySession(Protocol, TimeoutMixin):
         if self.state == "closed":
             return
         self.resetTimeout()
-        try:
-            frames = self._frames.feed(data)
-        except wire.ProtocolError as e:
-            self.fatal(E.MALFORMED_FRAME, str(e))
-            return
-        self._queue.extend(frames)
-        if len(self._queue) >= MAX_QUEUED_FRAMES and not self._readingPaused:
-            self._readingPaused = True
-            self.transport.pauseProducing()
+        self._frames.add(data)
+        if self._frames.buffered > self._backlogLimit():
+            self._pauseReading("backlog")
         self._drain()
 
+    def _backlogLimit(self) -> int:
+        """Bytes read ahead of the frame being handled before reading stops."""
+        return self._frames.max_frame + READ_AHEAD
+
+    def _pauseReading(self, reason: str) -> None:
+        if not self._readPauses and self.state != "closed":
+            self.transport.pauseProducing()
+        self._readPauses.add(reason)
+
+    def _resumeReading(self, reason: str) -> None:
+        if reason in self._readPauses:
+            self._readPauses.discard(reason)
+            if not self._readPauses and self.state != "closed":
+                self.transport.resumeProducing()
+
     def _drain(self) -> None:
+        """
+        Handle buffered frames one after another, decoding each only when its
+        turn comes: authentication raises the frame limit, and the frames
+        behind AUTH must be judged by the new one.
+        """
         if self._draining:
             return  # the loop below is already running further up the stack
         self._draining = True
         try:
-            while self._queue and not self._busy and self.state != "closed":
-                frame = self._queue.popleft()
+            while not self._busy and not self._outputPaused and self.state != "closed":
+                try:
+                    frame = self._frames.next()
+                except wire.ProtocolError as e:
+                    self.fatal(E.MALFORMED_FRAME, str(e))
+                    return
+                if frame is None:
+                    break
                 self._busy = True
                 d = maybeDeferred(self._handle, frame)
                 d.addErrback(self._failed, frame)
                 d.addBoth(self._handled)
         finally:
             self._draining = False
-        if self._readingPaused and len(self._queue) < MAX_QUEUED_FRAMES // 2:
-            if self.state != "closed":
-                self._readingPaused = False
-                self.transport.resumeProducing()
+        if self._frames.buffered <= self._backlogLimit() // 2:
+            self._resumeReading("backlog")
 
     def _handled(self, ignored) -> None:
         self._busy = False
@@ -221,7 +248,6 @@ class RelaySession(Protocol, TimeoutMixin):
             code=code.name, text=text,
         )
         self.state = "closed"
-        self._queue.clear()
         self._write(wire.Error(code, b"", text))
         self.transport.loseConnection()
 
@@ -266,7 +292,10 @@ class RelaySession(Protocol, TimeoutMixin):
             self.log.info("authentication failed for {identity} from {peer}: {reason}",
                           identity=frame.identity, peer=self.peer, reason=str(e))
             raise Fatal(E.AUTH_FAILED, str(e))
-        transcript = wire.auth_transcript(self._challenge, self.factory.name, frame.identity)
+        transcript = wire.auth_transcript(
+            self._challenge, self.factory.name, frame.identity, frame.receive,
+            channel_binding(self.transport) if self._binding else b"",
+        )
         if not keys.verify(key, frame.signature, transcript):
             self.log.info("authentication failed for {identity} from {peer}: bad signature",
                           identity=frame.identity, peer=self.peer)
@@ -295,6 +324,7 @@ class RelaySession(Protocol, TimeoutMixin):
         self.public_key = public_key
         self._fingerprint = keys.fingerprint(public_key)
         self.state = "ready"
+        self._frames.set_limit(self.factory.max_envelope)
         queued = yield self.factory.store.count(frame.identity)
         if self.state == "closed":
             return
@@ -423,19 +453,26 @@ class RelaySession(Protocol, TimeoutMixin):
     # IPushProducer: the transport tells us when its buffer is full.
 
     def pauseProducing(self) -> None:
+        # Stop adding to the write buffer: no more deliveries, and no more
+        # requests handled (their answers would pile up unread too).  Bytes
+        # still arrive until the read-ahead limit stops reading; reading is
+        # not stopped here, since a TLS layer pauses us during its handshake
+        # and needs to read to finish it.
+        self._outputPaused = True
         if self.outbox is not None:
             self.factory.mailboxes.pause(self.outbox)
 
     def resumeProducing(self) -> None:
+        self._outputPaused = False
         if self.outbox is not None and self.state == "ready":
             self.factory.mailboxes.resume(self.outbox)
+        self._drain()
 
     def stopProducing(self) -> None:
         pass
 
     def connectionLost(self, reason) -> None:
         self.state = "closed"
-        self._queue.clear()
         self._cancelDeadline()
         self.setTimeout(None)
         self.factory.sessions.discard(self)

@@ -1,0 +1,147 @@
+"""
+Authentication bound to its connection: the TLS channel binding, and the
+relay id a client pins per server.  Together they stop a relay (or anyone a
+client was induced to connect to) from passing another relay's challenge to
+the client and logging in there with the answer.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from mailrelay import keys, wire
+from mailrelay.client.protocol import ClientProtocol, RelayError
+from mailrelay.relay.protocol import RelayFactory
+from mailrelay.relay.store.memory import MemoryStore
+
+E = wire.ErrorCode
+ALICE = keys.Identity.generate("alice", bits=2048)
+CHALLENGE = bytes(range(32))
+
+
+class FakeTLSConnection:
+    def __init__(self, secret: bytes) -> None:
+        self.secret = secret
+
+    def export_keying_material(self, label, olen, context=None):
+        assert label == wire.TLS_EXPORTER_LABEL
+        return (self.secret * olen)[:olen]
+
+
+@implementer(ISSLTransport)
+class FakeTLSTransport(StringTransportWithDisconnection):
+    """A transport that says it is TLS, with a given exporter secret."""
+
+    def __init__(self, secret: bytes = b"\x42") -> None:
+        super().__init__()
+        self.connection = FakeTLSConnection(secret)
+
+    def getHandle(self):
+        return self.connection
+
+    def getPeerCertificate(self):
+        return None
+
+
+def frames(transport) -> list:
+    out = wire.FrameBuffer().feed(transport.value())
+    transport.clear()
+    return out
+
+
+class RelayBindingTests(SynchronousTestCase):
+    def connect(self, transport):
+        factory = RelayFactory(MemoryStore(), Clock(), name="relay")
+        factory.storeReady()
+        proto = factory.buildProtocol(None)
+        transport.protocol = proto
+        proto.makeConnection(transport)
+        [hello] = frames(transport)
+        return proto, hello
+
+    def auth(self, proto, hello, binding: bytes) -> None:
+        transcript = wire.auth_transcript(hello.challenge, hello.relay, "alice", True, binding)
+        proto.dataReceived(wire.encode(wire.Auth(
+            wire.PROTOCOL_VERSION, "alice", ALICE.public_der, ALICE.sign(transcript))))
+
+    def test_tls_relay_asks_for_binding(self):
+        _, hello = self.connect(FakeTLSTransport())
+        self.assertEqual(hello.binding, wire.BINDING_TLS_EXPORTER)
+
+    def test_plain_relay_asks_for_none(self):
+        _, hello = self.connect(StringTransportWithDisconnection())
+        self.assertEqual(hello.binding, wire.BINDING_NONE)
+
+    def test_answer_bound_to_this_connection(self):
+        transport = FakeTLSTransport(b"\x42")
+        proto, hello = self.connect(transport)
+        self.auth(proto, hello, b"\x42" * 32)
+        [welcome] = frames(transport)
+        self.assertIsInstance(welcome, wire.Welcome)
+
+    def test_answer_made_on_another_connection_refused(self):
+        """
+        An answer signed over another TLS connection's binding (the victim's
+        connection to whoever forwarded the challenge) does not log in.
+        """
+        transport = FakeTLSTransport(b"\x42")
+        proto, hello = self.connect(transport)
+        self.auth(proto, hello, b"\x17" * 32)
+        [error] = frames(transport)
+        self.assertEqual(error.code, E.AUTH_FAILED)
+        self.assertFalse(transport.connected)
+
+    def test_answer_without_binding_refused(self):
+        transport = FakeTLSTransport(b"\x42")
+        proto, hello = self.connect(transport)
+        self.auth(proto, hello, b"")
+        [error] = frames(transport)
+        self.assertEqual(error.code, E.AUTH_FAILED)
+
+
+class ClientBindingTests(SynchronousTestCase):
+    def connect(self, transport, **settings):
+        client = ClientProtocol(ALICE, **settings)
+        transport.protocol = client
+        client.makeConnection(transport)
+        return client
+
+    def test_signs_over_the_binding(self):
+        transport = FakeTLSTransport(b"\x42")
+        self.connect(transport)
+        transport.protocol.dataReceived(wire.encode(wire.Hello(
+            wire.PROTOCOL_VERSION, "relay", CHALLENGE, wire.BINDING_TLS_EXPORTER)))
+        [auth] = frames(transport)
+        transcript = wire.auth_transcript(CHALLENGE, "relay", "alice", False, b"\x42" * 32)
+        self.assertTrue(keys.verify(ALICE.public_key, auth.signature, transcript))
+
+    def test_binding_asked_on_plain_connection_refused(self):
+        """
+        A HELLO asking for a TLS binding over a connection that is not TLS
+        was made for someone else's connection: no answer is given.
+        """
+        transport = StringTransportWithDisconnection()
+        client = self.connect(transport)
+        client.dataReceived(wire.encode(wire.Hello(
+            wire.PROTOCOL_VERSION, "relay", CHALLENGE, wire.BINDING_TLS_EXPORTER)))
+        [error] = frames(transport)
+        self.assertEqual(error.code, E.AUTH_FAILED)
+        self.assertFalse(transport.connected)
+        self.assertIsInstance(self.failureResultOf(client.ready).value, RelayError)
+
+    def test_relay_with_another_id_refused(self):
+        home = keys.Home(self.mktemp())
+        home.pin_relay("tcp:relay.example:9000", "relay-real")
+        transport = StringTransportWithDisconnection()
+        client = self.connect(
+            transport, relay_check=lambda rid: home.pin_relay("tcp:relay.example:9000", rid))
+        client.dataReceived(wire.encode(wire.Hello(
+            wire.PROTOCOL_VERSION, "relay-impostor", CHALLENGE)))
+        [error] = frames(transport)
+        self.assertEqual(error.code, E.AUTH_FAILED)
+        self.assertIn("relay-impostor", error.text)
+        self.assertIn("relay-real", str(self.failureResultOf(client.ready).value))
