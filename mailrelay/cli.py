@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Sequence
 
@@ -23,11 +24,33 @@ from mailrelay.client.protocol import Disconnected, Rejected, RelayError, connec
 from mailrelay.client.defaults import DEFAULT_SERVER
 from mailrelay.client.defaults import default_home as _default_home
 from mailrelay.client.defaults import default_server as _default_server
-from mailrelay.client.seen import SeenFile
-from mailrelay.endpoints import client_description
+from mailrelay.client.seen import SeenFile, SeenFileError
+from mailrelay.endpoints import check_port, client_description
 
 class Failed(Exception):
     """A command failed for a reason the user can act on."""
+
+
+def _positive_int(value: str) -> int:
+    """An argparse type: a whole number of at least 1 (else a usage error, exit 2)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value!r}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    """An argparse type: a positive, finite number (else a usage error, exit 2)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not {value!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {value!r}")
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--server", default=None, metavar="ENDPOINT",
                         help="the relay: HOST:PORT or a Twisted endpoint string "
                              f"(default: $MAILRELAY_SERVER, else {DEFAULT_SERVER})")
-    common.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
+    common.add_argument("--connect-timeout", type=_positive_float, default=10.0,
+                        metavar="SECONDS",
                         help="give up connecting to the relay after this long (default 10)")
 
     parser = argparse.ArgumentParser(
@@ -63,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the message (default: read standard input)")
 
     p = sub.add_parser("recv", parents=[common], help="print messages as they arrive")
-    p.add_argument("--count", type=int, metavar="N", help="stop after N messages")
-    p.add_argument("--timeout", type=float, metavar="SECONDS",
+    p.add_argument("--count", type=_positive_int, metavar="N", help="stop after N messages")
+    p.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
                    help="stop after this long (an error if --count messages did not arrive)")
     p.add_argument("--json", action="store_true", help="one JSON object per message")
 
@@ -73,10 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _endpoint(reactor, args):
-    description = client_description(args.server or _default_server())
+    server = args.server or _default_server()
+    description = client_description(server)
+    try:
+        check_port(description)
+    except ValueError as e:
+        raise Failed(f"--server {server}: {e}") from None
     try:
         return endpoints.clientFromString(reactor, description)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OverflowError) as e:
         raise Failed(f"--server {description!r} is not a valid endpoint: {e}") from None
 
 
@@ -217,10 +246,6 @@ def _seen(home: keys.Home) -> SeenFile:
 
 @inlineCallbacks
 def cmd_recv(reactor, args):
-    if args.count is not None and args.count < 1:
-        raise Failed("--count must be at least 1")
-    if args.timeout is not None and args.timeout <= 0:
-        raise Failed("--timeout must be positive")
     home = _home(args)
     identity = home.load()
     finished = defer.Deferred()
@@ -236,8 +261,19 @@ def cmd_recv(reactor, args):
             clients[0].pause_receiving()
             reactor.callLater(0, lambda: finished.called or finished.callback("count"))
 
-    client = yield _connect(reactor, args, home, identity, on_message=on_message,
-                            on_rejected=_show_rejected, seen=_seen(home))
+    seen = _seen(home)
+    # Ctrl-C or SIGTERM stops the reactor: that is the user ending recv, not a
+    # failure, although the connection is lost on the way out.
+    trigger = reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: finished.called or finished.callback("interrupted"))
+    try:
+        client = yield _connect(reactor, args, home, identity, on_message=on_message,
+                                on_rejected=_show_rejected, seen=seen)
+    except Exception:
+        if finished.called:  # interrupted while connecting: nothing to report
+            return 0
+        reactor.removeSystemEventTrigger(trigger)
+        raise
     clients.append(client)
     timer = None
     if args.timeout is not None:
@@ -245,10 +281,14 @@ def cmd_recv(reactor, args):
             args.timeout, lambda: finished.called or finished.callback("timeout"))
     client.closed.addCallback(lambda _: finished.called or finished.callback("closed"))
     why = yield finished
+    if why != "interrupted":
+        reactor.removeSystemEventTrigger(trigger)
     if timer is not None and timer.active():
         timer.cancel()
     reason = client.close_reason
     yield client.close()
+    if why == "interrupted":
+        return 0
     if why == "closed":
         raise Failed(f"the relay closed the connection: {reason or 'connection lost'}")
     if args.count is not None and received[0] < args.count:
@@ -296,6 +336,7 @@ USER_ERRORS = (
     Disconnected,
     defer.TimeoutError,
     OSError,
+    SeenFileError,
 )
 
 

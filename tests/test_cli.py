@@ -27,7 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailrelay import cli, envelope, keys
 from mailrelay.client.defaults import DEFAULT_SERVER
-from mailrelay.endpoints import client_description, server_description
+from mailrelay.endpoints import check_port, client_description, server_description
 from tests.test_client import ALICE, BOB, CAROL, MALLORY_BOB, MemoryRelay, mid
 
 SERVER = "127.0.0.1:9000"
@@ -114,6 +114,24 @@ class ParserTests(SynchronousTestCase):
         self.usage_error("recv", "--count", "many")
         self.usage_error("send", "--to", "bob", "--count", "1")
 
+    def test_connect_timeout_must_be_positive(self):
+        """--connect-timeout 0, -1, nan or inf: a usage error (exit 2), not a traceback."""
+        for value in ("-1", "0", "nan", "inf", "soon"):
+            err = self.usage_error("send", "--to", "bob", "--connect-timeout", value, "hi")
+            self.assertIn("argument --connect-timeout:", err)
+            self.assertIn(repr(value), err)
+
+    def test_count_and_timeout_must_be_positive(self):
+        """recv --count 0 or --timeout -1: a usage error, exit 2, as the README says."""
+        self.assertIn("argument --count: must be at least 1, not '0'",
+                      self.usage_error("recv", "--count", "0"))
+        self.assertIn("argument --count:", self.usage_error("recv", "--count", "-3"))
+        self.assertIn("argument --count:", self.usage_error("recv", "--count", "1.5"))
+        self.assertIn("argument --timeout: must be a positive number, not '-1'",
+                      self.usage_error("recv", "--timeout", "-1"))
+        for value in ("0", "nan", "inf"):
+            self.assertIn("argument --timeout:", self.usage_error("recv", "--timeout", value))
+
     def test_every_command_has_a_handler(self):
         parser = cli.build_parser()
         sub = next(a for a in parser._actions if a.dest == "command")
@@ -144,6 +162,24 @@ class EndpointTests(SynchronousTestCase):
             endpoint = endpoints.clientFromString(reactor, client_description(typed))
             endpoint.connect(Factory.forProtocol(Protocol))
             self.assertEqual(reactor.tcpClients[0][:2], (host, 9000), typed)
+
+    def test_check_port(self):
+        """Port numbers out of range are a ValueError; anything else passes."""
+        for fine in ("tcp:localhost:9000", "tcp:h:1", "tcp:h:65535", "tls:h:443",
+                     "tcp:host=h:port=80", r"tcp:\:\:1:9000", "unix:/tmp/s", "tcp:h:x",
+                     "tcp:h"):
+            check_port(fine)
+        for bad in ("tcp:127.0.0.1:99999", "tcp:h:0", "tcp:h:-1", "tls:h:65536",
+                    "tcp:host=h:port=70000", "ssl:h:100000", r"tcp6:\:\:1:99999"):
+            exc = self.assertRaises(ValueError, check_port, bad)
+            self.assertEqual(str(exc), "port must be 1 to 65535")
+        for fine in ("tcp:0", "tcp:9000:interface=127.0.0.1", "ssl:65535:privateKey=k.pem",
+                     "tcp6:9000:interface=\\:\\:1", "unix:/tmp/s"):
+            check_port(fine, server=True)
+        for bad in ("tcp:99999", "tcp:port=65536", "ssl:70000:privateKey=k.pem",
+                    "tcp6:-1"):
+            exc = self.assertRaises(ValueError, check_port, bad, server=True)
+            self.assertEqual(str(exc), "port must be 0 to 65535")
 
     def test_server_description_parses(self):
         reactor = MemoryReactor()
@@ -221,12 +257,28 @@ class CommandTestCase(EnvMixin, SynchronousTestCase):
         return self.stdout.getvalue().splitlines()
 
 
+class TriggerReactor(MemoryReactorClock):
+    """A MemoryReactorClock whose system event triggers can be removed and fired."""
+
+    def addSystemEventTrigger(self, phase, eventType, callable, *args, **kw):
+        handle = (phase, eventType, callable, args, kw)
+        self.triggers.setdefault(phase, {}).setdefault(eventType, []).append(handle)
+        return handle
+
+    def removeSystemEventTrigger(self, handle):
+        self.triggers[handle[0]][handle[1]].remove(handle)
+
+    def fire(self, phase: str, eventType: str) -> None:
+        for _, _, callable, args, kw in list(self.triggers.get(phase, {}).get(eventType, [])):
+            callable(*args, **kw)
+
+
 class OnlineTestCase(CommandTestCase):
     """Commands against a real relay reached through a memory reactor."""
 
     def setUp(self):
         super().setUp()
-        self.reactor = MemoryReactorClock()
+        self.reactor = TriggerReactor()
         self.relay = MemoryRelay(clock=self.reactor)
 
     def run_online(self, *argv):
@@ -492,6 +544,27 @@ class SendTests(OnlineTestCase):
                                       "--server", "nonsense:x", "hi"))
         self.assertIn("is not a valid endpoint", err)
 
+    def test_server_port_out_of_range(self):
+        """--server 127.0.0.1:99999: one line, exit 1, nothing attempted."""
+        for server in ("127.0.0.1:99999", "tcp:127.0.0.1:99999", "localhost:0"):
+            self.stderr.truncate(0)
+            self.stderr.seek(0)
+            err = self.exits(self.run_cli("send", "--home", self.home, "--to", "bob", "hi",
+                                          "--server", server, reactor=self.reactor))
+            self.assertEqual(err, f"mailrelay send: --server {server}: "
+                                  f"port must be 1 to 65535\n")
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_endpoint_overflow(self):
+        """An OverflowError from Twisted's endpoint parser is a one-line error too."""
+
+        def overflow(reactor, description):
+            raise OverflowError("Python int too large to convert to C int")
+
+        self.patch(cli.endpoints, "clientFromString", overflow)
+        err = self.exits(self.run_online("send", "--home", self.home, "--to", "bob", "hi"))
+        self.assertIn("is not a valid endpoint: Python int too large", err)
+
     def test_no_identity(self):
         err = self.exits(self.run_cli("send", "--home", self.path("none"), "--to", "bob",
                                       "hi"))
@@ -582,13 +655,70 @@ class RecvTests(OnlineTestCase):
         self.assertIn("SUPERSEDED", err)
 
     def test_invalid_count(self):
-        err = self.exits(self.run_cli("recv", "--home", self.home, "--count", "0"))
-        self.assertIn("--count must be at least 1", err)
+        """--count 0 is a usage mistake: argparse's message, exit 2, nothing attempted."""
+        with self.assertRaises(SystemExit) as caught:
+            self.run_online("recv", "--home", self.home, "--count", "0")
+        self.assertEqual(caught.exception.code, 2)
+        self.assertIn("argument --count: must be at least 1", self.stderr.getvalue())
         self.assertEqual(self.reactor.tcpClients, [])
 
     def test_invalid_timeout(self):
-        err = self.exits(self.run_cli("recv", "--home", self.home, "--timeout", "-1"))
-        self.assertIn("--timeout must be positive", err)
+        with self.assertRaises(SystemExit) as caught:
+            self.run_online("recv", "--home", self.home, "--timeout", "-1")
+        self.assertEqual(caught.exception.code, 2)
+        self.assertIn("argument --timeout: must be a positive number", self.stderr.getvalue())
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_corrupt_seen_file(self):
+        """A seen.sqlite that is not a database: one line saying what to do, exit 1."""
+        seen = os.path.join(self.home, "seen.sqlite")
+        with open(seen, "w") as f:
+            f.write("not a database\n" * 100)
+        err = self.exits(self.run_online("recv", "--home", self.home))
+        self.assertEqual(
+            err,
+            f"mailrelay recv: cannot read {seen}: file is not a database; move it aside "
+            f"to start afresh (messages already shown may then be shown again)\n",
+        )
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_interrupted(self):
+        """
+        Ctrl-C or SIGTERM (the reactor shutting down) ends recv quietly with
+        exit 0, though the connection is lost on the way out; what was shown
+        stays shown and nothing more is taken.
+        """
+        self.queue(BOB, ALICE, b"one", 1)
+        d = self.run_online("recv", "--home", self.home)
+        pump = self.accept()
+        self.assertNoResult(d)
+        self.reactor.fire("before", "shutdown")
+        pump.flush()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(self.stderr.getvalue(), "")
+        self.assertEqual(self.lines(), ["Received message from bob: one"])
+        self.assertEqual(self.relay.factory.sessions, set())
+
+    def test_interrupted_while_connecting(self):
+        """Interrupted before the relay answered: still exit 0, nothing on stderr."""
+        d = self.run_online("recv", "--home", self.home)
+        self.reactor.fire("before", "shutdown")
+        self.reactor.advance(10)  # the connection attempt gives up
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(self.stderr.getvalue(), "")
+
+    def test_trigger_removed_when_done(self):
+        """A recv that ends by itself leaves no shutdown trigger behind."""
+        self.queue(BOB, ALICE, b"one", 1)
+        d = self.run_online("recv", "--home", self.home, "--count", "1")
+        self.accept()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(self.reactor.triggers.get("before", {}).get("shutdown", []), [])
+        # ... nor does one that fails to connect.
+        d = self.run_online("recv", "--home", self.home, "--connect-timeout", "1")
+        self.reactor.advance(1)
+        self.exits(d)
+        self.assertEqual(self.reactor.triggers.get("before", {}).get("shutdown", []), [])
 
     def test_no_identity(self):
         err = self.exits(self.run_cli("recv", "--home", self.path("nothing")))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -124,6 +125,24 @@ class RelayEndToEndTests(SynchronousTestCase):
         self.assertEqual(sent.returncode, 1)
         self.assertIn("refused", sent.stderr)
 
+    def test_recv_interrupted_exits_0(self) -> None:
+        """
+        Ctrl-C (SIGINT) ends a waiting recv as the user asked: exit 0,
+        nothing on standard error (not "the relay closed the connection").
+        """
+        self.init_both()
+        self.relay.log.wait_for(r"345 authenticated")  # init's session, not recv's
+        listener = subprocess.Popen(
+            [str(BIN / "mailrelay"), "recv", "--home", str(self.bob),
+             "--server", self.relay.server],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(),
+        )
+        self.addCleanup(lambda: listener.poll() is None and listener.kill())
+        self.relay.log.wait_for(r"345 authenticated")
+        listener.send_signal(signal.SIGINT)
+        out, err = listener.communicate(timeout=60)
+        self.assertEqual((listener.returncode, out, err), (0, "", ""))
+
     def test_fingerprints_agree(self) -> None:
         """What 123 pins for 345 is what 345 says its fingerprint is."""
         self.init_both()
@@ -178,6 +197,24 @@ class RelayStartupTests(SynchronousTestCase):
             )
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("Address already in use", result.stdout + result.stderr)
+        self.assertIn(f"mailrelay: cannot listen on tcp:{port}:interface=127.0.0.1: "
+                      f"Address already in use", result.stdout + result.stderr)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    def test_fresh_relay_starts_cleanly(self) -> None:
+        """
+        A relay starting on a new, empty --data logs no error: nothing runs
+        against the store before its tables exist.
+        """
+        root = Path(self.mktemp()).resolve()
+        root.mkdir(parents=True)
+        relay = Relay(root / "var").start()
+        self.addCleanup(relay.stop)
+        relay.stop()
+        relay.log.wait_for(r"Server Shut Down")
+        output = "".join(relay.log.lines)
+        for bad in ("CRITICAL", "critical", "Traceback", "no such table"):
+            self.assertNotIn(bad, output)
 
     def test_data_that_is_not_a_store_is_refused_before_start(self) -> None:
         """A --data directory holding something else is refused with the reason, exit 1."""

@@ -14,7 +14,7 @@ import stat
 
 from twisted.application import service
 from twisted.internet import error
-from twisted.internet.defer import CancelledError, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
 from twisted.logger import Logger
 from twisted.python import monkey, usage
@@ -114,6 +114,11 @@ class RelayOptionsTests(InTempDirectory, SynchronousTestCase):
             ["--store", "postgres"],
             ["--port", "nonsense:9000"],
             ["--port", "tcp:notaport"],
+            ["--port", "tcp:99999"],
+            ["--port", "99999"],
+            ["--port", "tcp:70000:interface=127.0.0.1"],
+            ["--port", "tcp6:65536:interface=\\:\\:1"],
+            ["--port", "ssl:99999:privateKey=key.pem"],
             ["--window", "0"],
             ["--window", "-3"],
             ["--window", "many"],
@@ -209,14 +214,21 @@ class RelayServiceTests(SynchronousTestCase):
         self.assertEqual(factory.sessions, set())
 
     def test_cannot_listen(self):
-        """A port that cannot be bound makes privilegedStartService raise."""
+        """
+        A port that cannot be bound makes privilegedStartService raise
+        SystemExit with a one-line reason (twistd prints it, exits 1).
+        """
 
         class Busy(MemoryReactorClock):
             def listenTCP(self, port, factory, backlog=50, interface=""):
-                raise error.CannotListenError(interface, port, OSError("in use"))
+                raise error.CannotListenError(
+                    interface, port, OSError(98, "Address already in use"))
 
-        top = relay_tap.makeService(relay_options("--store", "memory"), reactor=Busy())
-        self.assertRaises(error.CannotListenError, top.privilegedStartService)
+        top = relay_tap.makeService(relay_options("--store", "memory", "--port", "tcp:9100"),
+                                    reactor=Busy())
+        exc = self.assertRaises(SystemExit, top.privilegedStartService)
+        self.assertEqual(exc.code,
+                         "mailrelay: cannot listen on tcp:9100: Address already in use")
 
     def test_store_fails_to_open(self):
         """A store that cannot be opened stops the reactor."""
@@ -277,6 +289,31 @@ class ClientOptionsTests(HomeMixin, SynchronousTestCase):
         options = client_tap.Options()
         options.parseOptions(list(argv))
         return options
+
+    def test_incomplete_server(self):
+        """--server tcp:127.0.0.1 (no port) is refused now, not a TypeError at start."""
+        exc = self.assertRaises(usage.UsageError, self.parse, "--home", self.home,
+                                "--maildir", self.maildir, "--server", "tcp:127.0.0.1")
+        self.assertIn("--server 'tcp:127.0.0.1' is not a valid endpoint", str(exc))
+
+    def test_server_usage_errors(self):
+        for server in ("127.0.0.1:99999", "tcp:h:0", "nonsense:x", "tcp:h:notaport"):
+            exc = self.assertRaises(usage.UsageError, self.parse, "--home", self.home,
+                                    "--maildir", self.maildir, "--server", server)
+            self.assertIn("--server", str(exc))
+
+    def test_maildir_is_a_file(self):
+        """--maildir naming a file is a usage error with the reason."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("x")
+        exc = self.assertRaises(usage.UsageError, self.parse, "--home", self.home,
+                                "--maildir", path)
+        self.assertEqual(str(exc), f"--maildir {path}: Not a directory")
+
+    def test_maildir_created(self):
+        self.parse("--home", self.home, "--maildir", self.maildir)
+        self.assertEqual(sorted(os.listdir(self.maildir)), ["cur", "new", "tmp"])
 
     def test_maildir_required(self):
         exc = self.assertRaises(usage.UsageError, self.parse, "--home", self.home)
@@ -433,3 +470,38 @@ class ForgetTimerTests(SynchronousTestCase):
         reactor.advance(86400 + 3600)
         self.assertIs(self.successResultOf(store.enqueue("b", "a", b"\x01" * 16, b"env", 0)),
                       True)
+
+    def test_not_before_the_store_is_open(self):
+        """
+        Nothing is forgotten until the store is open (before that its tables
+        may not exist); then at once and hourly, until the relay stops.
+        """
+        opened = Deferred()
+        calls = []
+
+        class Slow(MemoryStore):
+            def start(self):
+                return opened
+
+            def forget_acknowledged(self, before):
+                calls.append(before)
+                return super().forget_acknowledged(before)
+
+        reactor = MemoryReactorClock()
+        self.patch(relay_tap, "open_store", lambda *a, **kw: Slow())
+        options = relay_tap.Options()
+        options.parseOptions(["--store", "memory", "--retry-window", "1",
+                              "--port", "tcp:0:interface=127.0.0.1"])
+        top = relay_tap.makeService(options, reactor=reactor)
+        top.privilegedStartService()
+        top.startService()
+        reactor.advance(7200)
+        self.assertEqual(calls, [])
+        opened.callback(None)
+        self.assertEqual(calls, [7200 - 86400])
+        reactor.advance(3600)
+        self.assertEqual(calls, [7200 - 86400, 10800 - 86400])
+        self.successResultOf(top.stopService())
+        reactor.advance(3600 * 5)
+        self.assertEqual(len(calls), 2)
+        self.assertEqual(reactor.getDelayedCalls(), [])

@@ -32,7 +32,17 @@ def as_email(opened: Opened, domain: str = DOMAIN) -> bytes:
     # An id may hold "@": Address quotes the local part when it must.
     msg["From"] = Address(username=h.sender, domain=domain)
     msg["To"] = Address(username=h.recipient, domain=domain)
-    msg["Date"] = email.utils.formatdate(h.timestamp, usegmt=True)
+    try:
+        date = email.utils.formatdate(h.timestamp, usegmt=True)
+    except (OverflowError, ValueError, OSError):
+        # The sender chose a time no date can show (year 10000, 2**63...):
+        # date the message by its receipt and keep the sender's number.
+        date = None
+    if date is None:
+        msg["Date"] = email.utils.formatdate(usegmt=True)
+        msg["X-Mailrelay-Sent-At"] = str(h.timestamp)
+    else:
+        msg["Date"] = date
     sender_tag = h.sender.replace("@", "%")
     msg["Message-ID"] = f"<{h.message_id.hex()}.{sender_tag}@{domain}>"
     msg["X-Mailrelay-Sender-Fingerprint"] = h.sender_fingerprint.hex()

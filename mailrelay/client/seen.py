@@ -21,23 +21,37 @@ class MemorySeen:
         self._ids.add((sender, message_id))
 
 
+class SeenFileError(Exception):
+    """The seen file cannot be opened or read; the message says what to do."""
+
+
 class SeenFile:
     """
-    A small SQLite file in the client's home.  Entries older than
-    C{keep_days} are pruned when it is opened: the relay drops messages
-    after its TTL, so an older id cannot come back.
+    A small SQLite file in the client's home.  Entries are kept for good
+    (each is a few dozen bytes): a relay may deliver an old message again
+    at any time, however long ago it was first shown.
     """
 
-    def __init__(self, path: str | os.PathLike[str], keep_days: int = 60) -> None:
-        self._db = sqlite3.connect(os.fspath(path), isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS seen (sender TEXT NOT NULL, message_id BLOB NOT NULL,"
-            " seen_at INTEGER NOT NULL, PRIMARY KEY (sender, message_id))"
-        )
-        self._db.execute(
-            "DELETE FROM seen WHERE seen_at < ?", (int(time.time()) - keep_days * 86400,)
-        )
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        db = None
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS seen (sender TEXT NOT NULL,"
+                " message_id BLOB NOT NULL, seen_at INTEGER NOT NULL,"
+                " PRIMARY KEY (sender, message_id))"
+            )
+            db.execute("SELECT sender, message_id, seen_at FROM seen LIMIT 1").fetchall()
+        except sqlite3.Error as e:
+            if db is not None:
+                db.close()
+            raise SeenFileError(
+                f"cannot read {self.path}: {e}; move it aside to start afresh "
+                f"(messages already shown may then be shown again)"
+            ) from None
+        self._db = db
 
     def seen(self, sender: str, message_id: bytes) -> bool:
         row = self._db.execute(

@@ -17,7 +17,7 @@ from mailrelay.client.defaults import default_home, default_server
 from mailrelay.client.maildir import Maildir
 from mailrelay.client.protocol import ClientFactory
 from mailrelay.client.seen import SeenFile
-from mailrelay.endpoints import client_description
+from mailrelay.endpoints import check_port, client_description
 
 log = Logger()
 
@@ -37,11 +37,22 @@ class Options(usage.Options):
             raise usage.UsageError("--maildir is required")
         self["home"] = self["home"] or default_home()
         self["server"] = client_description(self["server"] or default_server())
+        try:
+            from twisted.internet import reactor
+
+            check_port(self["server"])
+            endpoints.clientFromString(reactor, self["server"])
+        except (ValueError, TypeError, KeyError, OverflowError) as e:
+            raise usage.UsageError(f"--server {self['server']!r} is not a valid endpoint: {e}")
         home = keys.Home(self["home"])
         try:
             self["identity"] = home.load()
         except keys.IdentityError as e:
             raise usage.UsageError(str(e))
+        try:
+            Maildir(self["maildir"])  # created now, or refused now with the reason
+        except OSError as e:
+            raise usage.UsageError(f"--maildir {self['maildir']}: {e.strerror or e}")
 
 
 class Filer:

@@ -8,14 +8,14 @@ import os
 
 from twisted.application import service
 from twisted.application.internet import TimerService
-from twisted.internet import endpoints
+from twisted.internet import endpoints, error, task
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
 from mailrelay import wire
 from mailrelay.encoding import valid_identity
-from mailrelay.endpoints import server_description
+from mailrelay.endpoints import check_port, server_description
 from mailrelay.relay.mailbox import DEFAULT_WINDOW
 from mailrelay.relay.protocol import DEFAULT_MAX_PER_PEER, RelayFactory
 from mailrelay.relay.store import STORE_FILE, Quota, StoreError, open_store
@@ -95,16 +95,17 @@ class Options(usage.Options):
         try:
             from twisted.internet import reactor
 
+            check_port(self["port"], server=True)
             endpoints.serverFromString(reactor, self["port"])
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, OverflowError) as e:
             raise usage.UsageError(f"--port {self['port']!r} is not a valid endpoint: {e}")
 
 
 class Listener(service.Service):
     """
-    Listens on an endpoint.  A port that cannot be bound raises from
-    C{privilegedStartService}, so twistd exits with the reason instead of
-    running without a listener.
+    Listens on an endpoint.  A port that cannot be bound raises SystemExit
+    from C{privilegedStartService}, so twistd exits 1 with a one-line reason
+    instead of running without a listener.
     """
 
     def __init__(self, endpoint, factory, description: str) -> None:
@@ -119,7 +120,12 @@ class Listener(service.Service):
         d = self.endpoint.listen(self.factory)
         d.addBoth(outcome.append)
         if outcome and isinstance(outcome[0], Failure):
-            outcome[0].raiseException()
+            failure = outcome[0]
+            reason = failure.getErrorMessage()
+            if failure.check(error.CannotListenError):
+                cause = failure.value.socketError
+                reason = getattr(cause, "strerror", None) or str(cause)
+            raise SystemExit(f"mailrelay: cannot listen on {self.description}: {reason}")
         if outcome:
             self._listening(outcome[0])
         else:
@@ -142,12 +148,18 @@ class Listener(service.Service):
 
 
 class RelayService(service.MultiService):
-    """The relay: opens the store at start, closes it after the listener stops."""
+    """
+    The relay: opens the store at start, closes it after the listener stops.
+    Once the store is open it forgets, hourly, the ids of messages delivered
+    more than C{retry_window} days ago.
+    """
 
-    def __init__(self, factory: RelayFactory, reactor) -> None:
+    def __init__(self, factory: RelayFactory, reactor, retry_window: float = 30.0) -> None:
         super().__init__()
         self.factory = factory
         self.reactor = reactor
+        self.retry_window = retry_window
+        self._forget: task.LoopingCall | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -157,12 +169,22 @@ class RelayService(service.MultiService):
     def _opened(self, ignored) -> None:
         log.info("store open")
         self.factory.storeReady()
+        if self.running and self._forget is None:
+            # Not before now: the store's tables may not exist until it is open.
+            self._forget = task.LoopingCall(self.forgetOldIds, self.retry_window)
+            self._forget.clock = self.reactor
+            self._forget.start(3600, now=True).addErrback(
+                lambda f: log.failure("forgetting old message ids stopped", f))
 
     def _cannotOpen(self, failure) -> None:
         log.critical("cannot open the store: {reason}; stopping", reason=failure.getErrorMessage())
         self.reactor.stop()
 
     def stopService(self):
+        if self._forget is not None:
+            forget, self._forget = self._forget, None
+            if forget.running:
+                forget.stop()
         d = super().stopService()
         for session in list(self.factory.sessions):
             session.fatal(wire.ErrorCode.SHUTTING_DOWN, "the relay is shutting down")
@@ -211,13 +233,10 @@ def makeService(options: Options, reactor=None):
         idle_timeout=options["idle-timeout"],
         max_per_peer=options["max-per-peer"],
     )
-    top = RelayService(factory, reactor)
+    top = RelayService(factory, reactor, retry_window=options["retry-window"])
     endpoint = endpoints.serverFromString(reactor, options["port"])
     Listener(endpoint, factory, options["port"]).setServiceParent(top)
     stats = TimerService(60, top.logTotals)
     stats.clock = reactor
     stats.setServiceParent(top)
-    forget = TimerService(3600, top.forgetOldIds, options["retry-window"])
-    forget.clock = reactor
-    forget.setServiceParent(top)
     return top
