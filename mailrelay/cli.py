@@ -20,10 +20,17 @@ from twisted.internet import defer, endpoints, error
 from twisted.internet.defer import inlineCallbacks
 
 from mailrelay import __version__, envelope, keys
-from mailrelay.client.protocol import Disconnected, Rejected, RelayError, connect
 from mailrelay.client.defaults import DEFAULT_SERVER
 from mailrelay.client.defaults import default_home as _default_home
 from mailrelay.client.defaults import default_server as _default_server
+from mailrelay.client.protocol import (
+    Disconnected,
+    Rejected,
+    RelayError,
+    UntrustedRelay,
+    connect,
+)
+from mailrelay.client.display import for_terminal
 from mailrelay.client.seen import SeenFile, SeenFileError
 from mailrelay.endpoints import check_port, client_description
 
@@ -116,10 +123,12 @@ def _home(args) -> keys.Home:
 @inlineCallbacks
 def _connect(reactor, args, home: keys.Home, identity: keys.Identity, **kwargs):
     server = args.server or _default_server()
+    pin_as = client_description(server)
     try:
         client = yield connect(
             reactor, _endpoint(reactor, args), identity, contacts=home,
-            timeout=args.connect_timeout, **kwargs,
+            timeout=args.connect_timeout,
+            relay_check=lambda relay: home.pin_relay(pin_as, relay), **kwargs,
         )
     except error.ConnectionRefusedError:
         raise Failed(f"cannot reach the relay at {server}: connection refused "
@@ -131,6 +140,10 @@ def _connect(reactor, args, home: keys.Home, identity: keys.Identity, **kwargs):
                      f"{args.connect_timeout} seconds") from None
     except Disconnected as e:
         raise Failed(f"cannot talk to the relay at {server}: {e}") from None
+    except UntrustedRelay as e:
+        raise Failed(f"refusing the relay at {server}: {e}") from None
+    except keys.RelayMismatch as e:
+        raise Failed(str(e)) from None
     except RelayError as e:
         if e.code == e.code.KEY_CONFLICT:
             raise Failed(f"the relay at {server} refused us: {e.text}. Another key is "
@@ -232,7 +245,8 @@ def _format(opened: envelope.Opened, as_json: bool) -> str:
             "sent_at": opened.header.timestamp,
             "text": text,
         }, ensure_ascii=False)
-    return f"Received message from {opened.sender}: {text}"
+    # The text is the sender's: it must not pose as another message.
+    return f"Received message from {opened.sender}: {for_terminal(text)}"
 
 
 def _show_rejected(rejected: Rejected) -> None:

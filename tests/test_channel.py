@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from mailrelay import keys, wire
-from mailrelay.client.protocol import ClientProtocol, RelayError
+from mailrelay.client.protocol import ClientProtocol, UntrustedRelay
 from mailrelay.relay.protocol import RelayFactory
 from mailrelay.relay.store.memory import MemoryStore
 
@@ -131,7 +131,7 @@ class ClientBindingTests(SynchronousTestCase):
         [error] = frames(transport)
         self.assertEqual(error.code, E.AUTH_FAILED)
         self.assertFalse(transport.connected)
-        self.assertIsInstance(self.failureResultOf(client.ready).value, RelayError)
+        self.assertIsInstance(self.failureResultOf(client.ready).value, UntrustedRelay)
 
     def test_relay_with_another_id_refused(self):
         home = keys.Home(self.mktemp())

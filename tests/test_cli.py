@@ -205,6 +205,15 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual(cli._format(opened(b"a\xffb"), False),
                          "Received message from 123: a\ufffdb")
 
+    def test_text_cannot_pose_as_another_message(self):
+        """Line breaks indent what follows; escape sequences are shown, not obeyed."""
+        forged = b"hi\nReceived message from alice: send the code\x1b[1A\x1b[2K"
+        self.assertEqual(
+            cli._format(opened(forged), False),
+            "Received message from 123: hi\n    Received message from alice: send the code"
+            "\\x1b[1A\\x1b[2K",
+        )
+
     def test_json(self):
         line = cli._format(opened("héllo\nworld".encode()), True)
         self.assertNotIn("\n", line)

@@ -1057,6 +1057,18 @@ class ConsoleTests(SynchronousTestCase):
         self.console.show(opened)
         self.assertTrue(self.output().endswith("Message for bob: "))
 
+    def test_show_cannot_forge_a_line(self):
+        """A message's own line breaks and escape codes cannot pose as another message."""
+        self.output()
+        env = envelope.seal(ALICE, "bob", BOB.public_key,
+                            b"ok\nReceived message from carol: pay me\x1b[1A")
+        self.console.show(envelope.open_envelope(env, BOB, ALICE.public_key))
+        self.assertEqual(
+            self.output(),
+            "\nReceived message from alice: ok\n    Received message from carol: pay me"
+            "\\x1b[1A\nEnter receiver: ",
+        )
+
     def test_rejected(self):
         self.output()
         self.console.rejected(Rejected(mid(1), None, "garbled"))

@@ -181,6 +181,32 @@ class CrashTests(SynchronousTestCase):
         )
 
 
+class RelayIdentityTests(SynchronousTestCase):
+    def test_another_relay_at_the_same_address_is_refused(self) -> None:
+        """
+        A home pins the id of the relay at each address. Another relay there
+        (one passing on the first's challenge would show the first's id, but
+        on its own connection) is refused with what to do about it.
+        """
+        root = Path(self.mktemp()).resolve()
+        root.mkdir(parents=True)
+        first = Relay(root / "one").start()
+        self.addCleanup(first.stop)
+        alice = root / "alice"
+        self.assertEqual(cli(alice, first.server, "init", "123").returncode, 0)
+        self.assertEqual(cli(alice, first.server, "fingerprint").returncode, 0)
+        first.stop()
+
+        second = Relay(root / "two").start(port=first.port)
+        self.addCleanup(second.stop)
+        result = cli(alice, second.server, "send", "--to", "123", "hello?")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("calls itself", result.stderr)
+        self.assertIn(str(alice / "relays"), result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        second.log.wait_for(r"gave up before authenticating: AUTH_FAILED: client refuses")
+
+
 class RelayStartupTests(SynchronousTestCase):
     def test_busy_port_fails_loudly(self) -> None:
         """A relay that cannot listen exits non-zero and says why."""

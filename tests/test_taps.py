@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailrelay import keys, wire
 from mailrelay.client import tap as client_tap
+from mailrelay.client.seen import SeenFile
 from mailrelay.client.defaults import DEFAULT_SERVER
 from mailrelay.relay import tap as relay_tap
 from mailrelay.relay.protocol import RelayFactory
@@ -56,11 +57,13 @@ class RelayOptionsTests(InTempDirectory, SynchronousTestCase):
         The defaults; --data ./var is made absolute and created (private)
         when the store is sqlite.
         """
-        self.assertEqual(dict(relay_options()), {
+        options = relay_options()
+        self.assertRegex(options["name"], r"^relay-[0-9a-f]{12}$")
+        self.assertEqual(dict(options), {
             "port": "tcp:9000",
             "data": os.path.join(self.cwd, "var"),
             "store": "sqlite",
-            "name": "mailrelay",
+            "name": options["name"],
             "max-envelope": 262144,
             "window": 64,
             "auth-timeout": 10.0,
@@ -330,9 +333,10 @@ class ClientOptionsTests(HomeMixin, SynchronousTestCase):
         identity = options["identity"]
         self.assertEqual((identity.name, identity.public_der), ("bob", BOB.public_der))
         self.assertEqual(
-            {k: v for k, v in options.items() if k != "identity"},
+            {k: v for k, v in options.items() if k not in ("identity", "seen")},
             {"home": self.home, "maildir": self.maildir, "server": "tcp:host:9000"},
         )
+        self.assertIsInstance(options["seen"], SeenFile)
 
     def test_server_endpoint_unchanged(self):
         options = self.parse("--home", self.home, "--maildir", self.maildir,
@@ -505,3 +509,33 @@ class ForgetTimerTests(SynchronousTestCase):
         reactor.advance(3600 * 5)
         self.assertEqual(len(calls), 2)
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+class RelayIdTests(SynchronousTestCase):
+    """Each relay has its own id, kept in its data directory, unless --name sets one."""
+
+    def setUp(self):
+        self.data = os.path.abspath(self.mktemp())
+
+    def test_made_once_and_kept(self):
+        first = relay_options("--data", self.data)["name"]
+        self.assertRegex(first, r"^relay-[0-9a-f]{12}$")
+        self.assertEqual(relay_options("--data", self.data)["name"], first)
+        with open(os.path.join(self.data, "relay-id")) as f:
+            self.assertEqual(f.read().strip(), first)
+        other = os.path.abspath(self.mktemp())
+        self.assertNotEqual(relay_options("--data", other)["name"], first)
+
+    def test_name_option_wins(self):
+        self.assertEqual(relay_options("--data", self.data, "--name", "Relay.Example")["name"],
+                         "relay.example")
+        self.assertFalse(os.path.exists(os.path.join(self.data, "relay-id")))
+
+    def test_memory_relay_gets_a_fresh_id(self):
+        self.assertRegex(relay_options("--store", "memory")["name"], r"^relay-[0-9a-f]{12}$")
+
+    def test_damaged_id_file(self):
+        os.makedirs(self.data)
+        with open(os.path.join(self.data, "relay-id"), "w") as f:
+            f.write("not/an id\n")
+        self.assertRaises(usage.UsageError, relay_options, "--data", self.data)

@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.protocols.basic import LineReceiver
 
 from mailrelay import keys
+from mailrelay.client.display import for_terminal
 from mailrelay.client.protocol import RelayError
 
 
@@ -66,7 +67,7 @@ class ChatConsole(LineReceiver):
 
     def show(self, opened) -> None:
         """C{on_message}: print a verified, decrypted message."""
-        text = opened.plaintext.decode("utf-8", "replace")
+        text = for_terminal(opened.plaintext.decode("utf-8", "replace"))
         self._say(f"\nReceived message from {opened.sender}: {text}\n")
         self._prompt()
 

@@ -47,6 +47,10 @@ class UnknownSender(RelayError):
     """The relay's directory has no key for the identity asked about."""
 
 
+class UntrustedRelay(Exception):
+    """This client refused the relay: it could be relaying someone else's challenge."""
+
+
 class Disconnected(Exception):
     """The connection to the relay ended; the message says why."""
 
@@ -160,6 +164,15 @@ class ClientProtocol(Protocol):
         self._state = "closed"
         self.transport.loseConnection()
 
+    def _refuseRelay(self, reason: Exception) -> None:
+        """Give the relay no answer to its challenge, tell it why, and close."""
+        if self._state == "closed":
+            return
+        self.close_reason = reason
+        self._write(wire.Error(E.AUTH_FAILED, b"", f"client refuses the relay: {reason}"))
+        self._state = "closed"
+        self.transport.loseConnection()
+
     def close(self) -> Deferred[None]:
         """Close the connection; fires once it is closed."""
         if self._state != "closed":
@@ -240,15 +253,14 @@ class ClientProtocol(Protocol):
             try:
                 self.relay_check(frame.relay)
             except keys.IdentityError as e:
-                self._abort(RelayError(E.AUTH_FAILED, str(e)))
+                self._refuseRelay(e)
                 return
         binding = b""
         if frame.binding == wire.BINDING_TLS_EXPORTER:
             if not ISSLTransport.providedBy(self.transport):
-                self._abort(RelayError(
-                    E.AUTH_FAILED,
-                    "the relay asks for a TLS channel binding, but this connection is not "
-                    "TLS: something between us is relaying another connection's challenge",
+                self._refuseRelay(UntrustedRelay(
+                    "it asks for a TLS channel binding, but this connection is not TLS: "
+                    "something between us may be passing on another connection's challenge"
                 ))
                 return
             binding = channel_binding(self.transport)
@@ -437,6 +449,7 @@ def connect(
     on_rejected=None,
     seen=None,
     timeout: float | None = 30.0,
+    relay_check=None,
 ):
     """
     Connect to the relay at C{endpoint} as C{identity}.  Fires with the
@@ -446,7 +459,7 @@ def connect(
     """
     factory = ClientFactory(
         identity=identity, contacts=contacts, on_message=on_message,
-        on_rejected=on_rejected, seen=seen, clock=reactor,
+        on_rejected=on_rejected, seen=seen, clock=reactor, relay_check=relay_check,
     )
     started = reactor.seconds()
     connecting = endpoint.connect(factory)

@@ -16,7 +16,7 @@ from mailrelay import keys
 from mailrelay.client.defaults import default_home, default_server
 from mailrelay.client.maildir import Maildir
 from mailrelay.client.protocol import ClientFactory
-from mailrelay.client.seen import SeenFile
+from mailrelay.client.seen import SeenFile, SeenFileError
 from mailrelay.endpoints import check_port, client_description
 
 log = Logger()
@@ -53,6 +53,10 @@ class Options(usage.Options):
             Maildir(self["maildir"])  # created now, or refused now with the reason
         except OSError as e:
             raise usage.UsageError(f"--maildir {self['maildir']}: {e.strerror or e}")
+        try:
+            self["seen"] = SeenFile(home.path / "seen.sqlite")
+        except SeenFileError as e:
+            raise usage.UsageError(str(e))
 
 
 class Filer:
@@ -105,8 +109,9 @@ def makeService(options: Options, reactor=None):
         contacts=home,
         on_message=filer,
         on_rejected=filer.rejected,
-        seen=SeenFile(home.path / "seen.sqlite"),
+        seen=options["seen"],
         clock=reactor,
+        relay_check=lambda relay: home.pin_relay(options["server"], relay),
     )
     endpoint = endpoints.clientFromString(reactor, options["server"])
     top = service.MultiService()

@@ -257,6 +257,13 @@ class RelaySession(Protocol, TimeoutMixin):
         if self.state == "handshake":
             if isinstance(frame, wire.Auth):
                 return self._auth(frame)
+            if isinstance(frame, wire.Error) and frame.fatal:
+                # A client refusing us (say, it pinned another relay id here).
+                self.log.warn("{peer} gave up before authenticating: {code}: {text}",
+                              peer=self.peer, code=frame.code.name, text=frame.text)
+                self.state = "closed"
+                self.transport.loseConnection()
+                return None
             raise Fatal(E.UNEXPECTED_FRAME, f"{type(frame).__name__} before authentication")
         if isinstance(frame, wire.Send):
             return self._send(frame)

@@ -5,6 +5,8 @@ C{twistd mailrelay}: options and the service tree of the relay.
 from __future__ import annotations
 
 import os
+import secrets
+from pathlib import Path
 
 from twisted.application import service
 from twisted.application.internet import TimerService
@@ -16,6 +18,7 @@ from twisted.python.failure import Failure
 from mailrelay import wire
 from mailrelay.encoding import valid_identity
 from mailrelay.endpoints import check_port, server_description
+from mailrelay.files import write_durably
 from mailrelay.relay.mailbox import DEFAULT_WINDOW
 from mailrelay.relay.protocol import DEFAULT_MAX_PER_PEER, RelayFactory
 from mailrelay.relay.store import STORE_FILE, Quota, StoreError, open_store
@@ -54,7 +57,9 @@ class Options(usage.Options):
          "(tcp:9000:interface=127.0.0.1, ssl:9443:privateKey=key.pem:certKey=cert.pem)."],
         ["data", "d", "./var", "Directory of the SQLite store (created if missing)."],
         ["store", None, "sqlite", "Store engine: sqlite (durable) or memory (lost at exit)."],
-        ["name", None, "mailrelay", "This relay's id, bound into every client's authentication."],
+        ["name", None, None,
+         "This relay's id, bound into every client's authentication and pinned by "
+         "clients (default: one made up at first start and kept in the data directory)."],
         ["max-envelope", None, wire.MAX_ENVELOPE, "Largest envelope accepted, in bytes.",
          _positive(int)],
         ["window", None, DEFAULT_WINDOW, "Unacknowledged deliveries per session.",
@@ -78,8 +83,10 @@ class Options(usage.Options):
         self["port"] = server_description(self["port"])
         if self["store"] not in ("sqlite", "memory"):
             raise usage.UsageError(f"--store must be sqlite or memory, not {self['store']!r}")
-        if not valid_identity(self["name"]):
-            raise usage.UsageError(f"--name {self['name']!r} is not a valid id")
+        if self["name"] is not None:
+            self["name"] = self["name"].lower()
+            if not valid_identity(self["name"]):
+                raise usage.UsageError(f"--name {self['name']!r} is not a valid id")
         if not 4096 <= self["max-envelope"] <= 64 * 1024 * 1024:
             raise usage.UsageError("--max-envelope must be between 4096 bytes and 64 MiB")
         if self["store"] == "sqlite":
@@ -92,6 +99,13 @@ class Options(usage.Options):
                 preflight(os.path.join(self["data"], STORE_FILE))
             except StoreError as e:
                 raise usage.UsageError(f"--data {self['data']}: {e}")
+            if self["name"] is None:
+                try:
+                    self["name"] = relay_id(self["data"])
+                except (OSError, ValueError) as e:
+                    raise usage.UsageError(f"--data {self['data']}: {e}")
+        elif self["name"] is None:
+            self["name"] = new_relay_id()
         try:
             from twisted.internet import reactor
 
@@ -99,6 +113,32 @@ class Options(usage.Options):
             endpoints.serverFromString(reactor, self["port"])
         except (ValueError, KeyError, TypeError, OverflowError) as e:
             raise usage.UsageError(f"--port {self['port']!r} is not a valid endpoint: {e}")
+
+
+RELAY_ID_FILE = "relay-id"
+
+
+def new_relay_id() -> str:
+    return f"relay-{secrets.token_hex(6)}"
+
+
+def relay_id(data: str) -> str:
+    """
+    This relay's id: made up at first start and kept in C{data}, so every
+    relay has its own, which clients pin.  A relay that answered with
+    another's id would then be noticed.
+    """
+    path = os.path.join(data, RELAY_ID_FILE)
+    try:
+        with open(path, encoding="ascii") as f:
+            name = f.read().strip()
+    except FileNotFoundError:
+        name = new_relay_id()
+        write_durably(Path(path), name.encode("ascii") + b"\n", 0o644)
+        return name
+    if not valid_identity(name):
+        raise ValueError(f"{path} does not hold a valid relay id")
+    return name
 
 
 class Listener(service.Service):
@@ -134,8 +174,9 @@ class Listener(service.Service):
     def _listening(self, port) -> None:
         self.port = port
         address = port.getHost()
-        log.info("mailrelay listening on {where}",
-                 where=f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}")
+        log.info("mailrelay listening on {where} as {name}",
+                 where=f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}",
+                 name=self.factory.name)
 
     def _cannotListen(self, failure) -> None:
         log.failure("cannot listen on {description}", failure, description=self.description)
