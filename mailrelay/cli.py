@@ -16,10 +16,10 @@ import math
 import sys
 from typing import Sequence
 
-from twisted.internet import defer, endpoints, error
+from twisted.internet import defer, endpoints, error, task
 from twisted.internet.defer import inlineCallbacks
 
-from mailrelay import __version__, envelope, keys
+from mailrelay import __version__, envelope, keys, wire
 from mailrelay.client.defaults import DEFAULT_SERVER
 from mailrelay.client.defaults import default_home as _default_home
 from mailrelay.client.defaults import default_server as _default_server
@@ -225,14 +225,40 @@ def cmd_send(reactor, args):
             data = data[:-1]
     client = yield _connect(reactor, args, home, identity)
     try:
-        message_id = yield client.send(recipient, data)
-    except Disconnected as e:
-        raise Failed(f"{e} before it confirmed the message; it may or may not have "
-                     f"been accepted") from None
+        message_id, sealed = yield client.seal(recipient, data)
+        # A lost answer is retried with the very same envelope, which the
+        # relay recognises: the message is stored, and shown, once.
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            try:
+                yield client.submit(message_id, sealed)
+                break
+            except (Disconnected, RelayError) as e:
+                if isinstance(e, RelayError) and e.code not in RETRY_CODES:
+                    raise
+                if attempt == SEND_ATTEMPTS:
+                    raise Failed(f"the relay did not confirm message {message_id.hex()} "
+                                 f"({e}); it may or may not have been accepted") from None
+                delay = 2 ** (attempt - 1)
+                _err(f"mailrelay send: no answer from the relay ({e}); "
+                     f"sending the same message again in {delay} s")
+                yield client.close()
+                yield task.deferLater(reactor, delay, lambda: None)
+                client = yield _connect(reactor, args, home, identity)
     finally:
         yield client.close()
     _out(f"Message {message_id.hex()} accepted by the relay for {recipient}.")
     return 0
+
+
+SEND_ATTEMPTS = 3
+RETRY_CODES = {
+    # The relay may have committed the message before these; resending the
+    # same envelope is safe.
+    wire.ErrorCode.SHUTTING_DOWN,
+    wire.ErrorCode.INTERNAL_ERROR,
+    wire.ErrorCode.IDLE_TIMEOUT,
+    wire.ErrorCode.STORE_FAILED,
+}
 
 
 def _format(opened: envelope.Opened, as_json: bool) -> str:

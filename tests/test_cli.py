@@ -478,6 +478,50 @@ class SendTests(OnlineTestCase):
         self.assertEqual(self.successResultOf(d), 0)
         self.assertEqual(self.stored_for_bob(), [b"line 1\r\nline 2"])
 
+    def loseAnswers(self, count: int) -> None:
+        """The relay commits the next C{count} sends, then drops the connection unanswered."""
+        from mailrelay.relay.protocol import RelaySession
+
+        original = RelaySession._accepted
+        lost = [0]
+
+        def accepted(session, new, header):
+            if lost[0] < count:
+                lost[0] += 1
+                session.transport.loseConnection()
+                return None
+            return original(session, new, header)
+
+        self.patch(RelaySession, "_accepted", accepted)
+
+    def test_lost_answer_retried_with_the_same_envelope(self):
+        """
+        The message was committed but the answer lost: send tries again with
+        the same envelope, the relay recognises it, and it is stored once.
+        """
+        self.loseAnswers(1)
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "only once")
+        self.accept()
+        self.assertNoResult(d)
+        self.assertIn("sending the same message again in 1 s", self.stderr.getvalue())
+        self.reactor.advance(1)
+        self.accept()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(self.stored_for_bob(), [b"only once"])
+
+    def test_gives_up_after_three_attempts(self):
+        self.loseAnswers(3)
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "hello?")
+        self.accept()
+        self.reactor.advance(1)
+        self.accept()
+        self.reactor.advance(2)
+        self.accept()
+        err = self.exits(d, one_line=False)
+        self.assertEqual(err.count("sending the same message again"), 2)
+        self.assertIn("may or may not have been accepted", err.splitlines()[-1])
+        self.assertEqual(self.stored_for_bob(), [b"hello?"])
+
     def test_invalid_recipient(self):
         err = self.exits(self.run_online("send", "--home", self.home, "--to", "b b", "x"))
         self.assertIn("'b b' is not a valid identity", err)

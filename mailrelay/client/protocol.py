@@ -347,21 +347,38 @@ class ClientProtocol(Protocol):
         once the relay has committed it; fails with L{SendRefused} (or the
         reason the connection ended) otherwise.
         """
+        message_id, sealed = yield self.seal(recipient, data, message_id)
+        result = yield self.submit(message_id, sealed)
+        return result
+
+    @inlineCallbacks
+    def seal(self, recipient: str, data: bytes, message_id: bytes | None = None):
+        """
+        Seal C{data} for C{recipient} (with its pinned key, checked against
+        the directory); fires with C{(message_id, envelope)}.  Keep the
+        envelope to L{submit} it again after a lost answer: the relay
+        recognises the very same bytes and stores nothing twice.
+        """
         if self._state != "ready":
             raise RelayError(E.UNEXPECTED_FRAME, "not connected to the relay")
-        keys.check_identity(recipient)
+        recipient = keys.check_identity(recipient)
         key = yield self.contact_key(recipient)
         message_id = message_id or envelope.new_message_id()
         sealed = envelope.seal(
             self.identity, recipient, key, data, message_id, max_envelope=self.max_envelope
         )
+        return message_id, sealed
+
+    def submit(self, message_id: bytes, sealed: bytes) -> Deferred[bytes]:
+        """Send a sealed envelope; fires with its id once the relay committed it."""
         if self._state != "ready":
-            raise RelayError(E.UNEXPECTED_FRAME, "the connection to the relay closed")
+            return defer.fail(Disconnected("not connected to the relay"))
+        if message_id in self._sends:
+            return defer.fail(ValueError("that message is already being sent"))
         d: Deferred[bytes] = Deferred()
         self._sends[message_id] = d
         self._write(wire.Send(sealed))
-        result = yield d
-        return result
+        return d
 
     # Receiving
 
