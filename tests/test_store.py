@@ -30,6 +30,19 @@ def env(n: int, size: int = 40) -> bytes:
     return (b"envelope-%d-" % n).ljust(size, b".")[:size]
 
 
+def schema_of(path: str) -> tuple[int, list]:
+    """The user_version and the tables of the SQLite file at C{path}."""
+    connection = sqlite3.connect(path)
+    try:
+        (version,) = connection.execute("PRAGMA user_version").fetchone()
+        tables = connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'"
+        ).fetchall()
+    finally:
+        connection.close()
+    return version, tables
+
+
 class StoreTestsMixin:
     """
     The behaviour every L{mailrelay.relay.store.MailboxStore} engine shares.
@@ -383,14 +396,7 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
         store = SQLiteStore(self.path)
         yield self.assertFailure(store.start(), StoreError)
         # Refused, not touched.
-        connection = sqlite3.connect(self.path)
-        try:
-            (version,) = connection.execute("PRAGMA user_version").fetchone()
-            tables = connection.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'"
-            ).fetchall()
-        finally:
-            connection.close()
+        version, tables = schema_of(self.path)
         self.assertEqual(version, sqlite_store.SCHEMA_VERSION + 1)
         self.assertEqual(tables, [])
 
@@ -439,14 +445,7 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
         self.patch(sqlite_store, "SCHEMA_VERSION", next_version)
         yield self.assertFailure(SQLiteStore(self.path).start(), StoreError)
 
-        connection = sqlite3.connect(self.path)
-        try:
-            (version,) = connection.execute("PRAGMA user_version").fetchone()
-            tables = connection.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'"
-            ).fetchall()
-        finally:
-            connection.close()
+        version, tables = schema_of(self.path)
         self.assertEqual((version, tables), (0, []), "a failed migration left a partial schema")
 
         migrations[next_version] = "CREATE TABLE extra (x INTEGER)"
