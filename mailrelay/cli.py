@@ -226,31 +226,48 @@ def cmd_send(reactor, args):
     client = yield _connect(reactor, args, home, identity)
     try:
         message_id, sealed = yield client.seal(recipient, data)
-        # A lost answer is retried with the very same envelope, which the
-        # relay recognises: the message is stored, and shown, once.
-        for attempt in range(1, SEND_ATTEMPTS + 1):
+    except BaseException:
+        yield client.close()
+        raise
+    # A lost answer is retried with the very same envelope, which the relay
+    # recognises: the message is stored, and shown, once.  A reconnection
+    # that fails counts as an attempt too (the relay may be restarting).
+    attempt = 1
+    try:
+        while True:
             try:
-                yield client.submit(message_id, sealed)
+                if client is None:
+                    client = yield _connect(reactor, args, home, identity)
+                answer = client.submit(message_id, sealed)
+                answer.addTimeout(ANSWER_TIMEOUT, reactor)
+                yield answer
                 break
-            except (Disconnected, RelayError) as e:
+            except (Disconnected, RelayError, Failed, defer.TimeoutError) as e:
                 if isinstance(e, RelayError) and e.code not in RETRY_CODES:
                     raise
+                reason = e if not isinstance(e, defer.TimeoutError) else (
+                    f"no answer within {ANSWER_TIMEOUT:g} seconds")
                 if attempt == SEND_ATTEMPTS:
                     raise Failed(f"the relay did not confirm message {message_id.hex()} "
-                                 f"({e}); it may or may not have been accepted") from None
+                                 f"({reason}); it may or may not have been accepted") from None
                 delay = 2 ** (attempt - 1)
-                _err(f"mailrelay send: no answer from the relay ({e}); "
+                _err(f"mailrelay send: no answer from the relay ({reason}); "
                      f"sending the same message again in {delay} s")
-                yield client.close()
+                attempt += 1
+                if client is not None:
+                    yield client.close()
+                    client = None
                 yield task.deferLater(reactor, delay, lambda: None)
-                client = yield _connect(reactor, args, home, identity)
     finally:
-        yield client.close()
+        if client is not None:
+            yield client.close()
     _out(f"Message {message_id.hex()} accepted by the relay for {recipient}.")
     return 0
 
 
 SEND_ATTEMPTS = 3
+ANSWER_TIMEOUT = 30.0
+"""Seconds send waits for ACCEPTED before it tries the same envelope again."""
 RETRY_CODES = {
     # The relay may have committed the message before these; resending the
     # same envelope is safe.

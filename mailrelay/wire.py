@@ -382,6 +382,10 @@ def decode(body: bytes, max_envelope: int = MAX_ENVELOPE) -> Frame:
     return frame
 
 
+COMPACT_AFTER = 64 * 1024
+"""Consumed bytes a L{FrameBuffer} may keep before cutting them off."""
+
+
 class FrameBuffer:
     """
     Reassembles frames from a byte stream.
@@ -437,7 +441,13 @@ class FrameBuffer:
                 self._offset = 0
             return None
         self._offset = start + length
-        return decode(bytes(buf[start : start + length]), self.max_envelope)
+        frame = decode(bytes(buf[start : start + length]), self.max_envelope)
+        if self._offset >= COMPACT_AFTER and self._offset * 2 >= len(buf):
+            # A reader that keeps falling behind never empties the buffer:
+            # drop what is consumed once it is most of it (amortised linear).
+            del buf[: self._offset]
+            self._offset = 0
+        return frame
 
     def feed(self, data: bytes) -> list[Frame]:
         """

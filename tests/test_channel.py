@@ -145,3 +145,27 @@ class ClientBindingTests(SynchronousTestCase):
         self.assertEqual(error.code, E.AUTH_FAILED)
         self.assertIn("relay-impostor", error.text)
         self.assertIn("relay-real", str(self.failureResultOf(client.ready).value))
+
+
+class ClientHandshakeLimitTests(SynchronousTestCase):
+    def test_large_frame_before_welcome_refused(self):
+        """Until WELCOME a client takes only handshake-sized frames from its peer."""
+        transport = StringTransportWithDisconnection()
+        client = ClientProtocol(ALICE)
+        transport.protocol = client
+        client.makeConnection(transport)
+        client.dataReceived(wire.LENGTH_PREFIX.pack(wire.MIN_FRAME_ROOM + wire.FRAME_OVERHEAD + 1))
+        [error] = frames(transport)
+        self.assertEqual(error.code, E.MALFORMED_FRAME)
+
+    def test_relay_not_pinned_when_refused_for_another_reason(self):
+        """A relay refused for its binding request is not pinned on the way."""
+        home = keys.Home(self.mktemp())
+        transport = StringTransportWithDisconnection()
+        client = ClientProtocol(
+            ALICE, relay_check=lambda rid: home.pin_relay("tcp:relay.example:9000", rid))
+        transport.protocol = client
+        client.makeConnection(transport)
+        client.dataReceived(wire.encode(wire.Hello(
+            wire.PROTOCOL_VERSION, "relay-x", CHALLENGE, wire.BINDING_TLS_EXPORTER)))
+        self.assertFalse(home.path.joinpath("relays").exists())

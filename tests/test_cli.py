@@ -509,6 +509,46 @@ class SendTests(OnlineTestCase):
         self.assertEqual(self.successResultOf(d), 0)
         self.assertEqual(self.stored_for_bob(), [b"only once"])
 
+    def test_refused_reconnection_is_an_attempt(self):
+        """A relay restarting refuses the first reconnection; the next one gets through."""
+        from twisted.python.failure import Failure
+
+        self.loseAnswers(1)
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "persistent")
+        self.accept()
+        self.reactor.advance(1)
+        host, port, factory, timeout, bind = self.reactor.tcpClients.pop(0)
+        connector = self.reactor.connectors.pop(0)
+        factory.clientConnectionFailed(connector, Failure(error.ConnectionRefusedError()))
+        self.assertNoResult(d)
+        self.reactor.advance(2)
+        self.accept()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(self.stderr.getvalue().count("sending the same message again"), 2)
+        self.assertEqual(self.stored_for_bob(), [b"persistent"])
+
+    def test_unanswered_send_times_out_and_is_retried(self):
+        """A relay that commits but never answers: after ANSWER_TIMEOUT, the same envelope again."""
+        from mailrelay.relay.protocol import RelaySession
+
+        original = RelaySession._accepted
+        calls = [0]
+
+        def accepted(session, new, header):
+            calls[0] += 1
+            return None if calls[0] == 1 else original(session, new, header)
+
+        self.patch(RelaySession, "_accepted", accepted)
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "hello")
+        self.accept()
+        self.reactor.advance(cli.ANSWER_TIMEOUT)
+        self.relay.flush()
+        self.assertIn("no answer within 30 seconds", self.stderr.getvalue())
+        self.reactor.advance(1)
+        self.accept()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(self.stored_for_bob(), [b"hello"])
+
     def test_gives_up_after_three_attempts(self):
         self.loseAnswers(3)
         d = self.run_online("send", "--home", self.home, "--to", "bob", "hello?")

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailrelay import envelope, keys, wire
 from mailrelay.encoding import Writer
 from mailrelay.relay.mailbox import RETRY_AFTER_STORE_ERROR
-from mailrelay.relay.protocol import RelayFactory
+from mailrelay.relay.protocol import MAX_PENDING_ANSWERS, RelayFactory
 from mailrelay.relay.store import Quota
 from mailrelay.relay.store.memory import MemoryStore
 
@@ -1190,8 +1190,6 @@ class PipelinedSendTests(RelayTestMixin, SynchronousTestCase):
         At most MAX_PENDING_ANSWERS requests are in flight; the rest wait,
         unread, until answers go out.
         """
-        from mailrelay.relay.protocol import MAX_PENDING_ANSWERS
-
         self.register(A, B)
         client = self.connect(A)
         total = MAX_PENDING_ANSWERS + 5
@@ -1382,3 +1380,81 @@ class HandshakeLimitTests(RelayTestMixin, SynchronousTestCase):
         frames = client.frames()
         self.assertIsInstance(frames[0], wire.Welcome)
         self.assertEqual(frames[1:], [wire.Accepted(mid(1))])
+
+
+class ReadResumeTests(RelayTestMixin, SynchronousTestCase):
+    """Reading stops when the relay falls behind, and always resumes."""
+
+    def makeStore(self):
+        return SlowEnqueueStore(MemoryStore())
+
+    def test_resumes_for_a_partial_large_frame(self):
+        """
+        Behind on commits, the relay stops reading with a large frame half
+        received; once it catches up it must read the rest of that frame,
+        however large the part already buffered.
+        """
+        self.register(A, B)
+        client = self.connect(A)
+        smalls = b"".join(wire.encode(wire.Send(seal(A, B, message_id=mid(n))))
+                          for n in range(MAX_PENDING_ANSWERS))
+        medium = wire.encode(wire.Send(seal(A, B, b"m" * 150_000, message_id=mid(100))))
+        large = wire.encode(wire.Send(seal(A, B, b"l" * 250_000, message_id=mid(101))))
+        client.feed(smalls + medium + large[:200_000])
+        self.assertEqual(client.transport.producerState, "paused")
+        while self.store.outstanding:
+            self.store.fire()
+        self.assertEqual(client.transport.producerState, "producing")
+        client.feed(large[200_000:])
+        while self.store.outstanding:
+            self.store.fire()
+        accepted = [f.message_id for f in client.frames() if isinstance(f, wire.Accepted)]
+        self.assertEqual(accepted[-2:], [mid(100), mid(101)])
+        self.assertEqual(len(accepted), MAX_PENDING_ANSWERS + 2)
+
+
+class ClosingTests(RelayTestMixin, SynchronousTestCase):
+    """A fatal error closes the connection even when the peer does not help."""
+
+    def test_fatal_unregisters_the_producer(self):
+        """
+        TCP and TLS transports do not finish a loseConnection while a
+        producer is registered: a fatal error must unregister it.
+        """
+        from twisted.internet.testing import StringTransport
+
+        proto = self.factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        self.assertIs(transport.producer, proto)
+        proto.dataReceived(wire.encode(wire.Ping(b"12345678")))
+        self.assertIsNone(transport.producer)
+        self.assertTrue(transport.disconnecting)
+
+    def test_cut_after_grace(self):
+        """A peer that keeps a closing connection open is cut after CLOSE_GRACE."""
+        from twisted.internet.testing import StringTransport
+
+        from mailrelay.relay.protocol import CLOSE_GRACE
+
+        class Recording(StringTransport):
+            aborted = False
+
+            def abortConnection(self):
+                self.aborted = True
+
+        proto = self.factory.buildProtocol(None)
+        transport = Recording()
+        proto.makeConnection(transport)
+        self.clock.advance(self.factory.auth_timeout)
+        self.assertTrue(transport.disconnecting)
+        self.clock.advance(CLOSE_GRACE - 0.1)
+        self.assertFalse(transport.aborted)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.aborted)
+
+    def test_no_cut_once_closed(self):
+        client = self.connect()
+        client.send(wire.Ping(b"12345678"))
+        self.assertFalse(client.connected)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

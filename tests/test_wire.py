@@ -737,3 +737,23 @@ class AuthTranscriptTests(SynchronousTestCase):
     def test_invalid_identity(self):
         self.assertRaises(ValueError, wire.auth_transcript, self.challenge, "a/b", "alice")
         self.assertRaises(ValueError, wire.auth_transcript, self.challenge, "relay", "")
+
+
+class BufferMemoryTests(SynchronousTestCase):
+    def test_consumed_bytes_are_dropped_while_behind(self):
+        """
+        A reader that keeps a few frames unread after every read (it is
+        behind) still holds only about what is unread, not all it received.
+        """
+        frame = wire.encode(Send(b"e" * 4000))
+        chunk = frame * (64 * 1024 // len(frame))
+        buffer = FrameBuffer()
+        unread = 0
+        for _ in range(100):
+            buffer.add(chunk)
+            unread += chunk.count(frame)
+            while unread > 5:
+                self.assertEqual(buffer.next(), Send(b"e" * 4000))
+                unread -= 1
+        self.assertEqual(buffer.buffered, 5 * len(frame))
+        self.assertLess(len(buffer._buffer), 3 * len(chunk))

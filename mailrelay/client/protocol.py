@@ -120,8 +120,9 @@ class ClientProtocol(Protocol):
         self.ready: Deferred[ClientProtocol] = Deferred()
         self.closed: Deferred[None] = Deferred()
         self.close_reason: Exception | None = None
-        # Deliveries may be as large as any relay can store (see LARGEST_ENVELOPE).
-        self._frames = wire.FrameBuffer(wire.LARGEST_ENVELOPE)
+        # Handshake-sized frames until WELCOME; then deliveries as large as
+        # any relay can store (see LARGEST_ENVELOPE).
+        self._frames = wire.FrameBuffer(wire.MIN_FRAME_ROOM)
         self._sends: dict[bytes, Deferred[bytes]] = {}
         self._lookups: dict[str, list[Deferred[bytes]]] = {}
         self._directory: dict[str, bytes] = {}
@@ -249,12 +250,6 @@ class ClientProtocol(Protocol):
                 f"this client {wire.PROTOCOL_VERSION}",
             ))
             return
-        if self.relay_check is not None:
-            try:
-                self.relay_check(frame.relay)
-            except keys.IdentityError as e:
-                self._refuseRelay(e)
-                return
         binding = b""
         if frame.binding == wire.BINDING_TLS_EXPORTER:
             if not ISSLTransport.providedBy(self.transport):
@@ -264,6 +259,16 @@ class ClientProtocol(Protocol):
                 ))
                 return
             binding = channel_binding(self.transport)
+        # Pinned only once nothing else is wrong with this relay.
+        if self.relay_check is not None:
+            try:
+                self.relay_check(frame.relay)
+            except keys.IdentityError as e:
+                self._refuseRelay(e)
+                return
+            except OSError as e:
+                self._refuseRelay(UntrustedRelay(f"cannot check its id: {e}"))
+                return
         self.relay_name = frame.relay
         transcript = wire.auth_transcript(
             frame.challenge, frame.relay, self.identity.name, self.receive, binding
@@ -276,6 +281,7 @@ class ClientProtocol(Protocol):
 
     def _welcome(self, frame: wire.Welcome) -> None:
         self._state = "ready"
+        self._frames.set_limit(wire.LARGEST_ENVELOPE)
         self.registered = frame.registered
         self.queued = frame.queued
         self.max_envelope = frame.max_envelope

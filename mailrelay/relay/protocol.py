@@ -46,6 +46,9 @@ MAX_PENDING_ANSWERS = 32
 READ_AHEAD = 64 * 1024
 """Bytes read beyond one whole frame before the relay stops reading."""
 
+CLOSE_GRACE = 30.0
+"""Seconds a closing connection has to flush before it is cut."""
+
 DEFAULT_MAX_PER_PEER = 64
 """Connections one address may hold open at once."""
 
@@ -92,6 +95,7 @@ class RelaySession(Protocol, TimeoutMixin):
         self._busy = False
         self._draining = False
         self._deadline = None
+        self._closer = None
         self._challenge = b""
         self.peer = "?"
         self.host: str | None = None
@@ -155,6 +159,7 @@ class RelaySession(Protocol, TimeoutMixin):
         if self._draining:
             return  # the loop below is already running further up the stack
         self._draining = True
+        incomplete = False
         try:
             while not self._busy and not self._outputPaused and self.state != "closed":
                 try:
@@ -163,6 +168,7 @@ class RelaySession(Protocol, TimeoutMixin):
                     self.fatal(E.MALFORMED_FRAME, str(e))
                     return
                 if frame is None:
+                    incomplete = True
                     break
                 self._busy = True
                 d = maybeDeferred(self._handle, frame)
@@ -170,7 +176,9 @@ class RelaySession(Protocol, TimeoutMixin):
                 d.addBoth(self._handled)
         finally:
             self._draining = False
-        if self._frames.buffered <= self._backlogLimit() // 2:
+        # What is buffered is at most one partial frame once every complete
+        # one is handled: read on, or that frame never completes.
+        if incomplete or self._frames.buffered <= self._backlogLimit() // 2:
             self._resumeReading("backlog")
 
     def _handled(self, ignored) -> None:
@@ -249,7 +257,24 @@ class RelaySession(Protocol, TimeoutMixin):
         )
         self.state = "closed"
         self._write(wire.Error(code, b"", text))
+        self._close()
+
+    def _close(self) -> None:
+        """
+        Close once what is written is flushed, and for good after
+        L{CLOSE_GRACE} seconds: a peer that does not read, or a TLS peer
+        that never completes the shutdown, cannot hold the connection.
+        """
+        if self._closer is None:
+            self._closer = self.factory.clock.callLater(CLOSE_GRACE, self._abort)
+        # While a producer is registered, neither TCP nor TLS transports
+        # finish a loseConnection; there is nothing more to produce.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
+
+    def _abort(self) -> None:
+        self._closer = None
+        self.transport.abortConnection()
 
     # Frame handlers
 
@@ -262,7 +287,7 @@ class RelaySession(Protocol, TimeoutMixin):
                 self.log.warn("{peer} gave up before authenticating: {code}: {text}",
                               peer=self.peer, code=frame.code.name, text=frame.text)
                 self.state = "closed"
-                self.transport.loseConnection()
+                self._close()
                 return None
             raise Fatal(E.UNEXPECTED_FRAME, f"{type(frame).__name__} before authentication")
         if isinstance(frame, wire.Send):
@@ -281,7 +306,7 @@ class RelaySession(Protocol, TimeoutMixin):
                           identity=self.identity, code=frame.code.name, text=frame.text)
             if frame.fatal:
                 self.state = "closed"
-                self.transport.loseConnection()
+                self._close()
             return None
         raise Fatal(E.UNEXPECTED_FRAME, f"{type(frame).__name__} is not sent by clients")
 
@@ -480,6 +505,9 @@ class RelaySession(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason) -> None:
         self.state = "closed"
+        if self._closer is not None and self._closer.active():
+            self._closer.cancel()
+        self._closer = None
         self._cancelDeadline()
         self.setTimeout(None)
         self.factory.sessions.discard(self)
