@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from mailrelay import keys, wire
-from mailrelay.client.protocol import ClientProtocol, UntrustedRelay
+from mailrelay.client.protocol import ClientProtocol, RelayError, UntrustedRelay
 from mailrelay.relay.protocol import RelayFactory
 from mailrelay.relay.store.memory import MemoryStore
 
@@ -157,6 +157,8 @@ class ClientHandshakeLimitTests(SynchronousTestCase):
         client.dataReceived(wire.LENGTH_PREFIX.pack(wire.MIN_FRAME_ROOM + wire.FRAME_OVERHEAD + 1))
         [error] = frames(transport)
         self.assertEqual(error.code, E.MALFORMED_FRAME)
+        self.assertEqual(self.failureResultOf(client.ready, RelayError).value.code,
+                         E.MALFORMED_FRAME)
 
     def test_relay_not_pinned_when_refused_for_another_reason(self):
         """A relay refused for its binding request is not pinned on the way."""
@@ -169,3 +171,4 @@ class ClientHandshakeLimitTests(SynchronousTestCase):
         client.dataReceived(wire.encode(wire.Hello(
             wire.PROTOCOL_VERSION, "relay-x", CHALLENGE, wire.BINDING_TLS_EXPORTER)))
         self.assertFalse(home.path.joinpath("relays").exists())
+        self.failureResultOf(client.ready, UntrustedRelay)
