@@ -197,15 +197,14 @@ def cmd_fingerprint(reactor, args):
     name = keys.check_identity(args.id)
     pinned = home.pinned(name)
     if pinned is not None:
-        _out(f"{name}: {keys.format_fingerprint(keys.fingerprint(keys.public_der(pinned)))}")
+        _out(f"{name}: {keys.key_fingerprint(pinned)}")
         return 0
     client = yield _connect(reactor, args, home, identity)
     try:
         key = yield client.contact_key(name)
     finally:
         yield client.close()
-    _out(f"{name}: {keys.format_fingerprint(keys.fingerprint(keys.public_der(key)))}"
-         f"  (fetched from the relay and pinned)")
+    _out(f"{name}: {keys.key_fingerprint(key)}  (fetched from the relay and pinned)")
     return 0
 
 

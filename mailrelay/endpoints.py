@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 
-_KNOWN_PREFIX = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 _HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
 _ENDPOINT_KINDS = ("tcp", "tcp6", "ssl", "unix", "tls", "tor", "onion", "systemd", "ssh")
 

@@ -102,6 +102,17 @@ def format_fingerprint(digest: bytes) -> str:
     return " ".join(text[i : i + 4] for i in range(0, len(text), 4))
 
 
+def key_fingerprint(key: rsa.RSAPublicKey) -> str:
+    """The formatted fingerprint of C{key} (of its canonical DER)."""
+    return format_fingerprint(fingerprint(public_der(key)))
+
+
+def _same_as_pinned(name: str, pinned: rsa.RSAPublicKey, offered: rsa.RSAPublicKey) -> None:
+    """Raise L{KeyConflict} unless C{offered} is the key pinned for C{name}."""
+    if public_der(pinned) != public_der(offered):
+        raise KeyConflict(name, key_fingerprint(pinned), key_fingerprint(offered))
+
+
 def load_public_der(der: bytes) -> rsa.RSAPublicKey:
     """Parse a DER SubjectPublicKeyInfo; refuse anything but RSA >= 2048 bits."""
     try:
@@ -305,12 +316,7 @@ class Home:
         key = load_public_der(der)
         current = self.pinned(name)
         if current is not None:
-            if public_der(current) != public_der(key):
-                raise KeyConflict(
-                    name,
-                    format_fingerprint(fingerprint(public_der(current))),
-                    format_fingerprint(fingerprint(der)),
-                )
+            _same_as_pinned(name, current, key)
             return current
         self.contacts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_durably(self._contact_file(name), public_pem(key), 0o644)
@@ -329,12 +335,6 @@ class MemoryContacts:
 
     def pin(self, name: str, der: bytes) -> rsa.RSAPublicKey:
         key = load_public_der(der)
-        der = public_der(key)
-        current = self._keys.setdefault(check_identity(name), der)
-        if current != der:
-            raise KeyConflict(
-                name,
-                format_fingerprint(fingerprint(current)),
-                format_fingerprint(fingerprint(der)),
-            )
+        current = self._keys.setdefault(check_identity(name), public_der(key))
+        _same_as_pinned(name, load_public_der(current), key)
         return key

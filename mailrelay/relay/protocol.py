@@ -89,7 +89,7 @@ class RelaySession(Protocol, TimeoutMixin):
         self._frames = wire.FrameBuffer(wire.MIN_FRAME_ROOM)
         self._answers: deque[list] = deque()
         self._waitingForRoom: list[Deferred] = []
-        self._readPauses: set[str] = set()
+        self._readingPaused = False
         self._outputPaused = False
         self._binding = wire.BINDING_NONE
         self._busy = False
@@ -132,23 +132,22 @@ class RelaySession(Protocol, TimeoutMixin):
         self.resetTimeout()
         self._frames.add(data)
         if self._frames.buffered > self._backlogLimit():
-            self._pauseReading("backlog")
+            self._pauseReading()
         self._drain()
 
     def _backlogLimit(self) -> int:
         """Bytes read ahead of the frame being handled before reading stops."""
         return self._frames.max_frame + READ_AHEAD
 
-    def _pauseReading(self, reason: str) -> None:
-        if not self._readPauses and self.state != "closed":
+    def _pauseReading(self) -> None:
+        if not self._readingPaused and self.state != "closed":
+            self._readingPaused = True
             self.transport.pauseProducing()
-        self._readPauses.add(reason)
 
-    def _resumeReading(self, reason: str) -> None:
-        if reason in self._readPauses:
-            self._readPauses.discard(reason)
-            if not self._readPauses and self.state != "closed":
-                self.transport.resumeProducing()
+    def _resumeReading(self) -> None:
+        if self._readingPaused and self.state != "closed":
+            self._readingPaused = False
+            self.transport.resumeProducing()
 
     def _drain(self) -> None:
         """
@@ -179,7 +178,7 @@ class RelaySession(Protocol, TimeoutMixin):
         # What is buffered is at most one partial frame once every complete
         # one is handled: read on, or that frame never completes.
         if incomplete or self._frames.buffered <= self._backlogLimit() // 2:
-            self._resumeReading("backlog")
+            self._resumeReading()
 
     def _handled(self, ignored) -> None:
         self._busy = False
