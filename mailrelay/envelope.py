@@ -3,16 +3,21 @@ Sealing and opening envelopes: pure functions over bytes.
 
 Suite C{rsa} (1), the only one so far::
 
-    header      version u8 = 1, suite u8 = 1,
+    header      version u8 = 2, suite u8 = 1,
                 sender id, sender key fingerprint (32),
                 recipient id, recipient key fingerprint (32),
-                message id (16), timestamp u64 (Unix seconds)
+                message id (16), timestamp u64 (Unix seconds),
+                sequence u64 (version 2 only)
     wrapped key u16 length + RSA-OAEP(SHA-256, MGF1-SHA-256) of a fresh AES-256 key
     nonce       12 random bytes
     ciphertext  u32 length + AES-256-GCM(plaintext, associated data = header)
     signature   u16 length + RSA-PSS-SHA256 by the sender over every byte above
 
 Identities are encoded as in L{mailrelay.encoding} (u8 length + ASCII).
+The sequence number counts the sender's messages to this recipient (1, 2,
+3...; 0 for a message sent outside any sequence): being signed, it lets the
+recipient notice a message the relay withheld or reordered.  Version 1
+envelopes, without it, are still opened (as sequence 0).
 The relay reads the header (L{parse}) to route an envelope; only the
 recipient can open it (L{open_envelope}), and only after the signature checks
 out against the sender key the recipient already trusts.
@@ -33,7 +38,9 @@ from mailrelay import keys
 from mailrelay.encoding import Reader, Writer
 from mailrelay.wire import MAX_ENVELOPE, MESSAGE_ID_SIZE
 
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)
+"""Envelope versions this code opens; it seals only L{VERSION}."""
 SUITE_RSA = 1
 FINGERPRINT_SIZE = 32
 NONCE_SIZE = 12
@@ -64,9 +71,10 @@ class Header:
     recipient_fingerprint: bytes
     message_id: bytes
     timestamp: int
+    seq: int = 0
 
     def encode(self) -> bytes:
-        return (
+        w = (
             Writer()
             .u8(self.version)
             .u8(self.suite)
@@ -76,8 +84,12 @@ class Header:
             .raw(self.recipient_fingerprint)
             .raw(self.message_id)
             .u64(self.timestamp)
-            .getvalue()
         )
+        if self.version >= 2:
+            w.u64(self.seq)
+        elif self.seq:
+            raise ValueError("a version 1 header has no sequence number")
+        return w.getvalue()
 
 
 @dataclass(frozen=True)
@@ -116,7 +128,7 @@ def new_message_id() -> bytes:
 
 def overhead(sender: str, recipient: str, key_bytes: int = keys.KEY_BITS // 8) -> int:
     """Bytes an envelope adds to its plaintext, for C{key_bytes}-byte RSA keys."""
-    header = 2 + 2 + len(sender) + len(recipient) + 2 * FINGERPRINT_SIZE + MESSAGE_ID_SIZE + 8
+    header = 2 + 2 + len(sender) + len(recipient) + 2 * FINGERPRINT_SIZE + MESSAGE_ID_SIZE + 16
     return header + 2 + key_bytes + NONCE_SIZE + 4 + 16 + 2 + key_bytes
 
 
@@ -128,15 +140,19 @@ def seal(
     message_id: bytes | None = None,
     timestamp: int | None = None,
     max_envelope: int = MAX_ENVELOPE,
+    seq: int = 0,
 ) -> bytes:
     """
-    Encrypt C{plaintext} for C{recipient} and sign it as C{sender}.
+    Encrypt C{plaintext} for C{recipient} and sign it as C{sender}, as
+    message number C{seq} of the sender to that recipient (0: none).
     Raises L{EnvelopeTooLarge} when the result would exceed C{max_envelope}.
     """
     if message_id is None:
         message_id = new_message_id()
     if len(message_id) != MESSAGE_ID_SIZE:
         raise ValueError("a message id is 16 bytes")
+    if not 0 <= seq < 2**64:
+        raise ValueError("a sequence number is an unsigned 64-bit number")
     limit = max_envelope - overhead(
         sender.name, recipient, max(sender.public_key.key_size, recipient_key.key_size) // 8
     )
@@ -153,6 +169,7 @@ def seal(
         recipient_fingerprint=keys.fingerprint(keys.public_der(recipient_key)),
         message_id=message_id,
         timestamp=int(time.time()) if timestamp is None else timestamp,
+        seq=seq,
     )
     header_bytes = header.encode()
     content_key = AESGCM.generate_key(bit_length=AES_KEY_SIZE * 8)
@@ -176,7 +193,7 @@ def parse(data: bytes, max_envelope: int = MAX_ENVELOPE) -> Envelope:
         raise EnvelopeTooLarge(f"envelope of {len(data)} bytes is over {max_envelope}")
     r = Reader(data, EnvelopeError)
     version = r.u8("envelope version")
-    if version != VERSION:
+    if version not in VERSIONS:
         raise EnvelopeError(f"unsupported envelope version {version}")
     suite = r.u8("suite")
     if suite != SUITE_RSA:
@@ -190,6 +207,7 @@ def parse(data: bytes, max_envelope: int = MAX_ENVELOPE) -> Envelope:
         r.raw(FINGERPRINT_SIZE, "recipient fingerprint"),
         r.raw(MESSAGE_ID_SIZE, "message id"),
         r.u64("timestamp"),
+        r.u64("sequence number") if version >= 2 else 0,
     )
     header_end = len(data) - r.remaining()
     wrapped = r.blob16("wrapped key", MAX_WRAPPED_KEY)

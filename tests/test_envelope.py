@@ -205,7 +205,7 @@ class RoundTripTests(SynchronousTestCase):
     def test_overhead(self):
         self.assertEqual(
             envelope.overhead("a", "b", 384),
-            2 + 2 + 1 + 1 + 32 + 32 + 16 + 8 + 2 + 384 + 12 + 4 + 16 + 2 + 384,
+            2 + 2 + 1 + 1 + 32 + 32 + 16 + 8 + 8 + 2 + 384 + 12 + 4 + 16 + 2 + 384,
         )
         self.assertEqual(
             envelope.overhead("alice", "bob"), envelope.overhead("alice", "bob", 384)
@@ -268,6 +268,41 @@ class HeaderTests(SynchronousTestCase):
     def test_bad_message_id(self):
         for size in (0, 15, 17):
             self.assertRaises(ValueError, seal, message_id=b"i" * size)
+
+    def test_sequence_number_is_signed(self):
+        sealed = seal(seq=7)
+        self.assertEqual(envelope.parse(sealed).header.seq, 7)
+        self.assertEqual(open_(sealed).header.seq, 7)
+        self.assertEqual(envelope.parse(seal()).header.seq, 0)
+        # The sequence number is the last 8 bytes of the header: a relay
+        # that renumbers a message breaks the signature.
+        end = len(envelope.parse(sealed).header_bytes)
+        altered = bytearray(sealed)
+        altered[end - 1] = 3
+        self.assertEqual(envelope.parse(bytes(altered)).header.seq, 3)
+        error = self.assertRaises(EnvelopeError, open_, bytes(altered))
+        self.assertIn("signature", str(error))
+        for bad in (-1, 2**64):
+            self.assertRaises(ValueError, seal, seq=bad)
+
+    def test_version_1_envelopes_still_open(self):
+        """Envelopes sealed before sequence numbers open as sequence 0."""
+        header = envelope.Header(
+            version=1, suite=envelope.SUITE_RSA, sender="alice",
+            sender_fingerprint=alice().fingerprint, recipient="bob",
+            recipient_fingerprint=bob().fingerprint, message_id=b"m" * 16,
+            timestamp=1_700_000_000,
+        )
+        content_key = b"k" * 32
+        nonce = b"n" * 12
+        ciphertext = AESGCM(content_key).encrypt(nonce, b"from the past", header.encode())
+        wrapped = bob().public_key.encrypt(content_key, envelope.OAEP)
+        signed = signed_part(header, wrapped, nonce, ciphertext)
+        old = Writer().raw(signed).blob16(alice().sign(signed)).getvalue()
+        opened = open_(old)
+        self.assertEqual(opened.plaintext, b"from the past")
+        self.assertEqual((opened.header.version, opened.header.seq), (1, 0))
+        self.assertRaises(ValueError, envelope.Header(**{**header.__dict__, "seq": 1}).encode)
 
     def test_new_message_id(self):
         ids = {envelope.new_message_id() for _ in range(20)}
@@ -438,7 +473,7 @@ class RejectionTests(SynchronousTestCase):
 
     def test_version_and_suite(self):
         sealed = bytearray(seal())
-        for index, value in ((0, 0), (0, 2), (0, 255), (1, 0), (1, 2), (1, 255)):
+        for index, value in ((0, 0), (0, 3), (0, 255), (1, 0), (1, 2), (1, 255)):
             altered = bytearray(sealed)
             altered[index] = value
             self.assertRaises(EnvelopeError, envelope.parse, bytes(altered))
