@@ -114,6 +114,8 @@ class ErrorCode(enum.IntEnum):
     SUPERSEDED = 8
     SHUTTING_DOWN = 9
     INTERNAL_ERROR = 10
+    BUSY = 11
+    FRAME_TIMEOUT = 12
 
     UNKNOWN_IDENTITY = 100
     BAD_ENVELOPE = 101
@@ -123,6 +125,7 @@ class ErrorCode(enum.IntEnum):
     DUPLICATE_ID = 105
     UNKNOWN_MESSAGE = 106
     STORE_FAILED = 107
+    RATE_LIMITED = 108
 
     @property
     def fatal(self) -> bool:
@@ -218,6 +221,31 @@ class Deliver:
     envelope: bytes
 
 
+NOTICE_EXPIRED = 1
+"""L{Notice} kind: a message waited longer than the relay keeps messages."""
+
+NOTICE_KINDS = (NOTICE_EXPIRED,)
+
+
+@dataclass(frozen=True)
+class Notice:
+    """
+    Relay to client: something happened to a message of the client's
+    mailbox that the client will now never receive (it expired unread, say).
+    Written by the relay, not by the sender: it carries no signature, and
+    names the message only by its sender and id.  Delivered and
+    acknowledged like a message, under its own C{notice_id}.
+    """
+
+    TYPE: ClassVar[int] = 0x24
+    notice_id: bytes
+    kind: int
+    sender: str
+    message_id: bytes
+    accepted_at: int
+    text: str
+
+
 @dataclass(frozen=True)
 class Ack:
     """Client to relay: the delivered message is safely received; delete it."""
@@ -256,12 +284,12 @@ class Error:
 
 
 Frame = Union[
-    Hello, Auth, Welcome, Lookup, Key, Send, Accepted, Deliver, Ack, Ping, Pong, Error
+    Hello, Auth, Welcome, Lookup, Key, Send, Accepted, Deliver, Notice, Ack, Ping, Pong, Error
 ]
 
 
 _FRAME_TYPES = (
-    Hello, Auth, Welcome, Lookup, Key, Send, Accepted, Deliver, Ack, Ping, Pong, Error
+    Hello, Auth, Welcome, Lookup, Key, Send, Accepted, Deliver, Notice, Ack, Ping, Pong, Error
 )
 
 
@@ -319,6 +347,14 @@ def encode(frame: Frame) -> bytes:
     elif isinstance(frame, Deliver):
         _check_fixed(frame.message_id, MESSAGE_ID_SIZE, "message id")
         w.raw(frame.message_id).blob32(frame.envelope)
+    elif isinstance(frame, Notice):
+        _check_fixed(frame.notice_id, MESSAGE_ID_SIZE, "notice id")
+        _check_fixed(frame.message_id, MESSAGE_ID_SIZE, "message id")
+        if frame.kind not in NOTICE_KINDS:
+            raise ValueError(f"unknown notice kind {frame.kind}")
+        text = frame.text.encode("utf-8")[:MAX_ERROR_TEXT].decode("utf-8", "ignore")
+        w.raw(frame.notice_id).u8(frame.kind).identity(frame.sender).raw(frame.message_id)
+        w.u64(frame.accepted_at).text(text)
     elif isinstance(frame, (Ping, Pong)):
         _check_fixed(frame.opaque, PING_SIZE, "ping payload")
         w.raw(frame.opaque)
@@ -362,6 +398,12 @@ def decode(body: bytes, max_envelope: int = MAX_ENVELOPE) -> Frame:
     elif kind == Deliver.TYPE:
         frame = Deliver(_fixed(r, MESSAGE_ID_SIZE, "message id"),
                         r.blob32("envelope", max_envelope))
+    elif kind == Notice.TYPE:
+        frame = Notice(_fixed(r, MESSAGE_ID_SIZE, "notice id"), r.u8("notice kind"),
+                       r.identity("sender"), _fixed(r, MESSAGE_ID_SIZE, "message id"),
+                       r.u64("accepted at"), r.text("notice text", MAX_ERROR_TEXT))
+        if frame.kind not in NOTICE_KINDS:
+            raise ProtocolError(f"unknown notice kind {frame.kind}")
     elif kind == Ack.TYPE:
         frame = Ack(_fixed(r, MESSAGE_ID_SIZE, "message id"))
     elif kind == Ping.TYPE:

@@ -23,6 +23,7 @@ from mailrelay.wire import (
     Hello,
     Key,
     Lookup,
+    Notice,
     Ping,
     Pong,
     ProtocolError,
@@ -31,7 +32,7 @@ from mailrelay.wire import (
 )
 
 ALL_FRAME_CLASSES = (
-    Hello, Auth, Welcome, Lookup, Key, Send, Accepted, Deliver, Ack, Ping, Pong, Error
+    Hello, Auth, Welcome, Lookup, Key, Send, Accepted, Deliver, Notice, Ack, Ping, Pong, Error
 )
 KNOWN_TYPES = {cls.TYPE for cls in ALL_FRAME_CLASSES}
 
@@ -68,6 +69,15 @@ key_frames = st.builds(Key, identity=identities, public_key=st.binary(max_size=w
 sends = st.builds(Send, envelope=envelopes)
 accepteds = st.builds(Accepted, message_id=message_ids)
 delivers = st.builds(Deliver, message_id=message_ids, envelope=envelopes)
+notices = st.builds(
+    Notice,
+    notice_id=message_ids,
+    kind=st.sampled_from(wire.NOTICE_KINDS),
+    sender=identities,
+    message_id=message_ids,
+    accepted_at=st.integers(min_value=0, max_value=2**64 - 1),
+    text=error_texts,
+)
 acks = st.builds(Ack, message_id=message_ids)
 pings = st.builds(Ping, opaque=ping_payloads)
 pongs = st.builds(Pong, opaque=ping_payloads)
@@ -80,7 +90,7 @@ errors = st.builds(
 
 frames = st.one_of(
     hellos, auths, welcomes, lookups, key_frames, sends,
-    accepteds, delivers, acks, pings, pongs, errors,
+    accepteds, delivers, notices, acks, pings, pongs, errors,
 )
 
 
@@ -96,6 +106,8 @@ def sample_frames() -> list:
         Send(b"an envelope"),
         Accepted(b"A" * 16),
         Deliver(b"D" * 16, b"a delivered envelope"),
+        Notice(b"N" * 16, wire.NOTICE_EXPIRED, "alice", b"M" * 16, 1_700_000_000,
+               "expired unread after 30 days on the relay"),
         Ack(b"K" * 16),
         Ping(b"12345678"),
         Pong(b"87654321"),
@@ -174,6 +186,24 @@ class RoundTripTests(SynchronousTestCase):
     @given(delivers)
     def test_deliver(self, frame):
         self.assertRoundTrip(frame)
+
+    @SETTINGS
+    @given(notices)
+    def test_notice(self, frame):
+        self.assertRoundTrip(frame)
+
+    def test_notice_layout_and_unknown_kind(self):
+        frame = Notice(b"N" * 16, wire.NOTICE_EXPIRED, "bob", b"M" * 16, 258, "gone")
+        self.assertEqual(
+            body_of(frame),
+            b"\x24" + b"N" * 16 + b"\x01" + b"\x03bob" + b"M" * 16
+            + (258).to_bytes(8, "big") + b"\x00\x04gone",
+        )
+        bad = bytearray(body_of(frame))
+        bad[17] = 9
+        error = self.assertRaises(ProtocolError, wire.decode, bytes(bad))
+        self.assertIn("notice kind 9", str(error))
+        self.assertRaises(ValueError, wire.encode, Notice(b"N" * 16, 9, "bob", b"M" * 16, 0, ""))
 
     @SETTINGS
     @given(acks)
@@ -402,7 +432,7 @@ class MalformedTests(SynchronousTestCase):
 
     def test_unknown_type(self):
         unknown = [t for t in range(256) if t not in KNOWN_TYPES]
-        self.assertEqual(len(unknown), 256 - 12)
+        self.assertEqual(len(unknown), 256 - len(ALL_FRAME_CLASSES))
         for t in unknown:
             self.assertProtocolError(bytes([t]))
             self.assertProtocolError(bytes([t]) + b"\x00" * 40)
