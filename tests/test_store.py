@@ -11,7 +11,9 @@ import sqlite3
 from twisted.internet.defer import DeferredList, gatherResults, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
+from mailrelay import wire
 from mailrelay.relay.store import DuplicateId, MailboxFull, Quota, StoredMessage, StoreError
+from mailrelay.relay.store.base import KIND_MESSAGE, parse_notice_body
 from mailrelay.relay.store import sqlite as sqlite_store
 from mailrelay.relay.store.memory import MemoryStore
 from mailrelay.relay.store.sqlite import SQLiteStore
@@ -318,6 +320,63 @@ class StoreTestsMixin:
         self.assertEqual((yield store.count("bob")), 2)
 
 
+    # Expiry
+
+    @inlineCallbacks
+    def test_expire_leaves_a_notice(self):
+        """
+        A message older than the cut-off is replaced, in its mailbox, by a
+        notice naming its sender and id; younger ones stay, in order.
+        """
+        store = yield self.makeStore()
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW - 100)
+        yield store.enqueue("bob", "carol", mid(2), env(2), NOW - 10)
+        yield store.enqueue("dave", "alice", mid(3), env(3), NOW - 100)
+        expired = yield store.expire(NOW - 50, NOW, "expired unread after 50 seconds", 100)
+        self.assertEqual(sorted((m.recipient, m.sender, m.message_id, m.accepted_at)
+                                for m in expired),
+                         [("bob", "alice", mid(1), NOW - 100), ("dave", "alice", mid(3), NOW - 100)])
+        pending = yield store.pending("bob", 0, 10)
+        self.assertEqual([(m.kind, m.sender) for m in pending],
+                         [(KIND_MESSAGE, "carol"), (wire.NOTICE_EXPIRED, "alice")])
+        notice = pending[1]
+        self.assertNotIn(notice.message_id, (mid(1), mid(2), mid(3)))
+        self.assertEqual(parse_notice_body(notice.envelope),
+                         (mid(1), NOW - 100, "expired unread after 50 seconds"))
+        self.assertEqual(notice.frame(), wire.Notice(
+            notice.message_id, wire.NOTICE_EXPIRED, "alice", mid(1), NOW - 100,
+            "expired unread after 50 seconds"))
+        self.assertEqual(pending[0].frame(), wire.Deliver(mid(2), env(2)))
+        # The notice is delivered and acknowledged like a message.
+        self.assertEqual((yield store.count("bob")), 2)
+        self.assertTrue((yield store.delete("bob", notice.message_id, NOW)))
+        self.assertEqual((yield store.count("bob")), 1)
+        # Notices never expire themselves; a second sweep finds nothing.
+        self.assertEqual((yield store.expire(NOW + 10**6, NOW, "x", 100))[0].message_id, mid(2))
+        self.assertEqual((yield store.expire(NOW + 10**6, NOW, "x", 100)), [])
+
+    @inlineCallbacks
+    def test_expired_retry_recognised(self):
+        """A sender retrying an expired message gets "accepted", and nothing is stored."""
+        store = yield self.makeStore()
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW - 100)
+        yield store.expire(NOW, NOW, "expired", 100)
+        self.assertIs((yield store.enqueue("bob", "alice", mid(1), env(1), NOW)), False)
+        yield self.assertFailure(store.enqueue("bob", "alice", mid(1), env(2), NOW), DuplicateId)
+        self.assertEqual([m.kind for m in (yield store.pending("bob", 0, 10))],
+                         [wire.NOTICE_EXPIRED])
+
+    @inlineCallbacks
+    def test_expire_limit_oldest_first(self):
+        store = yield self.makeStore()
+        for n in range(5):
+            yield store.enqueue("bob", "alice", mid(n), env(n), NOW - 100 + n)
+        first = yield store.expire(NOW, NOW, "expired", 2)
+        self.assertEqual([m.message_id for m in first], [mid(0), mid(1)])
+        rest = yield store.expire(NOW, NOW, "expired", 10)
+        self.assertEqual([m.message_id for m in rest], [mid(2), mid(3), mid(4)])
+
+
 class MemoryStoreTests(StoreTestsMixin, TestCase):
     @inlineCallbacks
     def makeStore(self, quota: Quota = Quota()):
@@ -454,6 +513,56 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
 
 
 
+class SQLiteFailureTests(TestCase):
+    """What the SQLite store does when its file or its disk fails it."""
+
+    def setUp(self):
+        base = self.mktemp()
+        os.makedirs(base)
+        self.path = os.path.join(base, "mailrelay.sqlite")
+
+    @inlineCallbacks
+    def test_disk_full_fails_the_write_and_keeps_what_was_stored(self):
+        """
+        A full disk (SQLITE_FULL, here from a page limit) fails the enqueue
+        with a StoreError, never an accept; what was stored stays, and
+        writes succeed again once there is room.
+        """
+        store = SQLiteStore(self.path, Quota(0, 0))
+        yield store.start()
+        self.addCleanup(store.stop)
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW)
+        (pages,) = (yield store._pool.runQuery("PRAGMA page_count"))[0]
+        yield store._pool.runQuery(f"PRAGMA max_page_count = {pages + 1}")
+        error = yield self.assertFailure(
+            store.enqueue("bob", "alice", mid(2), b"x" * 200_000, NOW), StoreError)
+        self.assertIn("full", str(error))
+        self.assertEqual([m.message_id for m in (yield store.pending("bob", 0, 10))], [mid(1)])
+        yield store._pool.runQuery("PRAGMA max_page_count = 1073741823")
+        self.assertTrue((yield store.enqueue("bob", "alice", mid(2), b"x" * 200_000, NOW)))
+
+    @inlineCallbacks
+    def test_upgrade_from_schema_1_keeps_messages(self):
+        """A version 1 database is upgraded in place; its messages are messages."""
+        db = sqlite3.connect(self.path)
+        db.executescript(sqlite_store.MIGRATIONS[1])
+        db.execute("INSERT INTO messages (recipient, sender, message_id, digest, envelope, size,"
+                   " accepted_at) VALUES ('bob', 'alice', ?, x'00', ?, 40, ?)",
+                   (mid(1), env(1), NOW))
+        db.execute("INSERT INTO mailboxes VALUES ('bob', 1, 40)")
+        db.execute("PRAGMA user_version=1")
+        db.commit()
+        db.close()
+        sqlite_store.preflight(self.path)
+        store = SQLiteStore(self.path)
+        yield store.start()
+        self.addCleanup(store.stop)
+        [message] = yield store.pending("bob", 0, 10)
+        self.assertEqual((message.message_id, message.kind), (mid(1), KIND_MESSAGE))
+        self.assertEqual(schema_of(self.path)[0], sqlite_store.SCHEMA_VERSION)
+        self.assertTrue(os.path.exists(sqlite_store.marker_path(self.path)))
+
+
 class SQLiteStopTests(TestCase):
     """Stopping waits for writes already asked for: nobody is left waiting."""
 
@@ -538,3 +647,67 @@ class PreflightTests(TestCase):
         yield store.start()
         yield store.stop()
         sqlite_store.preflight(self.path)
+
+    @inlineCallbacks
+    def filled(self, count: int = 200) -> None:
+        """A stopped store at C{self.path} holding C{count} messages."""
+        store = SQLiteStore(self.path, Quota(0, 0))
+        yield store.start()
+        for n in range(count):
+            yield store.enqueue("bob", "alice", mid(n), env(n, 2000), NOW)
+        yield store.stop()
+
+    @inlineCallbacks
+    def test_missing_database_with_marker_refused(self):
+        """A directory that held a store and lost it is not started empty."""
+        yield self.filled(1)
+        os.remove(self.path)
+        e = self.assertRaises(StoreError, sqlite_store.preflight, self.path)
+        self.assertIn(f"the message store {self.path} is missing", str(e))
+        self.assertIn("Restore the file from a backup", str(e))
+        self.assertFalse(os.path.exists(self.path))
+        # Removing the marker is the way to start empty on purpose.
+        os.remove(sqlite_store.marker_path(self.path))
+        sqlite_store.preflight(self.path)
+
+    @inlineCallbacks
+    def test_truncated_database_refused(self):
+        yield self.filled()
+        size = os.path.getsize(self.path)
+        with open(self.path, "r+b") as f:
+            f.truncate(size // 2)
+        e = self.assertRaises(StoreError, sqlite_store.preflight, self.path)
+        self.assertIn(self.path, str(e))
+        self.assertIn("backup", str(e))
+
+    @inlineCallbacks
+    def test_emptied_database_refused(self):
+        """A file truncated to nothing reads as an empty database: the marker catches it."""
+        yield self.filled(1)
+        open(self.path, "wb").close()
+        e = self.assertRaises(StoreError, sqlite_store.preflight, self.path)
+        self.assertIn("has no store id", str(e))
+
+    @inlineCallbacks
+    def test_corrupt_page_refused(self):
+        """Bytes overwritten inside the file: SQLite's integrity check fails it."""
+        yield self.filled()
+        with open(self.path, "r+b") as f:
+            f.seek(4096 * 3)
+            f.write(b"\xa5" * 4096 * 4)
+        e = self.assertRaises(StoreError, sqlite_store.preflight, self.path)
+        self.assertIn(self.path, str(e))
+
+    @inlineCallbacks
+    def test_other_store_refused(self):
+        """Another relay's database put in place of ours is refused."""
+        yield self.filled(1)
+        other = os.path.join(self.dir, "other.sqlite")
+        store = SQLiteStore(other)
+        yield store.start()
+        yield store.stop()
+        os.replace(other, self.path)
+        e = self.assertRaises(StoreError, sqlite_store.preflight, self.path)
+        self.assertIn("was replaced or emptied", str(e))
+        store = SQLiteStore(self.path)
+        yield self.assertFailure(store.start(), StoreError)

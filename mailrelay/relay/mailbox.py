@@ -24,6 +24,19 @@ from mailrelay.relay.store import MailboxStore, StoredMessage
 
 DEFAULT_WINDOW = 64
 RETRY_AFTER_STORE_ERROR = 5.0
+DEFAULT_TTL = 30 * 86400
+"""Seconds a message waits for its recipient before it expires."""
+EXPIRE_BATCH = 500
+"""Messages expired per transaction: a long backlog never holds the store for long."""
+
+
+def describe_duration(seconds: float) -> str:
+    """C{2592000} as "30 days", C{90} as "90 seconds": for notices and logs."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds:g} seconds"
 
 
 class Outbox:
@@ -161,6 +174,32 @@ class Mailboxes:
             return True if not isinstance(result, Failure) else result
 
         return d.addBoth(deleted)
+
+    @inlineCallbacks
+    def expire(self, ttl: float):
+        """
+        Replace every message older than C{ttl} seconds by a notice to its
+        recipient, and wake the recipients that are connected so the notice
+        goes out at once.  Fires with how many messages expired.
+        """
+        now = int(self.clock.seconds())
+        before = now - int(ttl)
+        text = f"expired unread after {describe_duration(ttl)} on the relay"
+        total = 0
+        while True:
+            expired = yield self.store.expire(before, now, text, EXPIRE_BATCH)
+            for message in expired:
+                self.log.info(
+                    "message {id} from {sender} to {recipient} expired unread; "
+                    "the recipient gets a notice",
+                    id=message.message_id.hex(), sender=message.sender,
+                    recipient=message.recipient,
+                )
+            for recipient in {m.recipient for m in expired}:
+                self.wake(recipient)
+            total += len(expired)
+            if len(expired) < EXPIRE_BATCH:
+                return total
 
     def pause(self, outbox: Outbox) -> None:
         outbox.paused = True

@@ -13,10 +13,14 @@ Every method returns a L{Deferred}.  The promises the relay builds on:
 from __future__ import annotations
 
 import hashlib
+import os
+import struct
 from dataclasses import dataclass
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
+
+from mailrelay import wire
 
 
 class StoreError(Exception):
@@ -39,14 +43,52 @@ class Quota:
     bytes: int = 256 * 1024 * 1024
 
 
+KIND_MESSAGE = 0
+"""A stored row holding a sender's envelope."""
+
+
 @dataclass(frozen=True)
 class StoredMessage:
+    """
+    One entry of a mailbox.  Most hold a sender's envelope (C{kind}
+    L{KIND_MESSAGE}).  The relay's own notices (C{kind} one of
+    L{wire.NOTICE_KINDS}) hold, under a fresh id of their own, what the
+    recipient is told about a message it will never get: C{sender} is that
+    message's sender and C{envelope} its L{notice_body}.
+    """
+
     seq: int
     recipient: str
     sender: str
     message_id: bytes
     envelope: bytes
     accepted_at: int
+    kind: int = KIND_MESSAGE
+
+    def frame(self) -> wire.Deliver | wire.Notice:
+        """What the recipient's session is sent for this entry."""
+        if self.kind == KIND_MESSAGE:
+            return wire.Deliver(self.message_id, self.envelope)
+        about, accepted_at, text = parse_notice_body(self.envelope)
+        return wire.Notice(self.message_id, self.kind, self.sender, about, accepted_at, text)
+
+
+_NOTICE_HEAD = struct.Struct(">16sQ")
+
+
+def notice_body(message_id: bytes, accepted_at: int, text: str) -> bytes:
+    """How a notice about C{message_id} is kept in the store."""
+    return _NOTICE_HEAD.pack(message_id, accepted_at) + text.encode("utf-8")
+
+
+def parse_notice_body(body: bytes) -> tuple[bytes, int, str]:
+    message_id, accepted_at = _NOTICE_HEAD.unpack_from(body)
+    return message_id, accepted_at, body[_NOTICE_HEAD.size:].decode("utf-8", "replace")
+
+
+def new_notice_id() -> bytes:
+    """Notices get ids of their own, as random as message ids."""
+    return os.urandom(wire.MESSAGE_ID_SIZE)
 
 
 def digest(envelope: bytes) -> bytes:
@@ -89,6 +131,16 @@ class MailboxStore(Protocol):
 
     def count(self, recipient: str) -> Deferred[int]:
         """How many messages wait in the mailbox."""
+
+    def expire(self, before: int, now: int, text: str, limit: int) -> Deferred[list[StoredMessage]]:
+        """
+        Remove up to C{limit} messages accepted before C{before} (Unix
+        seconds), oldest first, and leave in each one's mailbox, in the same
+        transaction, a notice (kind L{wire.NOTICE_EXPIRED}) that tells the
+        recipient which message of which sender it will never get, and
+        C{text} why.  An expired message counts as settled: a retry of it is
+        recognised, not stored again.  Fires with the messages removed.
+        """
 
     def forget_acknowledged(self, before: int) -> Deferred[int]:
         """

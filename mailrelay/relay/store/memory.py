@@ -5,14 +5,20 @@ when the relay stops.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from twisted.internet.defer import Deferred, fail, succeed
 
+from mailrelay import wire
 from mailrelay.relay.store.base import (
+    KIND_MESSAGE,
     DuplicateId,
     MailboxFull,
     Quota,
     StoredMessage,
     digest,
+    new_notice_id,
+    notice_body,
 )
 
 
@@ -76,6 +82,23 @@ class MemoryStore:
 
     def count(self, recipient: str) -> Deferred[int]:
         return succeed(len(self._mailboxes.get(recipient, {})))
+
+    def expire(self, before: int, now: int, text: str, limit: int) -> Deferred[list[StoredMessage]]:
+        old = sorted(
+            (m for box in self._mailboxes.values() for m, _ in box.values()
+             if m.kind == KIND_MESSAGE and m.accepted_at < before),
+            key=lambda m: (m.accepted_at, m.seq),
+        )[:limit]
+        for m in old:
+            box = self._mailboxes[m.recipient]
+            _, d = box.pop(m.message_id)
+            self._acked[m.recipient, m.message_id] = (m.sender, d, now)
+            body = notice_body(m.message_id, m.accepted_at, text)
+            self._seq += 1
+            notice = StoredMessage(self._seq, m.recipient, m.sender, new_notice_id(), body, now,
+                                   wire.NOTICE_EXPIRED)
+            box[notice.message_id] = (notice, digest(body))
+        return succeed([replace(m, envelope=b"") for m in old])
 
     def forget_acknowledged(self, before: int) -> Deferred[int]:
         old = [key for key, (_, _, at) in self._acked.items() if at < before]

@@ -17,17 +17,28 @@ sender "accepted"; grouping shares one disk flush among many senders.
 The schema is versioned with C{PRAGMA user_version}; L{MIGRATIONS} holds the
 steps from each version to the next, applied in one transaction at start.
 A database newer than this code knows is refused rather than touched.
+
+A relay must never start empty where it had messages: each database holds
+a random store id, and a marker file beside it (C{mailrelay.sqlite.id})
+holds the same.  A marker without its database (deleted, lost with a disk,
+or a backup restored without it), a database whose id is not the marker's
+(another relay's file), or a database that fails SQLite's integrity check
+(truncated, corrupt) is refused at start with the reason and what to do.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import sqlite3
+from pathlib import Path
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 
+from mailrelay import wire
+from mailrelay.files import write_durably
 from mailrelay.relay.store.base import (
     DuplicateId,
     MailboxFull,
@@ -35,6 +46,8 @@ from mailrelay.relay.store.base import (
     StoredMessage,
     StoreError,
     digest,
+    new_notice_id,
+    notice_body,
 )
 
 MIGRATIONS: dict[int, str] = {
@@ -71,6 +84,16 @@ MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (recipient, message_id)
     );
     CREATE INDEX acked_by_time ON acked (acked_at);
+    """,
+    # 1 -> 2: the relay's own notices share the mailbox with messages; the
+    # age index finds what has outlived the TTL without a scan.
+    2: """
+    ALTER TABLE messages ADD COLUMN kind INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX messages_by_age ON messages (accepted_at) WHERE kind = 0;
+    CREATE TABLE meta (
+        key           TEXT PRIMARY KEY,
+        value         TEXT NOT NULL
+    );
     """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -125,32 +148,92 @@ def _run_group(txn, writes):
     return outcomes
 
 
+MARKER_SUFFIX = ".id"
+
+
+def marker_path(path: str) -> str:
+    """The file beside the database that remembers which database belongs here."""
+    return path + MARKER_SUFFIX
+
+
+def _read_marker(path: str) -> str | None:
+    try:
+        with open(marker_path(path), encoding="ascii") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise StoreError(f"cannot read {marker_path(path)}: {e}") from None
+
+
 def preflight(path: str) -> None:
     """
     Check, synchronously and before the relay starts, that C{path} can be
-    this store: its directory is writable and the file, if any, is a SQLite
-    database whose schema this code knows.  Raises L{StoreError} saying
-    what is wrong.  Touches nothing.
+    this store: its directory is writable; if the marker says a database
+    was here, it still is; the file, if any, is a SQLite database that
+    passes SQLite's quick integrity check, whose schema this code knows and
+    whose store id is the marker's.  Raises L{StoreError} saying what is
+    wrong and what to do.  Changes nothing but what SQLite itself recovers
+    (a write-ahead log left by a crash).
     """
     directory = os.path.dirname(os.path.abspath(path))
     if not os.access(directory, os.W_OK | os.X_OK):
         raise StoreError(f"cannot write to {directory}")
+    marker = _read_marker(path)
     if not os.path.exists(path):
+        if marker is not None:
+            raise StoreError(
+                f"the message store {path} is missing, but {marker_path(path)} shows that "
+                f"this directory held one (store id {marker}). Restore the file from a "
+                f"backup; to start with an empty store on purpose, remove "
+                f"{marker_path(path)}"
+            )
         return
     try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        connection = sqlite3.connect(f"file:{path}?mode=rw", uri=True)
         try:
             connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
             (version,) = connection.execute("PRAGMA user_version").fetchone()
+            problems = [row[0] for row in connection.execute("PRAGMA quick_check(5)")]
+            store_id = None
+            if 2 <= version <= SCHEMA_VERSION:
+                row = connection.execute(
+                    "SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+                store_id = row[0] if row is not None else None
         finally:
             connection.close()
     except sqlite3.Error as e:
-        raise StoreError(f"cannot open {path}: {e}") from None
+        raise StoreError(
+            f"cannot open {path}: {e}. The file is damaged or not a mailrelay store; "
+            f"restore it from a backup (the relay does not start on it)"
+        ) from None
+    if problems != ["ok"]:
+        raise StoreError(
+            f"{path} fails SQLite's integrity check ({'; '.join(problems)}). Restore it "
+            f"from a backup; `sqlite3 {path} .recover` may save what is left"
+        )
     if version > SCHEMA_VERSION:
         raise StoreError(
             f"{path} has schema version {version}, newer than this mailrelay knows "
             f"({SCHEMA_VERSION}); upgrade mailrelay or use another --data directory"
         )
+    if marker is not None and store_id != marker:
+        what = "has no store id" if store_id is None else f"is store {store_id}"
+        raise StoreError(
+            f"{path} {what}, but {marker_path(path)} says this directory held store "
+            f"{marker}: the file was replaced or emptied. Put the right file back; to use "
+            f"this one on purpose, remove {marker_path(path)}"
+        )
+
+
+def _claim_store_id(txn) -> str:
+    """The database's store id, made up on first start."""
+    row = txn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+    if row is not None:
+        return row[0]
+    store_id = secrets.token_hex(16)
+    txn.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (store_id,))
+    return store_id
 
 
 class SQLiteStore:
@@ -183,15 +266,23 @@ class SQLiteStore:
         self._pool.start()
         try:
             before = yield self._pool.runInteraction(_migrate)
+            store_id = yield self._pool.runInteraction(_claim_store_id)
         except sqlite3.Error as e:
             self._close()
             raise StoreError(f"cannot open {self.path}: {e}") from None
         except StoreError:
             self._close()
             raise
+        marker = _read_marker(self.path)
+        if marker is None:
+            write_durably(Path(marker_path(self.path)), store_id.encode("ascii") + b"\n", 0o600)
+        elif marker != store_id:
+            self._close()
+            raise StoreError(f"{self.path} is store {store_id}, but {marker_path(self.path)} "
+                             f"says this directory held store {marker}")
         if before == 0:
-            self.log.info("store {path} created (schema version {new})",
-                          path=self.path, new=SCHEMA_VERSION)
+            self.log.warn("store {path} created, empty (schema version {new}, store id {id})",
+                          path=self.path, new=SCHEMA_VERSION, id=store_id)
         elif before != SCHEMA_VERSION:
             self.log.info(
                 "store {path} schema upgraded from version {old} to {new}",
@@ -320,13 +411,13 @@ class SQLiteStore:
     def pending(self, recipient: str, after_seq: int, limit: int) -> Deferred[list[StoredMessage]]:
         def run(txn):
             rows = txn.execute(
-                "SELECT seq, recipient, sender, message_id, envelope, accepted_at FROM messages"
-                " WHERE recipient = ? AND seq > ? ORDER BY seq LIMIT ?",
+                "SELECT seq, recipient, sender, message_id, envelope, accepted_at, kind"
+                " FROM messages WHERE recipient = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (recipient, after_seq, limit),
             ).fetchall()
             return [
-                StoredMessage(seq, rcpt, sender, bytes(mid), bytes(env), at)
-                for seq, rcpt, sender, mid, env, at in rows
+                StoredMessage(seq, rcpt, sender, bytes(mid), bytes(env), at, kind)
+                for seq, rcpt, sender, mid, env, at, kind in rows
             ]
 
         return self._pool.runInteraction(run)
@@ -366,6 +457,41 @@ class SQLiteStore:
             return 0 if row is None else row[0]
 
         return self._pool.runInteraction(run)
+
+    def expire(self, before: int, now: int, text: str, limit: int) -> Deferred[list[StoredMessage]]:
+        def run(txn):
+            rows = txn.execute(
+                "SELECT seq, recipient, sender, message_id, digest, size, accepted_at"
+                " FROM messages WHERE kind = 0 AND accepted_at < ?"
+                " ORDER BY accepted_at, seq LIMIT ?",
+                (before, limit),
+            ).fetchall()
+            expired = []
+            for seq, recipient, sender, message_id, d, size, accepted_at in rows:
+                body = notice_body(bytes(message_id), accepted_at, text)
+                txn.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+                txn.execute(
+                    "INSERT OR REPLACE INTO acked (recipient, message_id, sender, digest, acked_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (recipient, message_id, sender, d, now),
+                )
+                notice_id = new_notice_id()
+                txn.execute(
+                    "INSERT INTO messages (recipient, sender, message_id, digest, envelope, size,"
+                    " accepted_at, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (recipient, sender, notice_id, digest(body), body, len(body), now,
+                     wire.NOTICE_EXPIRED),
+                )
+                # The notice takes the message's place in the usage count.
+                txn.execute(
+                    "UPDATE mailboxes SET bytes = bytes - ? WHERE recipient = ?",
+                    (size - len(body), recipient),
+                )
+                expired.append(StoredMessage(seq, recipient, sender, bytes(message_id), b"",
+                                             accepted_at))
+            return expired
+
+        return self._write(run)
 
     def forget_acknowledged(self, before: int) -> Deferred[int]:
         def run(txn):
