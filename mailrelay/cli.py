@@ -31,11 +31,16 @@ from mailrelay.client.protocol import (
     connect,
 )
 from mailrelay.client.display import for_terminal
-from mailrelay.client.seen import SeenFile, SeenFileError
+from mailrelay.client.inbox import Gap, InboxError, home_inbox
+from mailrelay.client.outbox import OutboxError, home_outbox, queue_message
 from mailrelay.endpoints import check_port, client_description
 
 class Failed(Exception):
     """A command failed for a reason the user can act on."""
+
+
+class Unreachable(Failed):
+    """The relay could not be reached or did not answer: worth trying again later."""
 
 
 def _positive_int(value: str) -> int:
@@ -90,8 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("send", parents=[common], help="send one message")
     p.add_argument("--to", required=True, metavar="ID", help="the recipient")
+    p.add_argument("--queue", action="store_true",
+                   help="if the relay cannot take it now, leaving the message queued in "
+                        "the outbox is success (exit 0)")
     p.add_argument("text", nargs="*", metavar="TEXT",
                    help="the message (default: read standard input)")
+
+    sub.add_parser("flush", parents=[common], help="send the messages waiting in the outbox")
+
+    p = sub.add_parser("outbox", parents=[common],
+                       help="list the messages waiting in the outbox, and those refused")
+    p.add_argument("--json", action="store_true", help="one JSON object per message")
+    p.add_argument("--clear-failed", action="store_true",
+                   help="forget the messages the relay refused for good")
+
+    p = sub.add_parser("inbox", parents=[common], help="list the messages received so far")
+    p.add_argument("--from", dest="sender", metavar="ID", help="only those from ID")
+    p.add_argument("--last", type=_positive_int, metavar="N", help="only the last N")
+    p.add_argument("--json", action="store_true", help="one JSON object per message")
 
     p = sub.add_parser("recv", parents=[common], help="print messages as they arrive")
     p.add_argument("--count", type=_positive_int, metavar="N", help="stop after N messages")
@@ -131,15 +152,15 @@ def _connect(reactor, args, home: keys.Home, identity: keys.Identity, **kwargs):
             relay_check=lambda relay: home.pin_relay(pin_as, relay), **kwargs,
         )
     except error.ConnectionRefusedError:
-        raise Failed(f"cannot reach the relay at {server}: connection refused "
+        raise Unreachable(f"cannot reach the relay at {server}: connection refused "
                      f"(is `twistd mailrelay` running there?)") from None
     except (error.DNSLookupError, error.ConnectError) as e:
-        raise Failed(f"cannot reach the relay at {server}: {e}") from None
+        raise Unreachable(f"cannot reach the relay at {server}: {e}") from None
     except defer.TimeoutError:
-        raise Failed(f"the relay at {server} did not answer within "
-                     f"{args.connect_timeout} seconds") from None
+        raise Unreachable(f"the relay at {server} did not answer within "
+                          f"{args.connect_timeout} seconds") from None
     except Disconnected as e:
-        raise Failed(f"cannot talk to the relay at {server}: {e}") from None
+        raise Unreachable(f"cannot talk to the relay at {server}: {e}") from None
     except UntrustedRelay as e:
         raise Failed(f"refusing the relay at {server}: {e}") from None
     except keys.RelayMismatch as e:
@@ -222,68 +243,215 @@ def cmd_send(reactor, args):
             data = data[:-2]
         elif data.endswith(b"\n"):
             data = data[:-1]
-    client = yield _connect(reactor, args, home, identity)
+    outbox = home_outbox(home)
     try:
-        message_id, sealed = yield client.seal(recipient, data)
+        client = yield _connect(reactor, args, home, identity)
+    except Unreachable as e:
+        # Sealed with the pinned key and queued: the next flush sends it.
+        try:
+            entry = yield queue_message(outbox, identity, recipient, data, contacts=home)
+        except keys.IdentityError as why:
+            raise Failed(f"{e}; {why}") from None
+        return _queued(args, entry.message_id, recipient, str(e))
+    try:
+        entry = yield queue_message(outbox, identity, recipient, data, client=client)
     except BaseException:
         yield client.close()
         raise
-    # A lost answer is retried with the very same envelope, which the relay
-    # recognises: the message is stored, and shown, once.  A reconnection
-    # that fails counts as an attempt too (the relay may be restarting).
+    # A lost answer is retried with the very same envelope, from the outbox,
+    # which the relay recognises: the message is stored, and shown, once.  A
+    # reconnection that fails counts as an attempt too (the relay may be
+    # restarting).
     attempt = 1
-    try:
-        while True:
+    while True:
+        reason = None
+        if client is None:
             try:
-                if client is None:
-                    client = yield _connect(reactor, args, home, identity)
-                answer = client.submit(message_id, sealed)
-                answer.addTimeout(ANSWER_TIMEOUT, reactor)
-                yield answer
-                break
-            except (Disconnected, RelayError, Failed, defer.TimeoutError) as e:
-                if isinstance(e, RelayError) and e.code not in RETRY_CODES:
-                    raise
-                reason = e if not isinstance(e, defer.TimeoutError) else (
-                    f"no answer within {ANSWER_TIMEOUT:g} seconds")
-                if attempt == SEND_ATTEMPTS:
-                    raise Failed(f"the relay did not confirm message {message_id.hex()} "
-                                 f"({reason}); it may or may not have been accepted") from None
-                delay = 2 ** (attempt - 1)
-                _err(f"mailrelay send: no answer from the relay ({reason}); "
-                     f"sending the same message again in {delay} s")
-                attempt += 1
-                if client is not None:
-                    yield client.close()
-                    client = None
-                yield task.deferLater(reactor, delay, lambda: None)
-    finally:
+                client = yield _connect(reactor, args, home, identity)
+            except Unreachable as e:
+                reason = str(e)
         if client is not None:
+            result = yield _flush(reactor, outbox, client)
             yield client.close()
-    _out(f"Message {message_id.hex()} accepted by the relay for {recipient}.")
-    return 0
+            client = None
+            _report_others(result, entry.message_id)
+            if outbox.sent(entry.message_id):
+                _out(f"Message {entry.message_id.hex()} accepted by the relay for {recipient}.")
+                return 0
+            for refused, why in result.refused:
+                if refused.message_id == entry.message_id:
+                    raise Failed(f"the relay refused message {entry.message_id.hex()}: {why}")
+            reason = next((why for held, why in result.held
+                           if held.message_id == entry.message_id), "no answer")
+            if entry.message_id in result.deferred_by_relay:
+                # A full mailbox or a rate limit does not pass in seconds.
+                return _queued(args, entry.message_id, recipient, reason)
+        if attempt == SEND_ATTEMPTS:
+            return _queued(args, entry.message_id, recipient, reason)
+        delay = 2 ** (attempt - 1)
+        _err(f"mailrelay send: not accepted yet ({reason}); trying again in {delay} s")
+        attempt += 1
+        yield task.deferLater(reactor, delay, lambda: None)
+
+
+def _queued(args, message_id: bytes, recipient: str, reason: str) -> int:
+    text = (f"message {message_id.hex()} for {recipient} is queued in the outbox: {reason}. "
+            f"`mailrelay flush` (or any later recv or chat) sends it")
+    if args.queue:
+        _out(text[0].upper() + text[1:] + ".")
+        return 0
+    raise Failed(text)
 
 
 SEND_ATTEMPTS = 3
 ANSWER_TIMEOUT = 30.0
-"""Seconds send waits for ACCEPTED before it tries the same envelope again."""
-RETRY_CODES = {
-    # The relay may have committed the message before these; resending the
-    # same envelope is safe.
-    wire.ErrorCode.SHUTTING_DOWN,
-    wire.ErrorCode.INTERNAL_ERROR,
-    wire.ErrorCode.IDLE_TIMEOUT,
-    wire.ErrorCode.STORE_FAILED,
-}
+"""Seconds a flush waits for the relay's answers before it gives up on the connection."""
+
+
+@inlineCallbacks
+def _flush(reactor, outbox, client):
+    """Flush C{outbox} through C{client}, cutting the connection if answers stop coming."""
+    timer = reactor.callLater(ANSWER_TIMEOUT, client.transport.abortConnection)
+    try:
+        result = yield outbox.flush(client)
+    finally:
+        timed_out = not timer.active()
+        if not timed_out:
+            timer.cancel()
+    if timed_out:
+        silent = f"no answer within {ANSWER_TIMEOUT:g} seconds"
+        result.held = [(e, why if e.message_id in result.deferred_by_relay else silent)
+                       for e, why in result.held]
+    return result
+
+
+def _report_others(result, own: bytes | None = None) -> None:
+    """Say on standard error what happened to queued messages other than C{own}."""
+    others = [e for e in result.accepted if e.message_id != own]
+    if others:
+        _err(f"mailrelay: also sent {len(others)} message(s) that were waiting in the outbox")
+    for entry, why in result.refused:
+        if entry.message_id != own:
+            _err(f"mailrelay: the relay refused message {entry.message_id.hex()} for "
+                 f"{entry.recipient}: {why} (moved to the failed list of `mailrelay outbox`)")
+    waiting = [e for e, _ in result.held if e.message_id != own]
+    if waiting:
+        _err(f"mailrelay: {len(waiting)} message(s) still wait in the outbox "
+             f"({result.held[-1][1]})")
+
+
+@inlineCallbacks
+def cmd_flush(reactor, args):
+    home = _home(args)
+    identity = home.load()
+    outbox = home_outbox(home)
+    waiting = len(outbox.pending())
+    if not waiting:
+        _out("The outbox is empty.")
+        return 0
+    try:
+        client = yield _connect(reactor, args, home, identity)
+    except Failed as e:
+        raise Failed(f"{e}; {waiting} message(s) still queued") from None
+    try:
+        result = yield _flush(reactor, outbox, client)
+    finally:
+        yield client.close()
+    for entry in result.accepted:
+        _out(f"Message {entry.message_id.hex()} accepted by the relay for {entry.recipient}.")
+    for entry, why in result.refused:
+        _err(f"mailrelay flush: the relay refused message {entry.message_id.hex()} for "
+             f"{entry.recipient}: {why}")
+    for entry, why in result.held:
+        _err(f"mailrelay flush: message {entry.message_id.hex()} for {entry.recipient} "
+             f"is still queued: {why}")
+    return 0 if not result.refused and not result.held else 1
+
+
+def _when(timestamp: int) -> str:
+    import time as _time
+
+    try:
+        return _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(timestamp))
+    except (OverflowError, ValueError, OSError):
+        return str(timestamp)
+
+
+def cmd_outbox(reactor, args):
+    home = _home(args)
+    outbox = home_outbox(home)
+    if args.clear_failed:
+        count = outbox.clear_failed()
+        _out(f"Forgot {count} refused message(s).")
+        return 0
+    pending, failed = outbox.pending(), outbox.failed()
+    for q in pending:
+        if args.json:
+            _out(json.dumps({"id": q.message_id.hex(), "to": q.recipient, "seq": q.seq,
+                             "state": "queued", "queued_at": q.queued_at,
+                             "attempts": q.attempts, "last_error": q.last_error}))
+        else:
+            line = (f"{q.message_id.hex()}  to {q.recipient}  #{q.seq}  "
+                    f"queued {_when(q.queued_at)}  attempts {q.attempts}")
+            if q.last_error:
+                line += f"  last error: {q.last_error}"
+            _out(line)
+    for f in failed:
+        if args.json:
+            _out(json.dumps({"id": f.message_id.hex(), "to": f.recipient, "seq": f.seq,
+                             "state": "refused", "queued_at": f.queued_at,
+                             "failed_at": f.failed_at, "reason": f.reason}))
+        else:
+            _out(f"{f.message_id.hex()}  to {f.recipient}  #{f.seq}  REFUSED "
+                 f"{_when(f.failed_at)}: {f.reason}")
+    if not args.json and not pending and not failed:
+        _out("The outbox is empty.")
+    return 0
+
+
+def cmd_inbox(reactor, args):
+    home = _home(args)
+    inbox = home_inbox(home)
+    sender = keys.check_identity(args.sender) if args.sender else None
+    for m in inbox.messages(sender, args.last):
+        text = None if m.body is None else m.body.decode("utf-8", "replace")
+        if args.json:
+            _out(json.dumps({"type": "message", "id": m.message_id.hex(), "from": m.sender,
+                             "seq": m.seq, "sent_at": m.sent_at,
+                             "received_at": m.received_at, "text": text},
+                            ensure_ascii=False))
+        else:
+            shown = "(text not kept)" if text is None else for_terminal(text)
+            _out(f"{_when(m.received_at)}  from {m.sender}: {shown}")
+    for n in inbox.notices():
+        if sender is not None and n.sender != sender:
+            continue
+        if args.json:
+            _out(json.dumps(_notice_json(n), ensure_ascii=False))
+        else:
+            _out(_notice_line(n))
+    return 0
+
+
+def _notice_json(notice: wire.Notice) -> dict:
+    return {"type": "expired", "id": notice.message_id.hex(), "from": notice.sender,
+            "accepted_at": notice.accepted_at, "text": notice.text}
+
+
+def _notice_line(notice: wire.Notice) -> str:
+    return (f"Message {notice.message_id.hex()} from {notice.sender} {notice.text}; "
+            f"it will not arrive")
 
 
 def _format(opened: envelope.Opened, as_json: bool) -> str:
     text = opened.plaintext.decode("utf-8", "replace")
     if as_json:
         return json.dumps({
+            "type": "message",
             "id": opened.message_id.hex(),
             "from": opened.header.sender,
             "to": opened.header.recipient,
+            "seq": opened.header.seq,
             "sent_at": opened.header.timestamp,
             "text": text,
         }, ensure_ascii=False)
@@ -296,8 +464,25 @@ def _show_rejected(rejected: Rejected) -> None:
     _err(f"mailrelay: dropped message {rejected.message_id.hex()} from {who}: {rejected.reason}")
 
 
-def _seen(home: keys.Home) -> SeenFile:
-    return SeenFile(home.path / "seen.sqlite")
+def _show_gap(gap: Gap) -> None:
+    _err(f"mailrelay: {gap.describe()}")
+
+
+@inlineCallbacks
+def _flush_in_background(reactor, home, client):
+    """Send what waits in the outbox over a receiving session; report on stderr."""
+    outbox = home_outbox(home)
+    if not outbox.pending():
+        return
+    try:
+        result = yield outbox.flush(client)
+    except Exception as e:  # the session goes on; the messages stay queued
+        _err(f"mailrelay: could not send the outbox: {e}")
+        return
+    if result.accepted:
+        _err(f"mailrelay: sent {len(result.accepted)} message(s) that were waiting "
+             f"in the outbox")
+    _report_others(result, None)
 
 
 @inlineCallbacks
@@ -317,20 +502,31 @@ def cmd_recv(reactor, args):
             clients[0].pause_receiving()
             reactor.callLater(0, lambda: finished.called or finished.callback("count"))
 
-    seen = _seen(home)
+    inbox = home_inbox(home)
+
+    def on_notice(notice):
+        if finished.called:
+            raise RuntimeError("stopped")
+        if args.json:
+            _out(json.dumps(_notice_json(notice), ensure_ascii=False))
+        else:
+            _err(f"mailrelay: {_notice_line(notice)}")
+
     # Ctrl-C or SIGTERM stops the reactor: that is the user ending recv, not a
     # failure, although the connection is lost on the way out.
     trigger = reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: finished.called or finished.callback("interrupted"))
     try:
         client = yield _connect(reactor, args, home, identity, on_message=on_message,
-                                on_rejected=_show_rejected, seen=seen)
+                                on_rejected=_show_rejected, inbox=inbox,
+                                on_notice=on_notice, on_gap=_show_gap)
     except Exception:
         if finished.called:  # interrupted while connecting: nothing to report
             return 0
         reactor.removeSystemEventTrigger(trigger)
         raise
     clients.append(client)
+    _flush_in_background(reactor, home, client)
     timer = None
     if args.timeout is not None:
         timer = reactor.callLater(
@@ -361,10 +557,13 @@ def cmd_chat(reactor, args):
 
     home = _home(args)
     identity = home.load()
-    console = ChatConsole(identity.name)
+    outbox = home_outbox(home)
+    console = ChatConsole(identity.name, outbox=outbox)
     client = yield _connect(reactor, args, home, identity, on_message=console.show,
-                            on_rejected=console.rejected, seen=_seen(home))
+                            on_rejected=console.rejected, inbox=home_inbox(home),
+                            on_notice=console.notice, on_gap=console.gap)
     console.client = client
+    _flush_in_background(reactor, home, client)
     StandardIO(console, reactor=reactor)
     yield defer.DeferredList([console.done, client.closed], fireOnOneCallback=True,
                              consumeErrors=True)
@@ -381,6 +580,9 @@ COMMANDS = {
     "send": cmd_send,
     "recv": cmd_recv,
     "chat": cmd_chat,
+    "flush": cmd_flush,
+    "outbox": cmd_outbox,
+    "inbox": cmd_inbox,
 }
 
 # Errors a user can act on: shown as one line, never as a traceback.
@@ -392,12 +594,20 @@ USER_ERRORS = (
     Disconnected,
     defer.TimeoutError,
     OSError,
-    SeenFileError,
+    InboxError,
+    OutboxError,
 )
 
 
 def _run(reactor, args):
     d = defer.maybeDeferred(COMMANDS[args.command], reactor, args)
+
+    def exited(code):
+        if code:
+            raise SystemExit(code)
+        return code
+
+    d.addCallback(exited)
 
     def failed(failure):
         if failure.check(*USER_ERRORS):

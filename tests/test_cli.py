@@ -27,6 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailrelay import cli, envelope, keys
 from mailrelay.client.defaults import DEFAULT_SERVER
+from mailrelay.client.outbox import home_outbox
 from mailrelay.endpoints import check_port, client_description, server_description
 from tests.test_client import ALICE, BOB, CAROL, MALLORY_BOB, MemoryRelay, mid
 
@@ -75,7 +76,7 @@ class ParserTests(SynchronousTestCase):
             self.parse("send", "--to", "bob", "--server", "relay.example:9000",
                        "--connect-timeout", "2.5", "hello", "there"),
             {"command": "send", "to": "bob", "text": ["hello", "there"], "home": None,
-             "server": "relay.example:9000", "connect_timeout": 2.5},
+             "server": "relay.example:9000", "connect_timeout": 2.5, "queue": False},
         )
         self.assertEqual(self.parse("send", "--to", "bob")["text"], [])
 
@@ -218,8 +219,8 @@ class FormatTests(SynchronousTestCase):
         line = cli._format(opened("héllo\nworld".encode()), True)
         self.assertNotIn("\n", line)
         self.assertEqual(json.loads(line), {
-            "id": mid(0xABC).hex(), "from": "123", "to": "345",
-            "sent_at": 1_700_000_000, "text": "héllo\nworld",
+            "type": "message", "id": mid(0xABC).hex(), "from": "123", "to": "345",
+            "seq": 0, "sent_at": 1_700_000_000, "text": "héllo\nworld",
         })
 
 
@@ -503,7 +504,8 @@ class SendTests(OnlineTestCase):
         d = self.run_online("send", "--home", self.home, "--to", "bob", "only once")
         self.accept()
         self.assertNoResult(d)
-        self.assertIn("sending the same message again in 1 s", self.stderr.getvalue())
+        self.assertIn("not accepted yet (the relay closed the connection); trying again in 1 s",
+                      self.stderr.getvalue())
         self.reactor.advance(1)
         self.accept()
         self.assertEqual(self.successResultOf(d), 0)
@@ -524,7 +526,7 @@ class SendTests(OnlineTestCase):
         self.reactor.advance(2)
         self.accept()
         self.assertEqual(self.successResultOf(d), 0)
-        self.assertEqual(self.stderr.getvalue().count("sending the same message again"), 2)
+        self.assertEqual(self.stderr.getvalue().count("trying again in"), 2)
         self.assertEqual(self.stored_for_bob(), [b"persistent"])
 
     def test_unanswered_send_times_out_and_is_retried(self):
@@ -543,7 +545,7 @@ class SendTests(OnlineTestCase):
         self.accept()
         self.reactor.advance(cli.ANSWER_TIMEOUT)
         self.relay.flush()
-        self.assertIn("no answer within 30 seconds", self.stderr.getvalue())
+        self.assertIn("not accepted yet (no answer within 30 seconds)", self.stderr.getvalue())
         self.reactor.advance(1)
         self.accept()
         self.assertEqual(self.successResultOf(d), 0)
@@ -558,9 +560,22 @@ class SendTests(OnlineTestCase):
         self.reactor.advance(2)
         self.accept()
         err = self.exits(d, one_line=False)
-        self.assertEqual(err.count("sending the same message again"), 2)
-        self.assertIn("may or may not have been accepted", err.splitlines()[-1])
+        self.assertEqual(err.count("trying again in"), 2)
+        self.assertRegex(err.splitlines()[-1],
+                         r"^mailrelay send: message [0-9a-f]{32} for bob is queued in the "
+                         r"outbox: the relay closed the connection\. `mailrelay flush`")
         self.assertEqual(self.stored_for_bob(), [b"hello?"])
+        # Still queued, and a flush finds it already stored: it is stored once.
+        [waiting] = home_outbox(keys.Home(self.home)).pending()
+        self.stderr.truncate(0)
+        self.stderr.seek(0)
+        d = self.run_online("flush", "--home", self.home)
+        self.accept()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(self.lines()[-1],
+                         f"Message {waiting.message_id.hex()} accepted by the relay for bob.")
+        self.assertEqual(self.stored_for_bob(), [b"hello?"])
+        self.assertEqual(home_outbox(keys.Home(self.home)).pending(), [])
 
     def test_invalid_recipient(self):
         err = self.exits(self.run_online("send", "--home", self.home, "--to", "b b", "x"))
@@ -583,6 +598,11 @@ class SendTests(OnlineTestCase):
         self.accept()
         err = self.exits(d)
         self.assertIn("MAILBOX_FULL", err)
+        self.assertIn("is queued in the outbox", err)
+        # The message waits, and the sender's next flush tries it again.
+        [waiting] = home_outbox(keys.Home(self.home)).pending()
+        self.assertEqual((waiting.recipient, waiting.attempts), ("bob", 1))
+        self.assertIn("MAILBOX_FULL", waiting.last_error)
 
     def test_connection_refused(self):
         d = self.run_online("send", "--home", self.home, "--to", "bob", "x")
@@ -664,6 +684,131 @@ class SendTests(OnlineTestCase):
         self.assertIn("mailrelay init", err)
 
 
+class OutboxTests(OnlineTestCase):
+    """send --queue, outbox, flush: messages wait durably while the relay is away."""
+
+    def setUp(self):
+        super().setUp()
+        self.home = self.home_with(ALICE)
+        self.relay.register(ALICE)
+        self.relay.register(BOB)
+        keys.Home(self.home).pin("bob", BOB.public_der)
+
+    def refuse_connection(self):
+        iosim.ConnectionCompleter(self.reactor).failOnce(
+            Failure(error.ConnectionRefusedError()))
+
+    def bobs_mail(self) -> list[envelope.Opened]:
+        box = self.relay.store._mailboxes.get("bob", {})
+        return [envelope.open_envelope(m.envelope, BOB, ALICE.public_key)
+                for m, _ in sorted(box.values(), key=lambda e: e[0].seq)]
+
+    def test_unreachable_relay_queues(self):
+        """
+        The relay is down: the message is sealed with the pinned key and
+        queued; send says so and exits 1 (0 with --queue); outbox lists both.
+        """
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "first")
+        self.refuse_connection()
+        err = self.exits(d)
+        self.assertRegex(err, r"^mailrelay send: message [0-9a-f]{32} for bob is queued in "
+                              r"the outbox: cannot reach the relay at .*: connection refused")
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "--queue", "second")
+        self.refuse_connection()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertIn("is queued in the outbox", self.lines()[-1])
+
+        self.stdout.truncate(0)
+        self.stdout.seek(0)
+        self.assertEqual(self.successResultOf(self.run_cli("outbox", "--home", self.home,
+                                                          "--json")), 0)
+        listed = [json.loads(line) for line in self.lines()]
+        self.assertEqual([(m["to"], m["seq"], m["state"]) for m in listed],
+                         [("bob", 1, "queued"), ("bob", 2, "queued")])
+        self.assertEqual(self.bobs_mail(), [])
+
+        # The relay is back: flush sends both, in order, numbered 1 and 2.
+        self.stdout.truncate(0)
+        self.stdout.seek(0)
+        d = self.run_online("flush", "--home", self.home)
+        self.accept()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(len(self.lines()), 2)
+        mail = self.bobs_mail()
+        self.assertEqual([(m.plaintext, m.header.seq) for m in mail],
+                         [(b"first", 1), (b"second", 2)])
+        self.assertEqual(home_outbox(keys.Home(self.home)).pending(), [])
+
+    def test_unpinned_recipient_cannot_be_queued_offline(self):
+        keys_home = keys.Home(self.home)
+        os.remove(keys_home._contact_file("bob"))
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "x")
+        self.refuse_connection()
+        err = self.exits(d)
+        self.assertIn("connection refused (is `twistd mailrelay` running there?); no key of "
+                      "'bob' is pinned yet", err)
+        self.assertIn("nothing was queued", err)
+        self.assertEqual(home_outbox(keys_home).pending(), [])
+
+    def test_next_send_takes_the_queue_along_in_order(self):
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "--queue", "one")
+        self.refuse_connection()
+        self.successResultOf(d)
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "two")
+        self.accept()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual([(m.plaintext, m.header.seq) for m in self.bobs_mail()],
+                         [(b"one", 1), (b"two", 2)])
+        self.assertIn("also sent 1 message(s) that were waiting in the outbox",
+                      self.stderr.getvalue())
+
+    def test_permanent_refusal_moves_to_failed(self):
+        """A message the relay refuses for good leaves the queue for the failed list."""
+        self.relay.store._keys["bob"] = CAROL.public_der  # bob's key changed on the relay
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "--queue", "x")
+        self.refuse_connection()
+        self.successResultOf(d)
+        d = self.run_online("flush", "--home", self.home)
+        self.accept()
+        self.failureResultOf(d, SystemExit)
+        self.assertIn("refused message", self.stderr.getvalue())
+        outbox = home_outbox(keys.Home(self.home))
+        self.assertEqual(outbox.pending(), [])
+        [failed] = outbox.failed()
+        self.assertIn("RECIPIENT_KEY_MISMATCH", failed.reason)
+        self.stdout.truncate(0)
+        self.stdout.seek(0)
+        self.successResultOf(self.run_cli("outbox", "--home", self.home))
+        self.assertIn("REFUSED", self.stdout.getvalue())
+        self.successResultOf(self.run_cli("outbox", "--home", self.home, "--clear-failed"))
+        self.assertEqual(outbox.failed(), [])
+
+    def test_flush_empty_and_unreachable(self):
+        self.assertEqual(self.successResultOf(self.run_cli("flush", "--home", self.home)), 0)
+        self.assertEqual(self.lines(), ["The outbox is empty."])
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "--queue", "x")
+        self.refuse_connection()
+        self.successResultOf(d)
+        d = self.run_online("flush", "--home", self.home)
+        self.refuse_connection()
+        err = self.exits(d)
+        self.assertIn("running there?); 1 message(s) still queued", err)
+
+    def test_recv_sends_the_outbox(self):
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "--queue", "later")
+        self.refuse_connection()
+        self.successResultOf(d)
+        d = self.run_online("recv", "--home", self.home, "--timeout", "1")
+        self.accept()
+        self.relay.flush()
+        self.assertEqual([m.plaintext for m in self.bobs_mail()], [b"later"])
+        self.assertIn("sent 1 message(s) that were waiting in the outbox",
+                      self.stderr.getvalue())
+        self.reactor.advance(1)
+        self.relay.flush()
+        self.assertEqual(self.successResultOf(d), 0)
+
+
 class RecvTests(OnlineTestCase):
     def setUp(self):
         super().setUp()
@@ -685,7 +830,7 @@ class RecvTests(OnlineTestCase):
         self.assertEqual(self.relay.count("alice"), 1)
         self.assertEqual(self.relay.factory.sessions, set())
 
-    def test_json_and_seen(self):
+    def test_json_and_inbox(self):
         """--json prints one object per message; a second run does not show them again."""
         self.queue(BOB, ALICE, "héllo".encode(), 1)
         self.queue(CAROL, ALICE, b"hey", 2)
@@ -698,7 +843,46 @@ class RecvTests(OnlineTestCase):
                          [("bob", "alice", "héllo", mid(1).hex()),
                           ("carol", "alice", "hey", mid(2).hex())])
         self.assertEqual(self.relay.count("alice"), 0)
-        self.assertTrue(os.path.exists(os.path.join(self.home, "seen.sqlite")))
+        self.assertTrue(os.path.exists(os.path.join(self.home, "inbox.sqlite")))
+
+    def test_notice_gap_and_inbox(self):
+        """
+        recv shows a relay notice and a gap in a sender's numbering on
+        stderr; `mailrelay inbox` lists what arrived, from the home's inbox.
+        """
+        self.relay._result(self.relay.store.enqueue("alice", "bob", mid(9), b"old", 100))
+        self.relay._result(self.relay.store.expire(150, 200, "expired unread after 30 days "
+                                                             "on the relay", 10))
+        for n, seq in ((1, 1), (2, 3)):
+            data = envelope.seal(BOB, "alice", ALICE.public_key, b"msg %d" % seq,
+                                 message_id=mid(n), seq=seq)
+            self.relay._result(self.relay.store.enqueue("alice", "bob", mid(n), data, 0))
+        self.queue(BOB, ALICE, b"too old", 3)
+        d = self.run_online("recv", "--home", self.home, "--count", "3")
+        self.accept()
+        self.reactor.advance(0)
+        self.relay.flush()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(self.lines(), ["Received message from bob: msg 1",
+                                        "Received message from bob: msg 3",
+                                        "Received message from bob: too old"])
+        err = self.stderr.getvalue()
+        self.assertIn("mailrelay: message 2 from bob has not arrived", err)
+        self.assertIn(f"mailrelay: Message {mid(9).hex()} from bob expired unread after 30 "
+                      f"days on the relay; it will not arrive", err)
+        self.stdout.truncate(0)
+        self.stdout.seek(0)
+        self.assertEqual(self.successResultOf(
+            self.run_cli("inbox", "--home", self.home, "--json")), 0)
+        listed = [json.loads(line) for line in self.lines()]
+        self.assertEqual([(e["type"], e["from"], e.get("seq")) for e in listed],
+                         [("message", "bob", 1), ("message", "bob", 3), ("message", "bob", 0),
+                          ("expired", "bob", None)])
+        self.assertEqual(listed[3]["id"], mid(9).hex())
+        self.stdout.truncate(0)
+        self.stdout.seek(0)
+        self.successResultOf(self.run_cli("inbox", "--home", self.home, "--last", "1"))
+        self.assertRegex(self.lines()[0], r"from bob: too old$")
 
     def test_timeout_without_count(self):
         """--timeout alone: print what arrives in that time, then exit 0."""
@@ -762,9 +946,9 @@ class RecvTests(OnlineTestCase):
         self.assertIn("argument --timeout: must be a positive number", self.stderr.getvalue())
         self.assertEqual(self.reactor.tcpClients, [])
 
-    def test_corrupt_seen_file(self):
-        """A seen.sqlite that is not a database: one line saying what to do, exit 1."""
-        seen = os.path.join(self.home, "seen.sqlite")
+    def test_corrupt_inbox_file(self):
+        """An inbox.sqlite that is not a database: one line saying what to do, exit 1."""
+        seen = os.path.join(self.home, "inbox.sqlite")
         with open(seen, "w") as f:
             f.write("not a database\n" * 100)
         err = self.exits(self.run_online("recv", "--home", self.home))

@@ -2,7 +2,7 @@
 Tests for the client side: L{mailrelay.client.protocol} (driven both against
 a real L{RelaySession} over an in-memory connection and frame by frame over
 a L{StringTransport}), L{connect} on a memory reactor, the chat console, the
-Maildir filer and the seen-message store.
+Maildir filer and the inbox.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import email
 import email.policy
 import email.utils
 import os
+import stat
 import time
 
 from twisted.internet import defer, error
@@ -38,7 +39,7 @@ from mailrelay.client.protocol import (
     SendRefused,
     connect,
 )
-from mailrelay.client.seen import MemorySeen, SeenFile, SeenFileError
+from mailrelay.client.inbox import Gap, Inbox, InboxError, MemoryInbox
 from mailrelay.relay.protocol import RelayFactory
 from mailrelay.relay.store import Quota
 from mailrelay.relay.store.memory import MemoryStore
@@ -145,9 +146,9 @@ def ready_client(identity: keys.Identity = BOB, clock=None, **settings):
     return client, transport
 
 
-def sealed(sender=ALICE, recipient=BOB, text=b"hi bob", message_id=None) -> bytes:
+def sealed(sender=ALICE, recipient=BOB, text=b"hi bob", message_id=None, seq=0) -> bytes:
     return envelope.seal(sender, recipient.name, recipient.public_key, text,
-                         message_id=message_id)
+                         message_id=message_id, seq=seq)
 
 
 def key_frame(identity: keys.Identity) -> bytes:
@@ -679,14 +680,76 @@ class DeliveryTests(SynchronousTestCase):
         self.assertEqual(len(self.received), 1)
         self.assertEqual(read_frames(self.transport), [wire.Ack(mid(1)), wire.Ack(mid(1))])
 
-    def test_seen_store_consulted(self):
-        """A message already in the seen store (a previous session) is only acked."""
-        seen = MemorySeen()
-        seen.add("alice", mid(1))
-        self.client.seen = seen
+    def test_inbox_consulted(self):
+        """A message already in the inbox (a previous session) is only acked."""
+        inbox = MemoryInbox()
+        inbox.record(opened_message(b"earlier", message_id=mid(1)))
+        self.client.inbox = inbox
         self.deliver(mid(1), sealed(message_id=mid(1)))
         self.assertEqual(self.received, [])
         self.assertEqual(read_frames(self.transport), [wire.Ack(mid(1))])
+
+    def test_recorded_before_shown(self):
+        """
+        The message is in the inbox by the time on_message sees it, and
+        acknowledged only after on_message is done: a crash while showing
+        leaves a record (no second showing), never an ack without one.
+        """
+        inbox = MemoryInbox()
+        self.client.inbox = inbox
+        showing = Deferred()
+        states = []
+
+        def show(opened):
+            states.append(inbox.seen(opened.sender, opened.message_id))
+            return showing
+
+        self.client.on_message = show
+        self.deliver(mid(1), sealed(message_id=mid(1)))
+        self.assertEqual(states, [True])
+        self.assertEqual(read_frames(self.transport), [])
+        showing.callback(None)
+        self.assertEqual(read_frames(self.transport), [wire.Ack(mid(1))])
+
+    def test_gaps_reported(self):
+        """
+        The sender's numbering: a jump reports the missing numbers, a
+        number below the highest seen reports a late message; all are shown.
+        """
+        gaps = []
+        self.client.on_gap = gaps.append
+        for n, seq in ((1, 1), (2, 2), (3, 5), (4, 3), (5, 0)):
+            self.deliver(mid(n), sealed(message_id=mid(n), seq=seq))
+        self.assertEqual([o.header.seq for o in self.received], [1, 2, 5, 3, 0])
+        self.assertEqual(gaps, [Gap("alice", 3, 4), Gap("alice", 3, 3, late=True)])
+        self.assertEqual(gaps[0].describe(),
+                         "messages 3-4 from alice have not arrived (missing or still on the way)")
+        self.assertIn("out of order", gaps[1].describe())
+        self.assertEqual(len(read_frames(self.transport)), 5)
+
+    def test_notice_shown_once_and_acked(self):
+        """A relay notice goes to on_notice once, and is acked under its own id."""
+        notices = []
+        self.client.on_notice = notices.append
+        notice = wire.Notice(mid(9), wire.NOTICE_EXPIRED, "alice", mid(3), 1_700_000_000,
+                             "expired unread after 30 days on the relay")
+        self.client.dataReceived(wire.encode(notice))
+        self.client.dataReceived(wire.encode(notice))
+        self.assertEqual(notices, [notice])
+        self.assertEqual(read_frames(self.transport), [wire.Ack(mid(9)), wire.Ack(mid(9))])
+
+    def test_notice_handler_raises(self):
+        """A notice whose handler fails is not acked, and comes again."""
+        def boom(notice):
+            raise OSError("terminal gone")
+
+        self.client.on_notice = boom
+        notice = wire.Notice(mid(9), wire.NOTICE_EXPIRED, "alice", mid(3), 0, "expired")
+        self.client.dataReceived(wire.encode(notice))
+        self.assertEqual(read_frames(self.transport), [])
+        self.assertFalse(self.transport.connected)
+        self.assertFalse(self.client.inbox.notice_seen(notice))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
     def test_same_id_other_sender_not_duplicate(self):
         """Seen ids are per sender: carol's message with alice's id is new."""
@@ -708,8 +771,8 @@ class DeliveryTests(SynchronousTestCase):
         self.assertEqual(read_frames(self.transport), [])
         self.assertFalse(self.transport.connected)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
-        # Not marked seen: the redelivery will be handed over.
-        self.assertFalse(self.client.seen.seen("alice", mid(1)))
+        # Taken out of the inbox again: the redelivery will be handed over.
+        self.assertFalse(self.client.inbox.seen("alice", mid(1)))
 
     def test_handler_raises_drops_queued(self):
         """Deliveries queued behind a failing one are not handled either."""
@@ -1089,10 +1152,10 @@ class ConsoleTests(SynchronousTestCase):
         self.assertEqual(self.client.sent, [])
 
 
-def opened_message(text: bytes, sender=ALICE, recipient=BOB, message_id=mid(42),
+def opened_message(text: bytes, sender=ALICE, recipient=BOB, message_id=mid(42), seq=0,
                    timestamp=1_700_000_000) -> envelope.Opened:
     data = envelope.seal(sender, recipient.name, recipient.public_key, text,
-                         message_id=message_id, timestamp=timestamp)
+                         message_id=message_id, timestamp=timestamp, seq=seq)
     return envelope.open_envelope(data, recipient, sender.public_key)
 
 
@@ -1180,52 +1243,84 @@ class MaildirTests(SynchronousTestCase):
 
 
 
-class SeenTests(SynchronousTestCase):
+class InboxTests(SynchronousTestCase):
     def test_memory(self):
-        seen = MemorySeen()
-        self.assertFalse(seen.seen("alice", mid(1)))
-        seen.add("alice", mid(1))
-        self.assertTrue(seen.seen("alice", mid(1)))
-        self.assertFalse(seen.seen("carol", mid(1)))
-        self.assertFalse(seen.seen("alice", mid(2)))
+        inbox = MemoryInbox()
+        self.assertFalse(inbox.seen("alice", mid(1)))
+        inbox.record(opened_message(b"x", message_id=mid(1)))
+        self.assertTrue(inbox.seen("alice", mid(1)))
+        self.assertFalse(inbox.seen("carol", mid(1)))
+        self.assertFalse(inbox.seen("alice", mid(2)))
 
     def test_file_persists(self):
-        """Ids recorded in a SeenFile are still there after reopening it."""
+        """Messages recorded in an inbox are there, with their text, after reopening it."""
         path = self.mktemp()
-        seen = SeenFile(path)
-        self.assertFalse(seen.seen("alice", mid(1)))
-        seen.add("alice", mid(1))
-        seen.add("alice", mid(1))  # idempotent
-        self.assertTrue(seen.seen("alice", mid(1)))
-        seen.close()
-        again = SeenFile(path)
+        inbox = Inbox(path)
+        self.assertFalse(inbox.seen("alice", mid(1)))
+        inbox.record(opened_message(b"first", message_id=mid(1), seq=1))
+        inbox.record(opened_message(b"first", message_id=mid(1), seq=1))  # idempotent
+        self.assertTrue(inbox.seen("alice", mid(1)))
+        inbox.close()
+        again = Inbox(path)
         self.addCleanup(again.close)
         self.assertTrue(again.seen("alice", mid(1)))
         self.assertFalse(again.seen("alice", mid(2)))
         self.assertFalse(again.seen("carol", mid(1)))
+        [kept] = again.messages()
+        self.assertEqual((kept.sender, kept.message_id, kept.seq, kept.body),
+                         ("alice", mid(1), 1, b"first"))
+        # The numbering goes on from where it was.
+        self.assertEqual(again.record(opened_message(b"3", message_id=mid(3), seq=3)),
+                         [Gap("alice", 2, 2)])
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
 
-    def test_file_keeps_old_entries(self):
-        """
-        Entries are never pruned: a relay replaying a message years later
-        does not get it shown again.
-        """
+    def test_forget(self):
         path = self.mktemp()
-        seen = SeenFile(path)
-        seen.add("alice", mid(1))
-        seen._db.execute("UPDATE seen SET seen_at = seen_at - ?", (3 * 365 * 86400,))
-        seen.add("alice", mid(2))
-        seen.close()
-        again = SeenFile(path)
+        inbox = Inbox(path)
+        self.addCleanup(inbox.close)
+        opened = opened_message(b"x", message_id=mid(1))
+        inbox.record(opened)
+        inbox.forget(opened)
+        self.assertFalse(inbox.seen("alice", mid(1)))
+        self.assertEqual(inbox.messages(), [])
+
+    def test_notices_persist(self):
+        path = self.mktemp()
+        notice = wire.Notice(mid(9), wire.NOTICE_EXPIRED, "alice", mid(3), 5, "expired")
+        inbox = Inbox(path)
+        inbox.record_notice(notice)
+        inbox.close()
+        again = Inbox(path)
         self.addCleanup(again.close)
-        self.assertTrue(again.seen("alice", mid(1)))
-        self.assertTrue(again.seen("alice", mid(2)))
+        self.assertTrue(again.notice_seen(notice))
+        self.assertEqual(again.notices(), [notice])
+
+    def test_imports_a_seen_file(self):
+        """
+        Ids kept by earlier clients in seen.sqlite are taken over, so none
+        of those messages is shown again; the old file is set aside.
+        """
+        import sqlite3
+
+        old = os.path.abspath(self.mktemp())
+        db = sqlite3.connect(old)
+        db.execute("CREATE TABLE seen (sender TEXT NOT NULL, message_id BLOB NOT NULL,"
+                   " seen_at INTEGER NOT NULL, PRIMARY KEY (sender, message_id))")
+        db.execute("INSERT INTO seen VALUES ('alice', ?, 1)", (mid(1),))
+        db.commit()
+        db.close()
+        inbox = Inbox(self.mktemp(), legacy_seen=old)
+        self.addCleanup(inbox.close)
+        self.assertTrue(inbox.seen("alice", mid(1)))
+        self.assertFalse(os.path.exists(old))
+        self.assertTrue(os.path.exists(old + ".imported"))
 
     def test_file_not_a_database(self):
-        """A seen file that is not SQLite: SeenFileError saying what to do."""
+        """An inbox file that is not SQLite: InboxError saying what to do."""
         path = os.path.abspath(self.mktemp())
         with open(path, "w") as f:
             f.write("this is not a database\n" * 100)
-        exc = self.assertRaises(SeenFileError, SeenFile, path)
+        exc = self.assertRaises(InboxError, Inbox, path)
         self.assertEqual(
             str(exc),
             f"cannot read {path}: file is not a database; move it aside to start afresh "
@@ -1235,25 +1330,25 @@ class SeenTests(SynchronousTestCase):
             self.assertTrue(f.read().startswith("this is not a database"))
 
     def test_file_unopenable(self):
-        """A seen file path that cannot be opened (a directory): SeenFileError."""
+        """An inbox path that cannot be opened (a directory): InboxError."""
         path = os.path.abspath(self.mktemp())
         os.makedirs(path)
-        exc = self.assertRaises(SeenFileError, SeenFile, path)
+        exc = self.assertRaises(InboxError, Inbox, path)
         self.assertTrue(str(exc).startswith(f"cannot read {path}: "), str(exc))
 
-    def test_client_with_seen_file(self):
-        """A message seen in one session is not handed over again in the next."""
+    def test_client_with_inbox_file(self):
+        """A message shown in one session is not handed over again in the next."""
         path = self.mktemp()
         frame = wire.encode(wire.Deliver(mid(1), sealed(message_id=mid(1))))
         counts = []
         for _ in range(2):
-            seen = SeenFile(path)
+            inbox = Inbox(path)
             got = []
-            client, transport = ready_client(BOB, on_message=got.append, seen=seen)
+            client, transport = ready_client(BOB, on_message=got.append, inbox=inbox)
             client.dataReceived(key_frame(ALICE) + frame)
             self.assertEqual(read_frames(transport), [wire.Ack(mid(1))])
             counts.append(len(got))
-            seen.close()
+            inbox.close()
         self.assertEqual(counts, [1, 0])
 
 

@@ -7,19 +7,20 @@ prints incoming messages as they arrive.  C{/quit} (or end of input) leaves.
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.protocols.basic import LineReceiver
 
 from mailrelay import keys
 from mailrelay.client.display import for_terminal
-from mailrelay.client.protocol import RelayError
+from mailrelay.client.outbox import queue_message
 
 
 class ChatConsole(LineReceiver):
     delimiter = b"\n"
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, outbox=None) -> None:
         self.name = name
+        self.outbox = outbox
         self.client = None
         self.receiver: str | None = None
         self.done: Deferred[None] = Deferred()
@@ -51,18 +52,51 @@ class ChatConsole(LineReceiver):
             self._prompt()
             return
         receiver, self.receiver = self.receiver, None
-        d = self.client.send(receiver, text.encode("utf-8"))
+        data = text.encode("utf-8")
+        if self.outbox is None:
+            d = self.client.send(receiver, data)
+        else:
+            # Queued durably first: if the relay does not take it now, the
+            # next session (or `mailrelay flush`) sends it.
+            d = queue_message(self.outbox, self.client.identity, receiver, data,
+                              client=self.client)
+            d.addCallback(self._flush)
         d.addCallbacks(self._sent, self._notSent, callbackArgs=(receiver,),
                        errbackArgs=(receiver,))
         self._prompt()
+
+    def _flush(self, entry):
+        def done(result):
+            if any(e.message_id == entry.message_id for e in result.accepted):
+                return entry.message_id
+            for e, why in result.refused:
+                if e.message_id == entry.message_id:
+                    raise _NotSent(why)
+            why = next((w for e, w in result.held if e.message_id == entry.message_id),
+                       "no answer")
+            raise _NotSent(f"{why}; it stays in the outbox and goes with the next session")
+
+        return maybeDeferred(self.outbox.flush, self.client).addCallback(done)
 
     def _sent(self, message_id: bytes, receiver: str) -> None:
         self._say(f"\nMessage sent to {receiver} ({message_id.hex()[:8]}).\n")
         self._prompt()
 
     def _notSent(self, failure, receiver: str) -> None:
-        if failure.check(RelayError, keys.IdentityError, ValueError, ConnectionError) or True:
-            self._say(f"\nNot sent to {receiver}: {failure.getErrorMessage()}\n")
+        # Every reason is the user's to read (a refused message, an unknown
+        # recipient, a changed key, the connection gone): say it, go on.
+        self._say(f"\nNot sent to {receiver}: {failure.getErrorMessage()}\n")
+        self._prompt()
+
+    def notice(self, notice) -> None:
+        """C{on_notice}: a message of ours that expired unread on the relay."""
+        self._say(f"\nMessage {notice.message_id.hex()} from {notice.sender} "
+                  f"{for_terminal(notice.text)}; it will not arrive.\n")
+        self._prompt()
+
+    def gap(self, gap) -> None:
+        """C{on_gap}: a sender's numbering says a message is missing or late."""
+        self._say(f"\nNote: {gap.describe()}.\n")
         self._prompt()
 
     def show(self, opened) -> None:
@@ -79,3 +113,7 @@ class ChatConsole(LineReceiver):
     def connectionLost(self, reason) -> None:
         if not self.done.called:
             self.done.callback(None)
+
+
+class _NotSent(Exception):
+    pass

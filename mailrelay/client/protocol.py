@@ -4,8 +4,12 @@ The client's side of the relay protocol.
 L{ClientProtocol} authenticates as its identity, then offers L{send}, and
 hands each delivered message, verified and decrypted, to C{on_message}
 before acknowledging it.  Deliveries are processed one at a time in the
-order the relay pushed them.  A message whose handler fails is not
-acknowledged: the connection is closed so the relay delivers it again.
+order the relay pushed them.  Each message is first committed to the inbox
+(which also finds redeliveries of messages already shown, and gaps in a
+sender's numbering), then shown, then acknowledged.  A message whose handler
+fails is taken out of the inbox again and not acknowledged: the connection
+is closed so the relay delivers it again.  The relay's notices (a message
+that expired unread) take the same path through C{on_notice}.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mailrelay import envelope, keys, wire
-from mailrelay.client.seen import MemorySeen
+from mailrelay.client.inbox import Gap, MemoryInbox
 from mailrelay.channel import channel_binding
 
 E = wire.ErrorCode
@@ -93,11 +97,13 @@ class ClientProtocol(Protocol):
         contacts=None,
         on_message: Callable[[envelope.Opened], object] | None = None,
         on_rejected: Callable[[Rejected], object] | None = None,
-        seen=None,
+        inbox=None,
         clock=None,
         ping_interval: float = PING_INTERVAL,
         receive: bool | None = None,
         relay_check: Callable[[str], None] | None = None,
+        on_notice: Callable[[wire.Notice], object] | None = None,
+        on_gap: Callable[[Gap], object] | None = None,
     ) -> None:
         self.identity = identity
         # Only a session that hands messages to someone asks for them: one
@@ -108,7 +114,9 @@ class ClientProtocol(Protocol):
         self.contacts = contacts if contacts is not None else keys.MemoryContacts()
         self.on_message = on_message
         self.on_rejected = on_rejected
-        self.seen = seen if seen is not None else MemorySeen()
+        self.on_notice = on_notice
+        self.on_gap = on_gap
+        self.inbox = inbox if inbox is not None else MemoryInbox()
         self.clock = clock
         self.ping_interval = ping_interval
         self.max_envelope = wire.MAX_ENVELOPE
@@ -126,7 +134,7 @@ class ClientProtocol(Protocol):
         self._sends: dict[bytes, Deferred[bytes]] = {}
         self._lookups: dict[str, list[Deferred[bytes]]] = {}
         self._directory: dict[str, bytes] = {}
-        self._deliveries: deque[wire.Deliver] = deque()
+        self._deliveries: deque[wire.Deliver | wire.Notice] = deque()
         self._delivering = False
         self._receiving = True
         self._ping: LoopingCall | None = None
@@ -214,11 +222,11 @@ class ClientProtocol(Protocol):
             self._welcome(frame)
         elif self._state != "ready" and not isinstance(frame, wire.Error):
             self._abort(RelayError(E.UNEXPECTED_FRAME, f"{type(frame).__name__} before welcome"))
-        elif isinstance(frame, wire.Deliver):
+        elif isinstance(frame, (wire.Deliver, wire.Notice)):
             if not self.receive:
                 # Not asked for: leave it unacknowledged for the receiving session.
                 self.log.warn("relay delivered {id} to a sending-only session; ignored",
-                              id=frame.message_id.hex())
+                              id=_frame_id(frame).hex())
                 return
             self._deliveries.append(frame)
             self._nextDelivery()
@@ -405,9 +413,9 @@ class ClientProtocol(Protocol):
         d = self._receive(frame)
         d.addCallbacks(self._received, self._handlerFailed, callbackArgs=(frame,))
 
-    def _received(self, ignored, frame: wire.Deliver) -> None:
+    def _received(self, ignored, frame: wire.Deliver | wire.Notice) -> None:
         if self._state == "ready":
-            self._write(wire.Ack(frame.message_id))
+            self._write(wire.Ack(_frame_id(frame)))
         self._delivering = False
         self._nextDelivery()
 
@@ -420,14 +428,26 @@ class ClientProtocol(Protocol):
             self._state = "closed"
             self.transport.loseConnection()
 
+    def _receive(self, frame: wire.Deliver | wire.Notice) -> Deferred[None]:
+        if isinstance(frame, wire.Notice):
+            return self._receiveNotice(frame)
+        return self._receiveMessage(frame)
+
     @inlineCallbacks
-    def _receive(self, frame: wire.Deliver):
+    def _receiveMessage(self, frame: wire.Deliver):
         sender = None
         try:
             env = envelope.parse(frame.envelope, wire.LARGEST_ENVELOPE)
             sender = env.header.sender
             if env.header.message_id != frame.message_id:
                 raise envelope.EnvelopeError("relay delivered it under another message id")
+            if self.inbox.seen(sender, frame.message_id):
+                # Shown before (its ack was lost, or we died before sending
+                # it): acknowledge again, show nothing.  Only an envelope the
+                # sender's key opened was ever recorded, so a forger cannot
+                # make us drop a real message by reusing its id: ids are
+                # recorded per sender, and the sender is checked below.
+                return
             key = yield self.contact_key(sender)
             opened = envelope.open_envelope(env, self.identity, key)
         except (envelope.EnvelopeError, keys.KeyConflict, UnknownSender) as e:
@@ -441,11 +461,39 @@ class ClientProtocol(Protocol):
             if self.on_rejected is not None:
                 yield maybeDeferred(self.on_rejected, rejected)
             return
-        if self.seen.seen(opened.sender, opened.message_id):
+        # On disk before it is shown: a crash after showing cannot show it twice.
+        gaps = self.inbox.record(opened)
+        try:
+            for gap in gaps:
+                self.log.warn("{gap}", gap=gap.describe())
+                if self.on_gap is not None:
+                    yield maybeDeferred(self.on_gap, gap)
+            if self.on_message is not None:
+                yield maybeDeferred(self.on_message, opened)
+        except BaseException:
+            self.inbox.forget(opened)
+            raise
+
+    @inlineCallbacks
+    def _receiveNotice(self, notice: wire.Notice):
+        if self.inbox.notice_seen(notice):
             return
-        if self.on_message is not None:
-            yield maybeDeferred(self.on_message, opened)
-        self.seen.add(opened.sender, opened.message_id)
+        self.inbox.record_notice(notice)
+        try:
+            if self.on_notice is not None:
+                yield maybeDeferred(self.on_notice, notice)
+            else:
+                self.log.warn("message {id} from {sender}: {text}",
+                              id=notice.message_id.hex(), sender=notice.sender,
+                              text=notice.text)
+        except BaseException:
+            self.inbox.forget_notice(notice)
+            raise
+
+
+def _frame_id(frame: wire.Deliver | wire.Notice) -> bytes:
+    """The id a delivery is acknowledged under."""
+    return frame.notice_id if isinstance(frame, wire.Notice) else frame.message_id
 
 
 class ClientFactory(Factory):
@@ -470,9 +518,11 @@ def connect(
     contacts=None,
     on_message=None,
     on_rejected=None,
-    seen=None,
+    inbox=None,
     timeout: float | None = 30.0,
     relay_check=None,
+    on_notice=None,
+    on_gap=None,
 ):
     """
     Connect to the relay at C{endpoint} as C{identity}.  Fires with the
@@ -482,7 +532,8 @@ def connect(
     """
     factory = ClientFactory(
         identity=identity, contacts=contacts, on_message=on_message,
-        on_rejected=on_rejected, seen=seen, clock=reactor, relay_check=relay_check,
+        on_rejected=on_rejected, inbox=inbox, clock=reactor, relay_check=relay_check,
+        on_notice=on_notice, on_gap=on_gap,
     )
     started = reactor.seconds()
     connecting = endpoint.connect(factory)

@@ -16,7 +16,8 @@ from mailrelay import keys
 from mailrelay.client.defaults import default_home, default_server
 from mailrelay.client.maildir import Maildir
 from mailrelay.client.protocol import ClientFactory
-from mailrelay.client.seen import SeenFile, SeenFileError
+from mailrelay.client.inbox import InboxError, home_inbox
+from mailrelay.client.outbox import OutboxError, home_outbox
 from mailrelay.endpoints import check_port, client_description
 
 log = Logger()
@@ -54,8 +55,9 @@ class Options(usage.Options):
         except OSError as e:
             raise usage.UsageError(f"--maildir {self['maildir']}: {e.strerror or e}")
         try:
-            self["seen"] = SeenFile(home.path / "seen.sqlite")
-        except SeenFileError as e:
+            self["inbox"] = home_inbox(home)
+            self["outbox"] = home_outbox(home)
+        except (InboxError, OutboxError) as e:
             raise usage.UsageError(str(e))
 
 
@@ -71,6 +73,15 @@ class Filer:
                  id=opened.message_id.hex(), sender=opened.sender, name=path.name)
 
     @staticmethod
+    def notice(notice) -> None:
+        log.warn("message {id} from {sender} {text}; it will not arrive",
+                 id=notice.message_id.hex(), sender=notice.sender, text=notice.text)
+
+    @staticmethod
+    def gap(gap) -> None:
+        log.warn("{gap}", gap=gap.describe())
+
+    @staticmethod
     def rejected(rejected) -> None:
         log.warn("dropped message {id} from {sender}: {reason}",
                  id=rejected.message_id.hex(), sender=rejected.sender,
@@ -80,22 +91,42 @@ class Filer:
 class MailclientFactory(ClientFactory):
     """Builds the client's protocol for each connection and logs how each session went."""
 
-    def __init__(self, server: str, **settings) -> None:
+    def __init__(self, server: str, outbox=None, **settings) -> None:
         super().__init__(**settings)
         self.server = server
+        self.outbox = outbox
 
     def buildProtocol(self, addr):
         protocol = super().buildProtocol(addr)
         name = self.settings["identity"].name
         protocol.ready.addCallbacks(
-            lambda p: log.info(
-                "connected to {server} as {identity}; messages waiting: {queued}",
-                server=self.server, identity=name, queued=p.queued),
+            self._ready,
             lambda f: log.warn(
                 "session with {server} ended before it began: {reason}",
                 server=self.server, reason=f.getErrorMessage()),
+            callbackArgs=(name,),
         )
         return protocol
+
+    def _ready(self, protocol, name: str) -> None:
+        log.info("connected to {server} as {identity}; messages waiting: {queued}",
+                 server=self.server, identity=name, queued=protocol.queued)
+        if self.outbox is not None and self.outbox.pending():
+            # Whatever `mailrelay send --queue` left behind goes now.
+            self.outbox.flush(protocol).addCallbacks(self._flushed, lambda f: log.failure(
+                "sending the outbox failed", f))
+
+    @staticmethod
+    def _flushed(result) -> None:
+        for entry in result.accepted:
+            log.info("sent queued message {id} to {recipient}",
+                     id=entry.message_id.hex(), recipient=entry.recipient)
+        for entry, why in result.refused:
+            log.warn("the relay refused queued message {id} to {recipient}: {why}",
+                     id=entry.message_id.hex(), recipient=entry.recipient, why=why)
+        if result.held:
+            log.info("{count} message(s) still queued: {why}",
+                     count=len(result.held), why=result.held[-1][1])
 
 
 def makeService(options: Options, reactor=None):
@@ -109,7 +140,10 @@ def makeService(options: Options, reactor=None):
         contacts=home,
         on_message=filer,
         on_rejected=filer.rejected,
-        seen=options["seen"],
+        on_notice=filer.notice,
+        on_gap=filer.gap,
+        inbox=options["inbox"],
+        outbox=options["outbox"],
         clock=reactor,
         relay_check=lambda relay: home.pin_relay(options["server"], relay),
     )

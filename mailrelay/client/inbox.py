@@ -1,0 +1,272 @@
+"""
+The client's durable record of what it received: every message handed to
+the user, every notice from the relay, and per sender the highest sequence
+number seen.
+
+A delivered message is recorded here (committed to disk) before it is
+shown, and acknowledged to the relay only after it is shown.  So a message
+the relay delivers again (the ack was lost, or the client died between
+showing and acknowledging) is found here, acknowledged again and never
+shown twice; and a message is never acknowledged before it is on disk.
+
+Each sender numbers its messages to us (the signed sequence number of the
+envelope).  L{Inbox.record} compares each number with the highest seen
+from that sender and says what is missing (a gap: the relay withheld or
+lost messages, or they are still on their way) or late (arrived after a
+later one).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from mailrelay import wire
+from mailrelay.envelope import Opened
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    sender       TEXT NOT NULL,
+    message_id   BLOB NOT NULL,
+    seq          INTEGER NOT NULL,
+    sent_at      INTEGER,
+    received_at  INTEGER NOT NULL,
+    body         BLOB,
+    PRIMARY KEY (sender, message_id)
+);
+CREATE TABLE IF NOT EXISTS notices (
+    notice_id    BLOB PRIMARY KEY,
+    kind         INTEGER NOT NULL,
+    sender       TEXT NOT NULL,
+    message_id   BLOB NOT NULL,
+    accepted_at  INTEGER NOT NULL,
+    text         TEXT NOT NULL,
+    received_at  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS streams (
+    sender       TEXT PRIMARY KEY,
+    last_seq     INTEGER NOT NULL
+);
+"""
+
+
+class InboxError(Exception):
+    """The inbox file cannot be opened or read; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Gap:
+    """What a message's sequence number says about the messages around it."""
+
+    sender: str
+    first: int
+    last: int
+    late: bool = False
+
+    def describe(self) -> str:
+        numbers = str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+        if self.late:
+            return (f"message {numbers} from {self.sender} arrived out of order, "
+                    f"after a later one")
+        count = self.last - self.first + 1
+        return (f"{'message' if count == 1 else 'messages'} {numbers} from {self.sender} "
+                f"{'has' if count == 1 else 'have'} not arrived (missing or still on the way)")
+
+
+@dataclass(frozen=True)
+class Received:
+    """One entry of the inbox, as L{Inbox.messages} lists it."""
+
+    sender: str
+    message_id: bytes
+    seq: int
+    sent_at: int | None
+    received_at: int
+    body: bytes | None
+
+
+class MemoryInbox:
+    """The same bookkeeping in memory, for sessions that keep no files."""
+
+    def __init__(self) -> None:
+        self._ids: set[tuple[str, bytes]] = set()
+        self._notices: set[bytes] = set()
+        self._last: dict[str, int] = {}
+
+    def seen(self, sender: str, message_id: bytes) -> bool:
+        return (sender, message_id) in self._ids
+
+    def record(self, opened: Opened) -> list[Gap]:
+        self._ids.add((opened.sender, opened.message_id))
+        last = self._last.get(opened.sender, 0)
+        gaps = _gaps(opened.sender, opened.header.seq, last)
+        self._last[opened.sender] = max(last, opened.header.seq)
+        return gaps
+
+    def forget(self, opened: Opened) -> None:
+        self._ids.discard((opened.sender, opened.message_id))
+
+    def notice_seen(self, notice: wire.Notice) -> bool:
+        return notice.notice_id in self._notices
+
+    def record_notice(self, notice: wire.Notice) -> None:
+        self._notices.add(notice.notice_id)
+
+    def forget_notice(self, notice: wire.Notice) -> None:
+        self._notices.discard(notice.notice_id)
+
+
+def _gaps(sender: str, seq: int, last: int) -> list[Gap]:
+    if seq == 0:
+        return []  # sent outside any sequence
+    if seq > last + 1:
+        return [Gap(sender, last + 1, seq - 1)]
+    if seq <= last:
+        return [Gap(sender, seq, seq, late=True)]
+    return []
+
+
+class Inbox:
+    """
+    A SQLite file in the client's home (C{inbox.sqlite}), written with
+    C{synchronous=FULL}: a record is on disk before the message is shown.
+    Entries are kept for good (a few dozen bytes each, plus the text): a
+    relay may deliver an old message again at any time, and the user can
+    read what arrived with C{mailrelay inbox}.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], legacy_seen: str | None = None) -> None:
+        self.path = os.fspath(path)
+        db = None
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None)
+            os.chmod(self.path, 0o600)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(SCHEMA)
+            db.execute("SELECT sender, message_id, seq FROM messages LIMIT 1").fetchall()
+            if legacy_seen is not None and os.path.exists(legacy_seen):
+                _import_seen(db, legacy_seen)
+        except (sqlite3.Error, OSError) as e:
+            if db is not None:
+                db.close()
+            raise InboxError(
+                f"cannot read {self.path}: {e}; move it aside to start afresh "
+                f"(messages already shown may then be shown again)"
+            ) from None
+        self._db = db
+
+    def seen(self, sender: str, message_id: bytes) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM messages WHERE sender = ? AND message_id = ?", (sender, message_id)
+        ).fetchone()
+        return row is not None
+
+    def record(self, opened: Opened) -> list[Gap]:
+        """
+        Commit C{opened} to the inbox; return what its sequence number says
+        is missing or late.  Call it before showing the message.
+        """
+        h = opened.header
+        sender = h.sender
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute(
+                "SELECT last_seq FROM streams WHERE sender = ?", (sender,)
+            ).fetchone()
+            last = 0 if row is None else row[0]
+            self._db.execute(
+                "INSERT OR IGNORE INTO messages (sender, message_id, seq, sent_at, received_at,"
+                " body) VALUES (?, ?, ?, ?, ?, ?)",
+                (sender, h.message_id, h.seq, h.timestamp if h.timestamp < 2**63 else None,
+                 int(time.time()), opened.plaintext),
+            )
+            if h.seq > last:
+                self._db.execute(
+                    "INSERT INTO streams (sender, last_seq) VALUES (?, ?) ON CONFLICT (sender)"
+                    " DO UPDATE SET last_seq = excluded.last_seq",
+                    (sender, h.seq),
+                )
+        return _gaps(sender, h.seq, last)
+
+    def forget(self, opened: Opened) -> None:
+        """Undo L{record}: showing the message failed, and it is to come again."""
+        with self._db:
+            self._db.execute(
+                "DELETE FROM messages WHERE sender = ? AND message_id = ?",
+                (opened.sender, opened.message_id),
+            )
+
+    def notice_seen(self, notice: wire.Notice) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM notices WHERE notice_id = ?", (notice.notice_id,)
+        ).fetchone()
+        return row is not None
+
+    def record_notice(self, notice: wire.Notice) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT OR IGNORE INTO notices (notice_id, kind, sender, message_id, accepted_at,"
+                " text, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (notice.notice_id, notice.kind, notice.sender, notice.message_id,
+                 min(notice.accepted_at, 2**63 - 1), notice.text, int(time.time())),
+            )
+
+    def forget_notice(self, notice: wire.Notice) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM notices WHERE notice_id = ?", (notice.notice_id,))
+
+    def messages(self, sender: str | None = None, last: int | None = None) -> list[Received]:
+        """What arrived, oldest first (optionally from one sender, the last N only)."""
+        query = "SELECT sender, message_id, seq, sent_at, received_at, body FROM messages"
+        params: list = []
+        if sender is not None:
+            query += " WHERE sender = ?"
+            params.append(sender)
+        query += " ORDER BY rowid"
+        rows = self._db.execute(query, params).fetchall()
+        if last is not None:
+            rows = rows[-last:] if last else []
+        return [Received(s, bytes(m), q, at, rcv, None if b is None else bytes(b))
+                for s, m, q, at, rcv, b in rows]
+
+    def notices(self) -> list[wire.Notice]:
+        rows = self._db.execute(
+            "SELECT notice_id, kind, sender, message_id, accepted_at, text FROM notices"
+            " ORDER BY rowid"
+        ).fetchall()
+        return [wire.Notice(bytes(n), k, s, bytes(m), a, t) for n, k, s, m, a, t in rows]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _import_seen(db: sqlite3.Connection, path: str) -> None:
+    """
+    Take over the ids a client kept before it had an inbox (C{seen.sqlite}),
+    so none of those messages is shown again; their text was never kept.
+    """
+    old = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = old.execute("SELECT sender, message_id, seen_at FROM seen").fetchall()
+    finally:
+        old.close()
+    with db:
+        db.executemany(
+            "INSERT OR IGNORE INTO messages (sender, message_id, seq, sent_at, received_at, body)"
+            " VALUES (?, ?, 0, NULL, ?, NULL)",
+            rows,
+        )
+    os.replace(path, path + ".imported")
+
+
+INBOX_FILE = "inbox.sqlite"
+LEGACY_SEEN_FILE = "seen.sqlite"
+
+
+def home_inbox(home) -> Inbox:
+    """The inbox of a client's home (a L{keys.Home})."""
+    home.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return Inbox(home.path / INBOX_FILE, legacy_seen=os.fspath(home.path / LEGACY_SEEN_FILE))
