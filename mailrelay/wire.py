@@ -18,7 +18,7 @@ from typing import ClassVar, Union
 
 from mailrelay.encoding import Reader, Writer
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 MAX_ENVELOPE = 256 * 1024
 """The default largest envelope, in bytes, a relay accepts."""
