@@ -12,12 +12,21 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailrelay import envelope, keys, wire
 from mailrelay.encoding import Writer
 from mailrelay.relay.mailbox import RETRY_AFTER_STORE_ERROR
-from mailrelay.relay.protocol import MAX_PENDING_ANSWERS, RelayFactory
+from mailrelay.relay.protocol import (
+    BUSY_GRACE,
+    MAX_PENDING_ANSWERS,
+    BusyRefusal,
+    FrameClock,
+    RelayFactory,
+    RelaySession,
+    SendRate,
+)
 from mailrelay.relay.store import Quota
 from mailrelay.relay.store.memory import MemoryStore
 
@@ -1279,46 +1288,199 @@ class OddKeyTests(RelayTestMixin, SynchronousTestCase):
         self.assertFatal(client, E.AUTH_FAILED)
 
 
-class PerPeerLimitTests(SynchronousTestCase):
-    """One address cannot hold more than max_per_peer connections."""
+class Peer:
+    """
+    One connection as Twisted's port makes it: from an address, to whatever
+    the factory builds for it (a session, or a BUSY refusal).
+    """
+
+    def __init__(self, factory: RelayFactory, host: str | None, transport=None) -> None:
+        from twisted.internet.address import IPv4Address
+
+        addr = None if host is None else IPv4Address("TCP", host, 40000)
+        self.proto = factory.buildProtocol(addr)
+        self.transport = transport or StringTransportWithDisconnection()
+        self.transport.protocol = self.proto
+        self.reader = wire.FrameBuffer()
+        self.proto.makeConnection(self.transport)
+        self.first = self.frames()
+
+    def frames(self) -> list:
+        data = self.transport.value()
+        self.transport.clear()
+        return self.reader.feed(data)
+
+    @property
+    def admitted(self) -> bool:
+        """A session: it was greeted with Hello and is still open."""
+        return (isinstance(self.proto, RelaySession) and self.transport.connected
+                and [type(f) for f in self.first] == [wire.Hello])
+
+    def close(self) -> None:
+        self.transport.loseConnection()
+
+
+class ConnectionLimitTests(SynchronousTestCase):
+    """
+    One address cannot hold more than max_per_peer connections, nor everyone
+    together more than max_sessions: the ones beyond are told BUSY, and
+    closed, without a session.
+    """
 
     def setUp(self):
         self.clock = Clock()
-        self.factory = RelayFactory(MemoryStore(), self.clock, name=RELAY, max_per_peer=2)
+        self.factory = RelayFactory(MemoryStore(), self.clock, name=RELAY, max_per_peer=2,
+                                    max_sessions=4)
         self.factory.storeReady()
+        self.events: list[dict] = []
+        self.factory.log = Logger(observer=self.events.append)
 
-    def connect(self, host: str):
-        from twisted.internet.address import IPv4Address
+    def assertBusy(self, peer: Peer, text: str) -> None:
+        self.assertIsInstance(peer.proto, BusyRefusal)
+        self.assertEqual(peer.first, [wire.Error(E.BUSY, b"", text)])
+        self.assertTrue(peer.first[0].fatal)
+        self.assertFalse(peer.transport.connected, "the refused connection was not closed")
+        self.assertNotIn(peer.proto, self.factory.sessions)
 
-        proto = self.factory.buildProtocol(IPv4Address("TCP", host, 40000))
-        if proto is None:
-            return None
-        transport = StringTransportWithDisconnection()
-        transport.protocol = proto
-        proto.makeConnection(transport)
-        return transport
+    def refusals(self) -> list[str]:
+        return [formatEvent(e) for e in self.events if "refusing" in e["log_format"]]
 
     def test_limit_per_address(self):
-        first, second = self.connect("192.0.2.1"), self.connect("192.0.2.1")
-        self.assertIsNotNone(first)
-        self.assertIsNotNone(second)
-        self.assertIsNone(self.connect("192.0.2.1"))
-        # Another address is not affected.
-        self.assertIsNotNone(self.connect("192.0.2.2"))
+        first, second = Peer(self.factory, "192.0.2.1"), Peer(self.factory, "192.0.2.1")
+        self.assertTrue(first.admitted)
+        self.assertTrue(second.admitted)
+        self.assertBusy(Peer(self.factory, "192.0.2.1"),
+                        "too many connections from your address (2)")
+        # Another address is not affected, nor are the sessions already open.
+        self.assertTrue(Peer(self.factory, "192.0.2.2").admitted)
+        self.assertTrue(first.transport.connected)
+        first.proto.dataReceived(wire.encode(wire.Ping(b"12345678")))
+        self.assertEqual(first.frames()[-1].code, E.UNEXPECTED_FRAME)  # it was still served
         # A closed connection makes room again.
-        first.loseConnection()
-        self.assertIsNotNone(self.connect("192.0.2.1"))
-        self.assertIsNone(self.connect("192.0.2.1"))
+        self.assertTrue(Peer(self.factory, "192.0.2.1").admitted)
+        self.assertBusy(Peer(self.factory, "192.0.2.1"),
+                        "too many connections from your address (2)")
+
+    def test_limit_in_all(self):
+        peers = [Peer(self.factory, f"192.0.2.{n}") for n in range(3)] + [Peer(self.factory, None)]
+        self.assertTrue(all(p.admitted for p in peers))
+        self.assertEqual(self.factory.connections, 4)
+        text = "this relay is at its limit of 4 connections; try again later"
+        self.assertBusy(Peer(self.factory, "192.0.2.9"), text)
+        self.assertBusy(Peer(self.factory, None), text)  # no address: counted all the same
+        self.assertEqual(self.factory.connections, 4)
+        self.assertEqual(self.factory.per_peer, {f"192.0.2.{n}": 1 for n in range(3)})
+        peers[0].close()
+        self.assertTrue(Peer(self.factory, "192.0.2.9").admitted)
+        self.assertBusy(Peer(self.factory, "192.0.2.10"), text)
+
+    def test_sessions_unaffected(self):
+        """A session open when the relay fills up goes on as before."""
+        register = Client(self.factory)
+        register.auth(A)
+        self.assertIsInstance(register.frames()[0], wire.Welcome)
+        for n in range(3):
+            Peer(self.factory, f"192.0.2.{n}")
+        self.assertBusy(Peer(self.factory, "192.0.2.9"),
+                        "this relay is at its limit of 4 connections; try again later")
+        register.send(wire.Ping(b"stillok!"))
+        self.assertEqual(register.frames(), [wire.Pong(b"stillok!")])
 
     def test_counts_return_to_zero(self):
-        transports = [self.connect("192.0.2.1"), self.connect("192.0.2.1")]
-        for transport in transports:
-            transport.loseConnection()
+        """
+        However sessions end (closed by the peer, timed out, refused), their
+        places are given back; refused connections never take one.
+        """
+        peers = [Peer(self.factory, "192.0.2.1") for _ in range(3)]
+        peers += [Peer(self.factory, "192.0.2.2"), Peer(self.factory, None),
+                  Peer(self.factory, "192.0.2.3")]
+        self.assertEqual(self.factory.connections, 4)
+        peers[0].close()
+        peers[3].proto.dataReceived(b"\xff\xff\xff\xff")  # malformed: closed by the relay
+        self.clock.advance(self.factory.auth_timeout)  # the others time out
+        self.assertTrue(all(not p.transport.connected for p in peers))
+        self.assertEqual(self.factory.connections, 0)
         self.assertEqual(self.factory.per_peer, {})
+        self.assertEqual(self.factory.sessions, set())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_no_limit(self):
+    def test_no_limits(self):
         self.factory.max_per_peer = 0
-        self.assertTrue(all(self.connect("192.0.2.1") is not None for _ in range(5)))
+        self.factory.max_sessions = 0
+        peers = [Peer(self.factory, "192.0.2.1") for _ in range(10)]
+        self.assertTrue(all(p.admitted for p in peers))
+        self.assertEqual(self.factory.per_peer, {})
+        for peer in peers:
+            peer.close()
+        self.assertEqual(self.factory.connections, 0)
+
+    def test_refused_peer_cut_after_grace(self):
+        """A refused peer that does not take its BUSY frame is cut after BUSY_GRACE."""
+        from twisted.internet.testing import StringTransport
+
+        class Stuck(StringTransport):
+            aborted = False
+
+            def abortConnection(self):
+                self.aborted = True
+
+        for n in range(2):
+            Peer(self.factory, "192.0.2.1")
+        stuck = Peer(self.factory, "192.0.2.1", transport=Stuck())
+        self.assertEqual(stuck.first[0].code, E.BUSY)
+        self.assertTrue(stuck.transport.disconnecting)
+        self.clock.advance(BUSY_GRACE - 0.1)
+        self.assertFalse(stuck.transport.aborted)
+        self.clock.advance(0.1)
+        self.assertTrue(stuck.transport.aborted)
+
+    def test_refused_peer_closed_leaves_no_timer(self):
+        for n in range(3):
+            Peer(self.factory, "192.0.2.1")
+        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()],
+                         [self.factory.auth_timeout] * 2 + [self.factory.idle_timeout] * 2)
+
+    def test_refused_peer_bytes_ignored(self):
+        for n in range(2):
+            Peer(self.factory, "192.0.2.1")
+        refused = Peer(self.factory, "192.0.2.1")
+        refused.proto.dataReceived(wire.encode(wire.Ping(b"12345678")) + b"\xff" * 100)
+        self.assertEqual(refused.frames(), [])
+
+    def test_per_address_refusals_logged_once_a_minute(self):
+        self.factory.auth_timeout = 1000  # keep the first ones open
+        for n in range(2):
+            Peer(self.factory, "192.0.2.1")
+            Peer(self.factory, "192.0.2.2")
+        for n in range(5):
+            Peer(self.factory, "192.0.2.1")
+            Peer(self.factory, "192.0.2.2")
+        self.assertEqual(self.refusals(), [
+            "refusing connections from 192.0.2.1: 2 already open (--max-per-peer)",
+            "refusing connections from 192.0.2.2: 2 already open (--max-per-peer)",
+        ])
+        self.clock.advance(59)
+        Peer(self.factory, "192.0.2.1")
+        self.assertEqual(len(self.refusals()), 2)
+        self.clock.advance(1)
+        Peer(self.factory, "192.0.2.1")
+        self.assertEqual(len(self.refusals()), 3)
+
+    def test_refusals_at_the_limit_logged_once_a_minute(self):
+        """Refused for the limit in all, a crowd of addresses still gets one line a minute."""
+        self.factory.auth_timeout = 1000  # keep the four open
+        for n in range(4):
+            Peer(self.factory, f"192.0.2.{n}")
+        for n in range(50):
+            Peer(self.factory, f"198.51.100.{n}")
+        self.assertEqual(self.refusals(), [
+            "refusing connections (from 198.51.100.0 and any other): "
+            "4 open, the limit (--max-sessions)",
+        ])
+        self.clock.advance(60)
+        Peer(self.factory, "198.51.100.7")
+        self.assertEqual(len(self.refusals()), 2)
+        self.assertEqual(self.factory._refusal_logged, {})
 
 
 class SendingOnlySessionTests(RelayTestMixin, SynchronousTestCase):
@@ -1458,3 +1620,358 @@ class ClosingTests(RelayTestMixin, SynchronousTestCase):
         client.send(wire.Ping(b"12345678"))
         self.assertFalse(client.connected)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class FrameClockTests(SynchronousTestCase):
+    """L{FrameClock} follows frame boundaries however the bytes are split."""
+
+    def test_whole_frames(self):
+        clock = FrameClock()
+        self.assertTrue(clock.feed(wire.encode(wire.Ping(b"12345678")) * 3))
+        self.assertFalse(clock.partial)
+
+    def test_split_anywhere(self):
+        data = wire.encode(wire.Ping(b"12345678")) + wire.encode(wire.Lookup("someone"))
+        ends = {len(wire.encode(wire.Ping(b"12345678"))), len(data)}
+        for step in (1, 2, 3, 5, 7):
+            clock = FrameClock()
+            for start in range(0, len(data), step):
+                chunk = data[start:start + step]
+                ended = clock.feed(chunk)
+                self.assertEqual(ended, any(start < end <= start + len(chunk) for end in ends),
+                                 (step, start))
+                self.assertEqual(clock.partial, start + len(chunk) not in ends, (step, start))
+
+    def test_prefix_alone_is_partial(self):
+        clock = FrameClock()
+        self.assertFalse(clock.feed(b"\x00\x00"))
+        self.assertTrue(clock.partial)
+        self.assertFalse(clock.feed(b"\x00\x05"))
+        self.assertTrue(clock.partial)
+        self.assertTrue(clock.feed(b"12345"))
+        self.assertFalse(clock.partial)
+
+    def test_empty_frame_ends_at_its_prefix(self):
+        clock = FrameClock()
+        self.assertTrue(clock.feed(wire.LENGTH_PREFIX.pack(0)))
+        self.assertFalse(clock.partial)
+
+    def test_nothing(self):
+        clock = FrameClock()
+        self.assertFalse(clock.feed(b""))
+        self.assertFalse(clock.partial)
+
+
+class FrameTimeoutTests(RelayTestMixin, SynchronousTestCase):
+    """
+    Once a frame's first byte has arrived, the whole frame must arrive
+    within frame_timeout: trickling bytes keeps the idle timer going, not
+    this deadline.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.timeout = self.factory.frame_timeout
+        self.assertEqual(self.timeout, 60)
+        self.assertGreater(self.factory.idle_timeout, 2 * self.timeout)
+
+    def trickle(self, client: Client, data: bytes, seconds: int) -> None:
+        """Feed C{data} one byte a second, for C{seconds} bytes."""
+        for byte in data[:seconds]:
+            client.feed(bytes([byte]))
+            self.clock.advance(1)
+
+    def test_slowloris_cut(self):
+        """A frame trickled one byte a second is cut at the deadline, not before."""
+        self.register(B)
+        client = self.connect(A)
+        frame = wire.encode(wire.Send(seal(A, B, message_id=mid(1))))
+        self.assertGreater(len(frame), self.timeout + 1)
+        client.feed(frame[:1])
+        self.clock.advance(1)
+        self.trickle(client, frame[1:], int(self.timeout) - 2)
+        client.feed(frame[int(self.timeout) - 1:int(self.timeout)])
+        self.clock.advance(0.9)
+        self.assertTrue(client.connected)
+        self.assertEqual(client.frames(), [])
+        self.clock.advance(0.1)
+        error = self.assertFatal(client, E.FRAME_TIMEOUT)
+        self.assertEqual(error.text, "a frame took more than 60 seconds to arrive")
+        self.assertEqual(self.count("b"), 0)
+        self.assertEqual(self.factory.connections, 0)
+
+    def test_slowloris_before_authentication(self):
+        """The deadline holds in the handshake too (here the auth deadline is longer)."""
+        self.factory.auth_timeout = 3 * self.timeout
+        client = Client(self.factory)
+        self.trickle(client, b"\x00\x00\x10\x00" + b"\x02" * 100, int(self.timeout))
+        self.assertFatal(client, E.FRAME_TIMEOUT)
+
+    def test_each_frame_gets_its_own_deadline(self):
+        """
+        Frames that each arrive in time are fine, however long the session:
+        only a frame ending stops the deadline, and the next starts its own.
+        """
+        client = self.connect(A)
+        ping = wire.encode(wire.Ping(b"12345678"))
+        for n in range(4):
+            client.feed(ping[:1])
+            self.clock.advance(self.timeout - 1)
+            client.feed(ping[1:])
+            self.assertEqual(client.frames(), [wire.Pong(b"12345678")])
+        self.assertTrue(client.connected)
+
+    def test_next_frame_in_same_read(self):
+        """A frame that starts in the read that ends another is timed from that read."""
+        client = self.connect(A)
+        ping = wire.encode(wire.Ping(b"12345678"))
+        client.feed(ping[:5])
+        self.clock.advance(self.timeout - 1)
+        client.feed(ping[5:] + ping[:3])
+        self.clock.advance(self.timeout - 0.1)
+        self.assertEqual(client.frames(), [wire.Pong(b"12345678")])
+        self.assertTrue(client.connected)
+        self.clock.advance(0.1)
+        self.assertFatal(client, E.FRAME_TIMEOUT)
+
+    def test_quiet_between_frames(self):
+        """No deadline runs between frames: silence is the idle timer's business."""
+        client = self.connect(A)
+        client.send(wire.Ping(b"12345678"))
+        self.clock.advance(2 * self.timeout)
+        self.assertEqual(client.frames(), [wire.Pong(b"12345678")])
+        self.assertTrue(client.connected)
+        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()],
+                         [self.factory.idle_timeout])
+
+    def test_output_paused(self):
+        """Complete frames held while the transport's buffer is full do not count."""
+        client = self.connect(A)
+        client.proto.pauseProducing()
+        client.send(wire.Ping(b"12345678"))
+        client.send(wire.Ping(b"87654321"))
+        self.clock.advance(2 * self.timeout)
+        self.assertTrue(client.connected)
+        client.proto.resumeProducing()
+        self.assertEqual(client.frames(), [wire.Pong(b"12345678"), wire.Pong(b"87654321")])
+
+    def test_timer_gone_on_close(self):
+        client = self.connect(A)
+        client.feed(b"\x00\x00")
+        client.disconnect()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class FrameTimeoutPipelinedTests(RelayTestMixin, SynchronousTestCase):
+    """Frames waiting for their turn are the relay's delay, not the peer's."""
+
+    def makeStore(self):
+        return SlowEnqueueStore(MemoryStore())
+
+    def setUp(self):
+        super().setUp()
+        self.register(A, B)
+        self.timeout = self.factory.frame_timeout
+
+    def test_pipelined_frames_waiting(self):
+        client = self.connect(A)
+        total = MAX_PENDING_ANSWERS + 5
+        client.feed(b"".join(wire.encode(wire.Send(seal(A, B, message_id=mid(n))))
+                             for n in range(total)))
+        self.clock.advance(2 * self.timeout)
+        self.assertTrue(client.connected)
+        while self.store.outstanding:
+            self.store.fire()
+        self.assertEqual(client.frames(), [wire.Accepted(mid(n)) for n in range(total)])
+
+    def test_partial_frame_behind_waiting_ones(self):
+        """The frame the peer is still sending counts, even with others waiting."""
+        client = self.connect(A)
+        waiting = b"".join(wire.encode(wire.Send(seal(A, B, message_id=mid(n))))
+                           for n in range(MAX_PENDING_ANSWERS + 2))
+        client.feed(waiting + wire.encode(wire.Ping(b"12345678"))[:6])
+        self.clock.advance(self.timeout)
+        self.assertFalse(client.connected)
+        self.assertEqual(client.proto.state, "closed")
+
+    def test_not_while_reading_paused(self):
+        """
+        While the relay has stopped reading, the peer cannot finish its
+        frame: the deadline stops, and starts afresh once reading resumes.
+        """
+        from mailrelay.relay.protocol import READ_AHEAD
+
+        client = self.connect(A)
+        frame = wire.encode(wire.Send(seal(A, B, message_id=mid(0))))
+        total = (self.factory.max_envelope + READ_AHEAD) // len(frame) + 40
+        sends = b"".join(wire.encode(wire.Send(seal(A, B, message_id=mid(n))))
+                         for n in range(total))
+        ping = wire.encode(wire.Ping(b"12345678"))
+        client.feed(sends + ping[:6])
+        self.assertEqual(client.transport.producerState, "paused")
+        self.clock.advance(2 * self.timeout)
+        self.assertTrue(client.connected)
+        while self.store.outstanding:
+            self.store.fire()
+        self.assertEqual(client.transport.producerState, "producing")
+        self.assertEqual(len(client.frames()), total)
+        self.clock.advance(self.timeout - 0.1)
+        self.assertTrue(client.connected)
+        self.clock.advance(0.1)
+        self.assertEqual(client.frames()[-1].code, E.FRAME_TIMEOUT)
+        self.assertFalse(client.connected)
+
+
+class RateLimitTests(RelayTestMixin, SynchronousTestCase):
+    """Each identity's sends share one token bucket: burst at once, then rate a second."""
+
+    rate, burst = 10, 3
+
+    def setUp(self):
+        super().setUp()
+        self.factory = RelayFactory(self.store, self.clock, name=RELAY, rate=self.rate,
+                                    burst=self.burst)
+        self.factory.storeReady()
+        self.register(A, B, C)
+        self.receiver = self.connect(B)
+        self.n = 0
+
+    def send(self, client: Client, identity: keys.Identity = A) -> tuple[bytes, list]:
+        self.n += 1
+        client.send(wire.Send(seal(identity, B, message_id=mid(self.n))))
+        return mid(self.n), client.frames()
+
+    def sendingOnly(self, identity: keys.Identity) -> Client:
+        """Another session of C{identity}, one that does not take the mailbox."""
+        client = Client(self.factory)
+        transcript = wire.auth_transcript(client.hello.challenge, client.hello.relay,
+                                          identity.name, receive=False)
+        client.send(wire.Auth(wire.PROTOCOL_VERSION, identity.name, identity.public_der,
+                              identity.sign(transcript), receive=False))
+        self.assertIsInstance(client.frames()[0], wire.Welcome)
+        return client
+
+    def assertLimited(self, client: Client, identity: keys.Identity = A,
+                      text: str = "sending too fast: at most 10 messages/s; retry in 0.1 s"):
+        message_id, frames = self.send(client, identity)
+        error = self.assertRefused(client, E.RATE_LIMITED, message_id, frames)
+        self.assertEqual(error.text, text)
+        return message_id
+
+    def test_burst_then_rate(self):
+        client = self.connect(A)
+        for _ in range(self.burst):
+            message_id, frames = self.send(client)
+            self.assertEqual(frames, [wire.Accepted(message_id)])
+        refused = self.assertLimited(client)
+        # Nothing is stored for it, and the session goes on.
+        self.assertEqual(self.count("b"), self.burst)
+        self.assertNotIn(refused, [f.message_id for f in self.receiver.frames()])
+        self.assertStillServes(client)
+        self.clock.advance(0.1)
+        message_id, frames = self.send(client)
+        self.assertEqual(frames, [wire.Accepted(message_id)])
+        self.assertLimited(client)
+        # A retry once the time said has passed goes through.
+        self.clock.advance(0.1)
+        client.send(wire.Send(seal(A, B, message_id=refused)))
+        self.assertEqual(client.frames(), [wire.Accepted(refused)])
+
+    def test_wait_said(self):
+        client = self.connect(A)
+        for _ in range(self.burst):
+            self.send(client)
+        self.clock.advance(0.05)
+        self.assertLimited(client, text="sending too fast: at most 10 messages/s; retry in 0.1 s")
+        self.factory.send_rate.rate = 3
+        other = self.connect(C)
+        for _ in range(self.burst):
+            self.send(other, C)
+        self.assertLimited(other, C, text="sending too fast: at most 3 messages/s; retry in 0.4 s")
+
+    def test_shared_by_sessions_of_an_identity(self):
+        first, second = self.connect(A), self.sendingOnly(A)
+        self.send(first)
+        self.send(second)
+        self.send(first)
+        self.assertLimited(second)
+        self.assertLimited(first)
+        # Other identities have their own bucket.
+        other = self.connect(C)
+        message_id, frames = self.send(other, C)
+        self.assertEqual(frames, [wire.Accepted(message_id)])
+
+    def test_unreadable_sends_not_counted(self):
+        """A send refused as malformed costs no token: it has no id to answer with."""
+        client = self.connect(A)
+        for _ in range(10):
+            client.send(wire.Send(b"not an envelope"))
+            self.assertRefused(client, E.BAD_ENVELOPE, b"")
+        message_id, frames = self.send(client)
+        self.assertEqual(frames, [wire.Accepted(message_id)])
+
+    def test_no_limit(self):
+        self.factory.send_rate.rate = 0
+        client = self.connect(A)
+        for _ in range(20):
+            message_id, frames = self.send(client)
+            self.assertEqual(frames, [wire.Accepted(message_id)])
+        self.assertEqual(len(self.factory.send_rate), 0)
+
+
+class RateLimitOrderTests(RelayTestMixin, SynchronousTestCase):
+    def makeStore(self):
+        return SlowEnqueueStore(MemoryStore())
+
+    def test_refusal_in_request_order(self):
+        """A send refused for its rate is answered after the earlier send's commit."""
+        self.factory = RelayFactory(self.store, self.clock, name=RELAY, rate=1, burst=1)
+        self.factory.storeReady()
+        self.register(A, B)
+        client = self.connect(A)
+        client.feed(wire.encode(wire.Send(seal(A, B, message_id=mid(1))))
+                    + wire.encode(wire.Send(seal(A, B, message_id=mid(2)))))
+        self.assertEqual(client.frames(), [])
+        self.store.fire()
+        self.assertEqual(len(self.store.outstanding), 0)
+        accepted, refused = client.frames()
+        self.assertEqual(accepted, wire.Accepted(mid(1)))
+        self.assertEqual((refused.code, refused.ref), (E.RATE_LIMITED, mid(2)))
+
+
+class SendRateTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+
+    def test_bucket(self):
+        rate = SendRate(self.clock, rate=2, burst=4)
+        self.assertEqual([rate.take("a") for _ in range(5)], [0, 0, 0, 0, 0.5])
+        self.clock.advance(0.25)
+        self.assertEqual(rate.take("a"), 0.25)
+        self.clock.advance(0.25)
+        self.assertEqual(rate.take("a"), 0)
+        self.assertEqual(rate.take("a"), 0.5)
+        # Never more than the burst, however long the wait.
+        self.clock.advance(3600)
+        self.assertEqual([rate.take("a") for _ in range(5)], [0, 0, 0, 0, 0.5])
+
+    def test_full_buckets_forgotten(self):
+        rate = SendRate(self.clock, rate=2, burst=4)
+        for n in range(100):
+            rate.take(f"id{n}")
+        self.assertEqual(len(rate), 100)
+        self.clock.advance(1.9)  # 2 s refill a bucket that gave one token, but 1.9 do not
+        rate.take("id0")
+        self.assertEqual(len(rate), 100)
+        self.clock.advance(0.1)
+        rate.take("id0")
+        self.assertEqual(len(rate), 1)
+
+    def test_bounded(self):
+        rate = SendRate(self.clock, rate=1, burst=2, limit=10)
+        for n in range(1000):
+            rate.take(f"id{n}")
+        self.assertLessEqual(len(rate), 10)
+        # The most recent ones are kept.
+        self.assertEqual(rate.take("id999"), 0)
+        self.assertEqual(rate.take("id999"), 1)

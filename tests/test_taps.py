@@ -22,7 +22,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailrelay import keys, wire
 from mailrelay.client import tap as client_tap
-from mailrelay.client.seen import SeenFile
+from mailrelay.client.inbox import Inbox
+from mailrelay.client.outbox import Outbox
 from mailrelay.client.defaults import DEFAULT_SERVER
 from mailrelay.relay import tap as relay_tap
 from mailrelay.relay.protocol import RelayFactory
@@ -71,7 +72,12 @@ class RelayOptionsTests(InTempDirectory, SynchronousTestCase):
             "quota-messages": 10000,
             "quota-bytes": 268435456,
             "max-per-peer": 64,
+            "max-sessions": 10000,
+            "frame-timeout": 60.0,
+            "rate": 200.0,
+            "burst": 1000,
             "retry-window": 30.0,
+            "ttl": 30.0,
         })
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.cwd, "var")).st_mode) & 0o077,
                          0)
@@ -95,14 +101,43 @@ class RelayOptionsTests(InTempDirectory, SynchronousTestCase):
             "-p", "9100", "-d", "/srv/relay", "--store", "memory", "--name", "relay.example",
             "--max-envelope", "65536", "--window", "8", "--auth-timeout", "2.5",
             "--idle-timeout", "60", "--quota-messages", "0", "--quota-bytes", "1000",
-            "--max-per-peer", "0", "--retry-window", "7",
+            "--max-per-peer", "0", "--max-sessions", "500", "--frame-timeout", "7.5",
+            "--rate", "0.5", "--burst", "20", "--retry-window", "7", "--ttl", "0.5",
         )
         self.assertEqual(dict(options), {
             "port": "tcp:9100", "data": "/srv/relay", "store": "memory",
             "name": "relay.example", "max-envelope": 65536, "window": 8,
             "auth-timeout": 2.5, "idle-timeout": 60.0, "quota-messages": 0,
-            "quota-bytes": 1000, "max-per-peer": 0, "retry-window": 7.0,
+            "quota-bytes": 1000, "max-per-peer": 0, "max-sessions": 500,
+            "frame-timeout": 7.5, "rate": 0.5, "burst": 20, "retry-window": 7.0,
+            "ttl": 0.5,
         })
+
+    def test_limits_off(self):
+        """0 turns the limit of connections in all, and the send rate, off."""
+        options = relay_options("--store", "memory", "--max-sessions", "0", "--rate", "0")
+        self.assertEqual((options["max-sessions"], options["rate"]), (0, 0.0))
+
+    def test_limit_usage_errors_name_the_option(self):
+        """Mistakes in the limits are one line that names the option."""
+        for argv, reason in [
+            (["--max-sessions", "-1"], "--max-sessions must be 0 or more, not -1"),
+            (["--max-sessions", "many"], "--max-sessions must be a whole number, not 'many'"),
+            (["--max-sessions", "1.5"], "--max-sessions must be a whole number, not '1.5'"),
+            (["--frame-timeout", "0"], "--frame-timeout must be positive, not 0"),
+            (["--frame-timeout", "-1"], "--frame-timeout must be positive, not -1"),
+            (["--frame-timeout", "inf"], "--frame-timeout must be positive, not inf"),
+            (["--frame-timeout", "nan"], "--frame-timeout must be positive, not nan"),
+            (["--frame-timeout", "soon"], "--frame-timeout must be a number, not 'soon'"),
+            (["--rate", "-0.5"], "--rate must be 0 or more, not -0.5"),
+            (["--rate", "inf"], "--rate must be 0 or more, not inf"),
+            (["--rate", "nan"], "--rate must be 0 or more, not nan"),
+            (["--burst", "0"], "--burst must be positive, not 0"),
+            (["--burst", "2.5"], "--burst must be a whole number, not '2.5'"),
+        ]:
+            error = self.assertRaises(usage.UsageError, relay_options, "--store", "memory", *argv)
+            self.assertIn(reason, str(error), argv)
+            self.assertNotIn("\n", str(error))
 
     def test_port_number(self):
         self.assertEqual(relay_options("--port", "9000")["port"], "tcp:9000")
@@ -129,6 +164,8 @@ class RelayOptionsTests(InTempDirectory, SynchronousTestCase):
             ["--quota-bytes", "-1"],
             ["--auth-timeout", "0"],
             ["--idle-timeout", "-5"],
+            ["--idle-timeout", "nan"],
+            ["--auth-timeout", "inf"],
             ["--max-envelope", "0"],
             ["--max-envelope", str(2**30)],
             ["--name", "not valid"],
@@ -157,7 +194,9 @@ class RelayServiceTests(SynchronousTestCase):
         """
         top = self.make("--port", "9100", "--name", "relay1", "--window", "5",
                         "--max-envelope", "65536", "--auth-timeout", "3",
-                        "--idle-timeout", "30", "--quota-messages", "7")
+                        "--idle-timeout", "30", "--quota-messages", "7",
+                        "--max-per-peer", "9", "--max-sessions", "99",
+                        "--frame-timeout", "4", "--rate", "12.5", "--burst", "40")
         self.assertIsInstance(top, service.MultiService)
         self.assertEqual(self.reactor.tcpServers, [])
         top.privilegedStartService()
@@ -168,6 +207,11 @@ class RelayServiceTests(SynchronousTestCase):
             (factory.name, factory.max_envelope, factory.mailboxes.window,
              factory.auth_timeout, factory.idle_timeout, factory.clock),
             ("relay1", 65536, 5, 3.0, 30.0, self.reactor),
+        )
+        self.assertEqual(
+            (factory.max_per_peer, factory.max_sessions, factory.frame_timeout,
+             factory.send_rate.rate, factory.send_rate.burst, factory.send_rate.clock),
+            (9, 99, 4.0, 12.5, 40, self.reactor),
         )
         self.assertIsInstance(factory.store, MemoryStore)
         self.assertEqual(factory.store.quota.messages, 7)
@@ -333,10 +377,11 @@ class ClientOptionsTests(HomeMixin, SynchronousTestCase):
         identity = options["identity"]
         self.assertEqual((identity.name, identity.public_der), ("bob", BOB.public_der))
         self.assertEqual(
-            {k: v for k, v in options.items() if k not in ("identity", "seen")},
+            {k: v for k, v in options.items() if k not in ("identity", "inbox", "outbox")},
             {"home": self.home, "maildir": self.maildir, "server": "tcp:host:9000"},
         )
-        self.assertIsInstance(options["seen"], SeenFile)
+        self.assertIsInstance(options["inbox"], Inbox)
+        self.assertIsInstance(options["outbox"], Outbox)
 
     def test_server_endpoint_unchanged(self):
         options = self.parse("--home", self.home, "--maildir", self.maildir,
@@ -405,7 +450,7 @@ class ClientServiceTests(HomeMixin, SynchronousTestCase):
         self.assertEqual(msg["From"], "alice@mailrelay.invalid")
         self.assertEqual(msg.get_content().strip(), "filed")
         self.assertEqual(self.relay.count("bob"), 0)
-        self.assertTrue(os.path.exists(os.path.join(self.home, "seen.sqlite")))
+        self.assertTrue(os.path.exists(os.path.join(self.home, "inbox.sqlite")))
         self.assertEqual(keys.public_der(keys.Home(self.home).pinned("alice")),
                          ALICE.public_der)
         self.assertTrue(any(e.get("log_format", "").startswith("filed message")
@@ -509,6 +554,47 @@ class ForgetTimerTests(SynchronousTestCase):
         reactor.advance(3600 * 5)
         self.assertEqual(len(calls), 2)
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+class ExpiryTimerTests(SynchronousTestCase):
+    def start(self, *argv):
+        reactor = MemoryReactorClock()
+        options = relay_tap.Options()
+        options.parseOptions(["--store", "memory", "--port", "tcp:0:interface=127.0.0.1",
+                              *argv])
+        top = relay_tap.makeService(options, reactor=reactor)
+        top.privilegedStartService()
+        top.startService()
+        self.addCleanup(top.stopService)
+        return reactor, top
+
+    def test_expires_after_ttl_with_notice(self):
+        """
+        Every minute the relay replaces messages older than --ttl days by
+        notices: a message outlives its TTL by at most a minute.
+        """
+        reactor, top = self.start("--ttl", "1")
+        store = top.factory.store
+        self.successResultOf(store.enqueue("bob", "alice", b"\x01" * 16, b"env", 0))
+        reactor.advance(86400)
+        self.assertEqual(self.successResultOf(store.pending("bob", 0, 10))[0].kind, 0)
+        reactor.advance(60)
+        [notice] = self.successResultOf(store.pending("bob", 0, 10))
+        self.assertEqual(notice.frame().message_id, b"\x01" * 16)
+        self.assertEqual(notice.frame().text, "expired unread after 1 day on the relay")
+
+    def test_ttl_zero_keeps_messages(self):
+        reactor, top = self.start("--ttl", "0")
+        store = top.factory.store
+        self.successResultOf(store.enqueue("bob", "alice", b"\x01" * 16, b"env", 0))
+        reactor.advance(400 * 86400)
+        self.assertEqual(self.successResultOf(store.pending("bob", 0, 10))[0].kind, 0)
+
+    def test_bad_ttl(self):
+        options = relay_tap.Options()
+        error = self.assertRaises(usage.UsageError, options.parseOptions,
+                                  ["--store", "memory", "--ttl", "-1"])
+        self.assertIn("--ttl must be 0 or more", str(error))
 
 
 class RelayIdTests(SynchronousTestCase):

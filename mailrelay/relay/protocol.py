@@ -18,12 +18,21 @@ only once it is final: "accepted" still means committed.
 
 A client that sends faster than that is read no further (the transport is
 paused) until the frames already read are handled.
+
+Hostile peers are bounded too: each frame must arrive whole within
+C{frame_timeout} of its first byte (however slowly its bytes trickle, which
+keeps the idle timer going); connections beyond C{max_sessions} in all, or
+C{max_per_peer} from one address, get one L{wire.ErrorCode.BUSY} frame
+instead of a session; and each identity's sends share one token bucket
+(L{SendRate}), beyond which they are refused with
+L{wire.ErrorCode.RATE_LIMITED}.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections import deque
+from collections import OrderedDict, deque
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
@@ -52,6 +61,27 @@ CLOSE_GRACE = 30.0
 DEFAULT_MAX_PER_PEER = 64
 """Connections one address may hold open at once."""
 
+DEFAULT_MAX_SESSIONS = 10_000
+"""Connections the relay holds open at once, from everyone."""
+
+DEFAULT_FRAME_TIMEOUT = 60.0
+"""Seconds a frame has to arrive whole, from its first byte."""
+
+DEFAULT_RATE = 200.0
+"""Sends a second one identity may keep up, over all its sessions."""
+
+DEFAULT_BURST = 1000
+"""Sends one identity may make at once before L{DEFAULT_RATE} applies."""
+
+BUSY_GRACE = 5.0
+"""Seconds a refused connection has to take its BUSY frame before it is cut."""
+
+MAX_RATE_BUCKETS = 65_536
+"""Senders whose token buckets are remembered at once (about 10 MiB)."""
+
+REFUSAL_LOG_INTERVAL = 60.0
+"""Seconds between two log lines about the same kind of refused connection."""
+
 
 class Fatal(Exception):
     """End the session with this error frame."""
@@ -72,6 +102,129 @@ class Refused(Exception):
         self.text = text
 
 
+class FrameClock:
+    """
+    Follows the frame boundaries of the bytes a peer sends, as they arrive,
+    to tell whether a frame has begun and not yet ended.
+
+    The frame deadline needs this independently of decoding: frames are
+    decoded only when their turn comes, and complete frames waiting for it
+    (pipelined, or held while the transport's buffer is full) are the
+    relay's delay, not the peer's.  Only the length prefixes are read, and
+    no byte is kept beyond the four of a prefix.
+    """
+
+    def __init__(self) -> None:
+        self._prefix = b""
+        self._left = 0
+
+    @property
+    def partial(self) -> bool:
+        """Whether some bytes of a frame arrived and the rest has not."""
+        return bool(self._prefix) or self._left > 0
+
+    def feed(self, data: bytes) -> bool:
+        """Follow C{data}; whether a frame ended in it."""
+        ended = False
+        i, size = 0, len(data)
+        while i < size:
+            if self._left:
+                taken = min(self._left, size - i)
+                self._left -= taken
+                i += taken
+                ended = ended or not self._left
+                continue
+            taken = min(wire.LENGTH_PREFIX.size - len(self._prefix), size - i)
+            self._prefix += data[i : i + taken]
+            i += taken
+            if len(self._prefix) == wire.LENGTH_PREFIX.size:
+                (self._left,) = wire.LENGTH_PREFIX.unpack(self._prefix)
+                self._prefix = b""
+                # An empty frame ends with its prefix (and is refused as
+                # malformed when decoded).
+                ended = ended or not self._left
+        return ended
+
+
+class SendRate:
+    """
+    Token buckets limiting how fast each identity sends, one bucket per
+    identity, shared by all its sessions (opening more connections does not
+    buy more): C{burst} sends at once, then C{rate} a second.  A C{rate} of
+    0 means no limit.
+
+    A bucket untouched long enough to be full again is no different from no
+    bucket, so it is forgotten; and at most C{limit} are kept (the longest
+    untouched go first: at worst such a sender gets a full bucket early).
+    Memory stays bounded however many identities send.
+    """
+
+    def __init__(self, clock, rate: float, burst: int, limit: int = MAX_RATE_BUCKETS) -> None:
+        self.clock = clock
+        self.rate = rate
+        self.burst = burst
+        self.limit = limit
+        # identity -> (tokens, when counted), least recently used first.
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, identity: str) -> float:
+        """
+        Count one send of C{identity}: 0 if it may go, else the seconds to
+        wait before the next one may (nothing is taken then).
+        """
+        if not self.rate:
+            return 0.0
+        now = self.clock.seconds()
+        self._forget(now)
+        tokens, then = self._buckets.pop(identity, (self.burst, now))
+        tokens = min(float(self.burst), tokens + max(now - then, 0.0) * self.rate)
+        wait = 0.0
+        if tokens >= 1:
+            tokens -= 1
+        else:
+            wait = (1 - tokens) / self.rate
+        self._buckets[identity] = (tokens, now)
+        return wait
+
+    def _forget(self, now: float) -> None:
+        full_after = self.burst / self.rate
+        buckets = self._buckets
+        while buckets:
+            oldest = next(iter(buckets))
+            if now - buckets[oldest][1] < full_after and len(buckets) < self.limit:
+                break
+            del buckets[oldest]
+
+
+class BusyRefusal(Protocol):
+    """
+    What a connection the relay cannot take gets instead of a session: one
+    L{wire.ErrorCode.BUSY} frame saying which limit it hit (a client can
+    tell its user, and try later), then the end of the connection.  It keeps
+    no session state, reads nothing, and is cut after L{BUSY_GRACE} seconds
+    if the frame cannot be flushed (a peer that does not read, or a TLS peer
+    that never finishes its handshake).
+    """
+
+    def __init__(self, clock, text: str) -> None:
+        self.clock = clock
+        self.text = text
+        self._cut = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(wire.encode(wire.Error(E.BUSY, b"", self.text)))
+        self._cut = self.clock.callLater(BUSY_GRACE, self.transport.abortConnection)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        if self._cut is not None and self._cut.active():
+            self._cut.cancel()
+        self._cut = None
+
+
 @implementer(IPushProducer)
 class RelaySession(Protocol, TimeoutMixin):
     log = Logger()
@@ -87,6 +240,9 @@ class RelaySession(Protocol, TimeoutMixin):
         # Until authenticated, only handshake-sized frames: an unknown peer
         # cannot make the relay buffer an envelope's worth of bytes.
         self._frames = wire.FrameBuffer(wire.MIN_FRAME_ROOM)
+        self._frameClock = FrameClock()
+        self._frameTimer = None
+        self._rateLogged = False
         self._answers: deque[list] = deque()
         self._waitingForRoom: list[Deferred] = []
         self._readingPaused = False
@@ -130,6 +286,7 @@ class RelaySession(Protocol, TimeoutMixin):
         if self.state == "closed":
             return
         self.resetTimeout()
+        self._watchFrames(data)
         self._frames.add(data)
         if self._frames.buffered > self._backlogLimit():
             self._pauseReading()
@@ -143,11 +300,43 @@ class RelaySession(Protocol, TimeoutMixin):
         if not self._readingPaused and self.state != "closed":
             self._readingPaused = True
             self.transport.pauseProducing()
+            # The peer cannot finish a frame the relay does not read.
+            self._stopFrameDeadline()
 
     def _resumeReading(self) -> None:
         if self._readingPaused and self.state != "closed":
             self._readingPaused = False
             self.transport.resumeProducing()
+            self._startFrameDeadline()
+
+    def _watchFrames(self, data: bytes) -> None:
+        """
+        Run the frame deadline while a frame is part-way through arriving:
+        from the first byte of a frame until its last, whatever trickles in
+        between.  Only a frame ending stops it; the next frame gets its own.
+        """
+        if self._frameClock.feed(data) or not self._frameClock.partial:
+            self._stopFrameDeadline()
+        self._startFrameDeadline()
+
+    def _startFrameDeadline(self) -> None:
+        if (self._frameTimer is None and self._frameClock.partial
+                and not self._readingPaused and self.state != "closed"):
+            self._frameTimer = self.factory.clock.callLater(
+                self.factory.frame_timeout, self._frameDeadline
+            )
+
+    def _stopFrameDeadline(self) -> None:
+        if self._frameTimer is not None and self._frameTimer.active():
+            self._frameTimer.cancel()
+        self._frameTimer = None
+
+    def _frameDeadline(self) -> None:
+        self._frameTimer = None
+        self.fatal(
+            E.FRAME_TIMEOUT,
+            f"a frame took more than {self.factory.frame_timeout:g} seconds to arrive",
+        )
 
     def _drain(self) -> None:
         """
@@ -264,6 +453,7 @@ class RelaySession(Protocol, TimeoutMixin):
         L{CLOSE_GRACE} seconds: a peer that does not read, or a TLS peer
         that never completes the shutdown, cannot hold the connection.
         """
+        self._stopFrameDeadline()
         if self._closer is None:
             self._closer = self.factory.clock.callLater(CLOSE_GRACE, self._abort)
         # While a producer is registered, neither TCP nor TLS transports
@@ -402,6 +592,21 @@ class RelaySession(Protocol, TimeoutMixin):
             raise Refused(E.BAD_ENVELOPE, b"", f"envelope is malformed: {e}")
         h = env.header
         ref = h.message_id
+        # Every send that can be read counts, whatever becomes of it: each
+        # costs the relay a directory lookup or a commit.
+        wait = self.factory.send_rate.take(self.identity)
+        if wait:
+            if not self._rateLogged:
+                self._rateLogged = True
+                self.log.info(
+                    "{identity} sends faster than {rate:g} a second (--rate); refusing "
+                    "the sends beyond", identity=self.identity, rate=self.factory.send_rate.rate,
+                )
+            raise Refused(
+                E.RATE_LIMITED, ref,
+                f"sending too fast: at most {self.factory.send_rate.rate:g} messages/s; "
+                f"retry in {math.ceil(wait * 10) / 10:.1f} s",
+            )
         if h.sender != self.identity:
             raise Refused(
                 E.SENDER_MISMATCH, ref,
@@ -464,7 +669,7 @@ class RelaySession(Protocol, TimeoutMixin):
         return self._roomForAnswers()
 
     def _push(self, message: StoredMessage) -> None:
-        self._write(wire.Deliver(message.message_id, message.envelope))
+        self._write(message.frame())
 
     # Timers
 
@@ -508,6 +713,7 @@ class RelaySession(Protocol, TimeoutMixin):
             self._closer.cancel()
         self._closer = None
         self._cancelDeadline()
+        self._stopFrameDeadline()
         self.setTimeout(None)
         self.factory.sessions.discard(self)
         self.factory.sessionEnded(self)
@@ -526,8 +732,8 @@ class RelaySession(Protocol, TimeoutMixin):
 class RelayFactory(Factory):
     """
     Shared state of the relay's sessions: configuration, the store, the
-    directory and the mailboxes.  C{clock} is the reactor (or a
-    L{task.Clock} in tests).
+    directory, the mailboxes, the connection counts and the senders' token
+    buckets.  C{clock} is the reactor (or a L{task.Clock} in tests).
     """
 
     log = Logger()
@@ -543,6 +749,10 @@ class RelayFactory(Factory):
         auth_timeout: float = 10.0,
         idle_timeout: float = 300.0,
         max_per_peer: int = DEFAULT_MAX_PER_PEER,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
+        rate: float = DEFAULT_RATE,
+        burst: int = DEFAULT_BURST,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -550,39 +760,68 @@ class RelayFactory(Factory):
         self.max_envelope = max_envelope
         self.auth_timeout = auth_timeout
         self.idle_timeout = idle_timeout
+        self.frame_timeout = frame_timeout
         self.max_per_peer = max_per_peer
+        self.max_sessions = max_sessions
         self.directory = Directory(store, clock)
         self.mailboxes = Mailboxes(store, clock, window)
+        self.send_rate = SendRate(clock, rate, burst)
         self.sessions: set[RelaySession] = set()
+        self.connections = 0
         self.per_peer: dict[str, int] = {}
         self._refusal_logged: dict[str, float] = {}
+        self._full_logged: float | None = None
         self._ready = False
         self._waiting: list[Deferred] = []
 
-    def buildProtocol(self, addr) -> RelaySession | None:
+    def buildProtocol(self, addr) -> RelaySession | BusyRefusal:
         """
-        A session for a new connection, or None (Twisted then closes the
-        connection at once) when its address already has C{max_per_peer}
-        connections open: one host cannot take every connection.
+        A session for a new connection; or, when its address already has
+        C{max_per_peer} connections open (one host cannot take every
+        connection) or the relay C{max_sessions} in all, a L{BusyRefusal}
+        that tells the peer so and closes.  Sessions already open go on.
         """
         host = getattr(addr, "host", None)
         if host is not None and self.max_per_peer:
             open_now = self.per_peer.get(host, 0)
             if open_now >= self.max_per_peer:
+                # At most one line a minute per host: the entry goes once the
+                # host's last connection ends, so there is one per such host.
                 now = self.clock.seconds()
-                if now - self._refusal_logged.get(host, -60.0) >= 60.0:
+                last = self._refusal_logged.get(host, -REFUSAL_LOG_INTERVAL)
+                if now - last >= REFUSAL_LOG_INTERVAL:
                     self._refusal_logged[host] = now
                     self.log.warn(
                         "refusing connections from {host}: {count} already open "
                         "(--max-per-peer)", host=host, count=open_now,
                     )
-                return None
-            self.per_peer[host] = open_now + 1
+                return BusyRefusal(
+                    self.clock, f"too many connections from your address ({self.max_per_peer})"
+                )
+        if self.max_sessions and self.connections >= self.max_sessions:
+            # At most one line a minute in all: a crowd of addresses could
+            # otherwise write a line each, and need an entry each.
+            now = self.clock.seconds()
+            if self._full_logged is None or now - self._full_logged >= REFUSAL_LOG_INTERVAL:
+                self._full_logged = now
+                self.log.warn(
+                    "refusing connections (from {host} and any other): {count} open, "
+                    "the limit (--max-sessions)", host=host or "?", count=self.connections,
+                )
+            return BusyRefusal(
+                self.clock,
+                f"this relay is at its limit of {self.max_sessions} connections; "
+                f"try again later",
+            )
+        if host is not None and self.max_per_peer:
+            self.per_peer[host] = self.per_peer.get(host, 0) + 1
+        self.connections += 1
         session = RelaySession(self)
         session.host = host
         return session
 
     def sessionEnded(self, session: RelaySession) -> None:
+        self.connections -= 1
         host = getattr(session, "host", None)
         if host is not None and host in self.per_peer:
             self.per_peer[host] -= 1

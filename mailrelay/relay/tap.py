@@ -4,6 +4,7 @@ C{twistd mailrelay}: options and the service tree of the relay.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from pathlib import Path
@@ -19,22 +20,52 @@ from mailrelay import wire
 from mailrelay.encoding import valid_identity
 from mailrelay.endpoints import check_port, server_description
 from mailrelay.files import write_durably
-from mailrelay.relay.mailbox import DEFAULT_WINDOW
-from mailrelay.relay.protocol import DEFAULT_MAX_PER_PEER, RelayFactory
+from mailrelay.relay.mailbox import DEFAULT_TTL, DEFAULT_WINDOW
+from mailrelay.relay.protocol import (
+    DEFAULT_BURST,
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_MAX_PER_PEER,
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_RATE,
+    RelayFactory,
+)
 from mailrelay.relay.store import STORE_FILE, Quota, StoreError, open_store
 from mailrelay.relay.store.sqlite import preflight
 
 log = Logger()
 
 
-def _positive(kind):
+_KINDS = {int: "a whole number", float: "a number"}
+
+
+def _positive(kind, option=None):
     def convert(value):
-        number = kind(value)
-        if number <= 0:
-            raise ValueError(f"must be positive, not {value}")
+        what = f"{option} must" if option else "must"
+        try:
+            number = kind(value)
+        except ValueError:
+            if option is None:
+                raise
+            raise ValueError(f"{what} be {_KINDS[kind]}, not {value!r}") from None
+        if not 0 < number < math.inf:
+            raise ValueError(f"{what} be positive, not {value}")
         return number
 
     convert.coerceDoc = "Must be positive."
+    return convert
+
+
+def _non_negative(kind, option):
+    def convert(value):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(f"{option} must be {_KINDS[kind]}, not {value!r}") from None
+        if not 0 <= number < math.inf:
+            raise ValueError(f"{option} must be 0 or more, not {value}")
+        return number
+
+    convert.coerceDoc = "Must be 0 or more."
     return convert
 
 
@@ -73,10 +104,29 @@ class Options(usage.Options):
         ["quota-bytes", None, 256 * 1024 * 1024, "Bytes per mailbox (0: no limit).",
          _non_negative_int],
         ["max-per-peer", None, DEFAULT_MAX_PER_PEER,
-         "Connections one address may hold open at once (0: no limit).", _non_negative_int],
+         "Connections one address may hold open at once (0: no limit); further ones "
+         "are answered BUSY and closed.", _non_negative_int],
+        ["max-sessions", None, DEFAULT_MAX_SESSIONS,
+         "Connections the relay holds open at once, from everyone (0: no limit); "
+         "further ones are answered BUSY and closed.", _non_negative(int, "--max-sessions")],
+        ["frame-timeout", None, DEFAULT_FRAME_TIMEOUT,
+         "Seconds a frame has to arrive whole, counted from its first byte: bytes "
+         "trickled in do not extend it (they do keep --idle-timeout from firing).",
+         _positive(float, "--frame-timeout")],
+        ["rate", None, DEFAULT_RATE,
+         "Messages a second one identity may send, over all its sessions, once its "
+         "--burst is spent (0: no limit); further sends are refused RATE_LIMITED.",
+         _non_negative(float, "--rate")],
+        ["burst", None, DEFAULT_BURST,
+         "Messages one identity may send at once before --rate applies.",
+         _positive(int, "--burst")],
         ["retry-window", None, 30.0,
          "Days a delivered message's id is remembered, so a late retry of it is "
          "recognised and not delivered again.", _positive(float)],
+        ["ttl", None, DEFAULT_TTL / 86400,
+         "Days a message waits for its recipient; then it is discarded and the recipient "
+         "gets a notice naming its sender and id (0: keep messages for ever).",
+         _non_negative(float, "--ttl")],
     ]
 
     def postOptions(self) -> None:
@@ -192,15 +242,22 @@ class RelayService(service.MultiService):
     """
     The relay: opens the store at start, closes it after the listener stops.
     Once the store is open it forgets, hourly, the ids of messages delivered
-    more than C{retry_window} days ago.
+    more than C{retry_window} days ago, and every minute replaces messages
+    older than C{ttl} days by notices to their recipients.
     """
 
-    def __init__(self, factory: RelayFactory, reactor, retry_window: float = 30.0) -> None:
+    EXPIRE_EVERY = 60.0
+    """Seconds between two expiry sweeps: a message outlives its TTL by at most this."""
+
+    def __init__(self, factory: RelayFactory, reactor, retry_window: float = 30.0,
+                 ttl: float = DEFAULT_TTL / 86400) -> None:
         super().__init__()
         self.factory = factory
         self.reactor = reactor
         self.retry_window = retry_window
+        self.ttl = ttl
         self._forget: task.LoopingCall | None = None
+        self._expire: task.LoopingCall | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -216,16 +273,22 @@ class RelayService(service.MultiService):
             self._forget.clock = self.reactor
             self._forget.start(3600, now=True).addErrback(
                 lambda f: log.failure("forgetting old message ids stopped", f))
+        if self.running and self._expire is None and self.ttl:
+            self._expire = task.LoopingCall(self.expireOldMessages)
+            self._expire.clock = self.reactor
+            self._expire.start(self.EXPIRE_EVERY, now=True).addErrback(
+                lambda f: log.failure("expiring old messages stopped", f))
 
     def _cannotOpen(self, failure) -> None:
         log.critical("cannot open the store: {reason}; stopping", reason=failure.getErrorMessage())
         self.reactor.stop()
 
     def stopService(self):
-        if self._forget is not None:
-            forget, self._forget = self._forget, None
-            if forget.running:
-                forget.stop()
+        for name in ("_forget", "_expire"):
+            loop = getattr(self, name)
+            setattr(self, name, None)
+            if loop is not None and loop.running:
+                loop.stop()
         d = super().stopService()
         for session in list(self.factory.sessions):
             session.fatal(wire.ErrorCode.SHUTTING_DOWN, "the relay is shutting down")
@@ -245,6 +308,17 @@ class RelayService(service.MultiService):
                          count=count, days=retry_window_days)
 
         d.addCallbacks(done, lambda f: log.failure("forgetting old message ids failed", f))
+
+    def expireOldMessages(self):
+        """One sweep; a failure is logged and the next sweep tries again."""
+        d = self.factory.mailboxes.expire(self.ttl * 86400)
+
+        def done(count: int) -> None:
+            if count:
+                log.info("{count} messages expired after {days:g} days; their recipients "
+                         "get notices", count=count, days=self.ttl)
+
+        return d.addCallbacks(done, lambda f: log.failure("expiring old messages failed", f))
 
     def logTotals(self) -> None:
         m = self.factory.mailboxes
@@ -273,8 +347,13 @@ def makeService(options: Options, reactor=None):
         auth_timeout=options["auth-timeout"],
         idle_timeout=options["idle-timeout"],
         max_per_peer=options["max-per-peer"],
+        max_sessions=options["max-sessions"],
+        frame_timeout=options["frame-timeout"],
+        rate=options["rate"],
+        burst=options["burst"],
     )
-    top = RelayService(factory, reactor, retry_window=options["retry-window"])
+    top = RelayService(factory, reactor, retry_window=options["retry-window"],
+                       ttl=options["ttl"])
     endpoint = endpoints.serverFromString(reactor, options["port"])
     Listener(endpoint, factory, options["port"]).setServiceParent(top)
     stats = TimerService(60, top.logTotals)
