@@ -329,6 +329,9 @@ class ClientProtocol(Protocol):
         """The relay directory's DER key for C{name}, asked once per session."""
         if name in self._directory:
             return defer.succeed(self._directory[name])
+        if self._state != "ready":
+            # Asked of a closed session it would never be answered.
+            return defer.fail(Disconnected("not connected to the relay"))
         d: Deferred[bytes] = Deferred()
         waiting = self._lookups.setdefault(name, [])
         waiting.append(d)
