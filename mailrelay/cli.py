@@ -169,6 +169,9 @@ def _connect(reactor, args, home: keys.Home, identity: keys.Identity, **kwargs):
         if e.code == e.code.KEY_CONFLICT:
             raise Failed(f"the relay at {server} refused us: {e.text}. Another key is "
                          f"registered there for {identity.name!r}.") from None
+        if e.code in (e.code.BUSY, e.code.SHUTTING_DOWN, e.code.INTERNAL_ERROR):
+            # Passing states of the relay: worth trying again later.
+            raise Unreachable(f"the relay at {server} cannot take us now: {e.text}") from None
         raise Failed(f"the relay at {server} refused us: {e.text}") from None
     return client
 

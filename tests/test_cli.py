@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailrelay import cli, envelope, keys
+from mailrelay import cli, envelope, keys, wire
 from mailrelay.client.defaults import DEFAULT_SERVER
 from mailrelay.client.outbox import home_outbox
 from mailrelay.endpoints import check_port, client_description, server_description
@@ -738,6 +738,22 @@ class OutboxTests(OnlineTestCase):
         self.assertEqual([(m.plaintext, m.header.seq) for m in mail],
                          [(b"first", 1), (b"second", 2)])
         self.assertEqual(home_outbox(keys.Home(self.home)).pending(), [])
+
+    def test_busy_relay_queues(self):
+        """A relay at its connection limit answers BUSY: the message waits in the outbox."""
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "--queue", "x")
+        _, _, factory, _, _ = self.reactor.tcpClients.pop(0)
+        self.reactor.connectors.pop(0)
+        transport = StringTransport()
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(wire.encode(wire.Error(
+            wire.ErrorCode.BUSY, b"", "this relay is at its limit of 10 connections")))
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertIn("cannot take us now: this relay is at its limit of 10 connections",
+                      self.lines()[-1])
+        self.assertEqual(len(home_outbox(keys.Home(self.home)).pending()), 1)
 
     def test_unpinned_recipient_cannot_be_queued_offline(self):
         keys_home = keys.Home(self.home)

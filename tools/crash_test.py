@@ -225,8 +225,8 @@ def make_homes(root: Path, senders: list[str], recipients: list[str]) -> dict[st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=10_000, help="in all (default 10000)")
-    parser.add_argument("--senders", type=int, default=4)
-    parser.add_argument("--recipients", type=int, default=3)
+    parser.add_argument("--senders", type=int, default=5)
+    parser.add_argument("--recipients", type=int, default=4)
     parser.add_argument("--relay-kills", type=int, default=20)
     parser.add_argument("--client-kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=None)
