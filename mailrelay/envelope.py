@@ -184,21 +184,14 @@ def seal(
     return envelope
 
 
-def parse(data: bytes, max_envelope: int = MAX_ENVELOPE) -> Envelope:
-    """
-    Split an envelope into its parts, strictly, without any cryptography.
-    Anything malformed raises L{EnvelopeError}.
-    """
-    if len(data) > max_envelope:
-        raise EnvelopeTooLarge(f"envelope of {len(data)} bytes is over {max_envelope}")
-    r = Reader(data, EnvelopeError)
+def _read_header(r: Reader) -> Header:
     version = r.u8("envelope version")
     if version not in VERSIONS:
         raise EnvelopeError(f"unsupported envelope version {version}")
     suite = r.u8("suite")
     if suite != SUITE_RSA:
         raise EnvelopeError(f"unsupported envelope suite {suite}")
-    header = Header(
+    return Header(
         version,
         suite,
         r.identity("sender"),
@@ -209,6 +202,25 @@ def parse(data: bytes, max_envelope: int = MAX_ENVELOPE) -> Envelope:
         r.u64("timestamp"),
         r.u64("sequence number") if version >= 2 else 0,
     )
+
+
+def parse_header(data: bytes) -> Header:
+    """A header on its own (as L{Header.encode} wrote it), strictly."""
+    r = Reader(data, EnvelopeError)
+    header = _read_header(r)
+    r.end("header")
+    return header
+
+
+def parse(data: bytes, max_envelope: int = MAX_ENVELOPE) -> Envelope:
+    """
+    Split an envelope into its parts, strictly, without any cryptography.
+    Anything malformed raises L{EnvelopeError}.
+    """
+    if len(data) > max_envelope:
+        raise EnvelopeTooLarge(f"envelope of {len(data)} bytes is over {max_envelope}")
+    r = Reader(data, EnvelopeError)
+    header = _read_header(r)
     header_end = len(data) - r.remaining()
     wrapped = r.blob16("wrapped key", MAX_WRAPPED_KEY)
     nonce = r.raw(NONCE_SIZE, "nonce")

@@ -1336,6 +1336,51 @@ class InboxTests(SynchronousTestCase):
         exc = self.assertRaises(InboxError, Inbox, path)
         self.assertTrue(str(exc).startswith(f"cannot read {path}: "), str(exc))
 
+    def test_unshown_after_a_crash_is_shown_first_next_session(self):
+        """
+        A client that died after recording a message but before showing it
+        (no mark) shows it first in its next session, without acking it
+        again; one that died after the mark does not show it again.
+        """
+        path = self.mktemp()
+        inbox = Inbox(path)
+        recorded = opened_message(b"recorded, never shown", message_id=mid(1), seq=1)
+        shown = opened_message(b"shown", message_id=mid(2), seq=2)
+        inbox.record(recorded)
+        inbox.record(shown)
+        inbox.mark_shown(shown)
+        inbox.close()  # the process dies here
+
+        inbox = Inbox(path)
+        self.addCleanup(inbox.close)
+        self.assertEqual([o.message_id for o in inbox.unshown()], [mid(1)])
+        got = []
+        client, transport = ready_client(BOB, on_message=got.append, inbox=inbox)
+        self.assertEqual([(o.sender, o.message_id, o.plaintext, o.header.seq) for o in got],
+                         [("alice", mid(1), b"recorded, never shown", 1)])
+        self.assertEqual(read_frames(transport), [])
+        self.assertEqual(inbox.unshown(), [])
+        # The relay delivers both again (their acks were lost): acked, not shown.
+        client.dataReceived(key_frame(ALICE))
+        for n in (1, 2):
+            client.dataReceived(wire.encode(wire.Deliver(mid(n), sealed(message_id=mid(n)))))
+        self.assertEqual(len(got), 1)
+        self.assertEqual(read_frames(transport), [wire.Ack(mid(1)), wire.Ack(mid(2))])
+
+    def test_replay_handler_failure_keeps_it_unshown(self):
+        path = self.mktemp()
+        inbox = Inbox(path)
+        self.addCleanup(inbox.close)
+        inbox.record(opened_message(b"x", message_id=mid(1)))
+
+        def boom(opened):
+            raise OSError("disk full")
+
+        client, transport = ready_client(BOB, on_message=boom, inbox=inbox)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertFalse(transport.connected)
+        self.assertEqual([o.message_id for o in inbox.unshown()], [mid(1)])
+
     def test_client_with_inbox_file(self):
         """A message shown in one session is not handed over again in the next."""
         path = self.mktemp()

@@ -9,6 +9,13 @@ the relay delivers again (the ack was lost, or the client died between
 showing and acknowledging) is found here, acknowledged again and never
 shown twice; and a message is never acknowledged before it is on disk.
 
+Showing is marked too, just before it happens (a write that survives the
+process, without waiting for the disk).  A client that died after the
+record but before the mark never showed the message: L{Inbox.unshown}
+gives it back, and the next session shows it first.  Only a death in the
+instant between the mark and the showing itself leaves a message unshown
+(it is still listed by C{mailrelay inbox}); none is ever shown twice.
+
 Each sender numbers its messages to us (the signed sequence number of the
 envelope).  L{Inbox.record} compares each number with the highest seen
 from that sender and says what is missing (a gap: the relay withheld or
@@ -24,7 +31,7 @@ import time
 from dataclasses import dataclass
 
 from mailrelay import wire
-from mailrelay.envelope import Opened
+from mailrelay.envelope import Opened, parse_header
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -34,6 +41,8 @@ CREATE TABLE IF NOT EXISTS messages (
     sent_at      INTEGER,
     received_at  INTEGER NOT NULL,
     body         BLOB,
+    header       BLOB,
+    shown_at     INTEGER,
     PRIMARY KEY (sender, message_id)
 );
 CREATE TABLE IF NOT EXISTS notices (
@@ -108,6 +117,12 @@ class MemoryInbox:
     def forget(self, opened: Opened) -> None:
         self._ids.discard((opened.sender, opened.message_id))
 
+    def mark_shown(self, opened: Opened, shown: bool = True) -> None:
+        pass
+
+    def unshown(self) -> list[Opened]:
+        return []
+
     def notice_seen(self, notice: wire.Notice) -> bool:
         return notice.notice_id in self._notices
 
@@ -179,9 +194,9 @@ class Inbox:
             last = 0 if row is None else row[0]
             self._db.execute(
                 "INSERT OR IGNORE INTO messages (sender, message_id, seq, sent_at, received_at,"
-                " body) VALUES (?, ?, ?, ?, ?, ?)",
+                " body, header) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (sender, h.message_id, h.seq, h.timestamp if h.timestamp < 2**63 else None,
-                 int(time.time()), opened.plaintext),
+                 int(time.time()), opened.plaintext, h.encode()),
             )
             if h.seq > last:
                 self._db.execute(
@@ -198,6 +213,30 @@ class Inbox:
                 "DELETE FROM messages WHERE sender = ? AND message_id = ?",
                 (opened.sender, opened.message_id),
             )
+
+    def mark_shown(self, opened: Opened, shown: bool = True) -> None:
+        """
+        Mark C{opened} as shown, just before it is (or, with C{shown}
+        false, as not shown after all).  Written without waiting for the
+        disk: it must survive the process dying, which it does, and costs no
+        flush; after a power cut the message is at worst shown again.
+        """
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self._db.execute(
+                "UPDATE messages SET shown_at = ? WHERE sender = ? AND message_id = ?",
+                (int(time.time()) if shown else None, opened.sender, opened.message_id),
+            )
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
+
+    def unshown(self) -> list[Opened]:
+        """Messages recorded but never shown: the client died in between."""
+        rows = self._db.execute(
+            "SELECT header, body FROM messages WHERE shown_at IS NULL AND header IS NOT NULL"
+            " ORDER BY rowid"
+        ).fetchall()
+        return [Opened(parse_header(bytes(h)), bytes(b)) for h, b in rows]
 
     def notice_seen(self, notice: wire.Notice) -> bool:
         row = self._db.execute(
@@ -255,8 +294,8 @@ def _import_seen(db: sqlite3.Connection, path: str) -> None:
         old.close()
     with db:
         db.executemany(
-            "INSERT OR IGNORE INTO messages (sender, message_id, seq, sent_at, received_at, body)"
-            " VALUES (?, ?, 0, NULL, ?, NULL)",
+            "INSERT OR IGNORE INTO messages (sender, message_id, seq, sent_at, received_at,"
+            " body, shown_at) VALUES (?, ?, 0, NULL, ?3, NULL, ?3)",
             rows,
         )
     os.replace(path, path + ".imported")

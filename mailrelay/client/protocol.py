@@ -134,7 +134,7 @@ class ClientProtocol(Protocol):
         self._sends: dict[bytes, Deferred[bytes]] = {}
         self._lookups: dict[str, list[Deferred[bytes]]] = {}
         self._directory: dict[str, bytes] = {}
-        self._deliveries: deque[wire.Deliver | wire.Notice] = deque()
+        self._deliveries: deque[wire.Deliver | wire.Notice | envelope.Opened] = deque()
         self._delivering = False
         self._receiving = True
         self._ping: LoopingCall | None = None
@@ -293,11 +293,17 @@ class ClientProtocol(Protocol):
         self.registered = frame.registered
         self.queued = frame.queued
         self.max_envelope = frame.max_envelope
+        if self.receive:
+            # Recorded in an earlier session that died before showing them:
+            # shown first, and not acknowledged again (they were, or will be
+            # found in the inbox when the relay delivers them again).
+            self._deliveries.extend(self.inbox.unshown())
         if self.clock is not None and self.ping_interval:
             self._ping = LoopingCall(lambda: self._write(wire.Ping(new_nonce())))
             self._ping.clock = self.clock
             self._ping.start(self.ping_interval, now=False)
         self.ready.callback(self)
+        self._nextDelivery()
 
     def _error(self, frame: wire.Error) -> None:
         if frame.fatal:
@@ -416,8 +422,8 @@ class ClientProtocol(Protocol):
         d = self._receive(frame)
         d.addCallbacks(self._received, self._handlerFailed, callbackArgs=(frame,))
 
-    def _received(self, ignored, frame: wire.Deliver | wire.Notice) -> None:
-        if self._state == "ready":
+    def _received(self, ignored, frame: wire.Deliver | wire.Notice | envelope.Opened) -> None:
+        if self._state == "ready" and not isinstance(frame, envelope.Opened):
             self._write(wire.Ack(_frame_id(frame)))
         self._delivering = False
         self._nextDelivery()
@@ -431,9 +437,11 @@ class ClientProtocol(Protocol):
             self._state = "closed"
             self.transport.loseConnection()
 
-    def _receive(self, frame: wire.Deliver | wire.Notice) -> Deferred[None]:
+    def _receive(self, frame: wire.Deliver | wire.Notice | envelope.Opened) -> Deferred[None]:
         if isinstance(frame, wire.Notice):
             return self._receiveNotice(frame)
+        if isinstance(frame, envelope.Opened):
+            return self._show(frame)
         return self._receiveMessage(frame)
 
     @inlineCallbacks
@@ -471,10 +479,27 @@ class ClientProtocol(Protocol):
                 self.log.warn("{gap}", gap=gap.describe())
                 if self.on_gap is not None:
                     yield maybeDeferred(self.on_gap, gap)
+        except BaseException:
+            self.inbox.forget(opened)
+            raise
+        yield self._show(opened, fresh=True)
+
+    @inlineCallbacks
+    def _show(self, opened: envelope.Opened, fresh: bool = False):
+        """
+        Hand a recorded message to C{on_message}, marked as shown just
+        before.  If that fails, a fresh delivery is taken out of the inbox
+        (the relay delivers it again), a replayed one marked unshown again.
+        """
+        self.inbox.mark_shown(opened)
+        try:
             if self.on_message is not None:
                 yield maybeDeferred(self.on_message, opened)
         except BaseException:
-            self.inbox.forget(opened)
+            if fresh:
+                self.inbox.forget(opened)
+            else:
+                self.inbox.mark_shown(opened, False)
             raise
 
     @inlineCallbacks
