@@ -256,6 +256,44 @@ class RelayStartupTests(SynchronousTestCase):
         self.assertIn("file is not a database", result.stdout + result.stderr)
         self.assertEqual((root / "var" / "mailrelay.sqlite").read_text(), "not a database")
 
+    def test_lost_or_truncated_store_is_refused_not_started_empty(self) -> None:
+        """
+        A relay whose database went missing, or was cut short, refuses to
+        start and says what to do; it never starts empty on that data.
+        """
+        root = Path(self.mktemp()).resolve()
+        root.mkdir(parents=True)
+        relay = Relay(root / "var").start()
+        alice, bob = root / "a", root / "b"
+        for home, name in ((alice, "123"), (bob, "345")):
+            self.assertEqual(cli(home, relay.server, "init", name).returncode, 0)
+        for i in range(12):
+            self.assertEqual(cli(alice, relay.server, "send", "--to", "345", "x" * 20000,
+                                 f"message {i}").returncode, 0)
+        relay.stop()
+        store = root / "var" / "mailrelay.sqlite"
+
+        def start() -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [str(BIN / "twistd"), "--nodaemon", "--pidfile=", "mailrelay",
+                 "--port", "tcp:0:interface=127.0.0.1", "--data", str(root / "var")],
+                capture_output=True, text=True, timeout=60, env=environment(),
+            )
+
+        kept = store.read_bytes()
+        with open(store, "r+b") as f:
+            f.truncate(len(kept) // 2)
+        result = start()
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(str(store), result.stdout + result.stderr)
+        self.assertIn("backup", result.stdout + result.stderr)
+
+        store.unlink()
+        result = start()
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(f"the message store {store} is missing", result.stdout + result.stderr)
+        self.assertFalse(store.exists())
+
     def test_bad_option_is_a_usage_error(self) -> None:
         result = subprocess.run(
             [str(BIN / "twistd"), "--nodaemon", "mailrelay", "--port", "bogus:thing"],
