@@ -343,6 +343,46 @@ class StreamTests(SynchronousTestCase):
             self.assertEqual(first + second, sample, f"split at {cut}")
             self.assertEqual(buffer.buffered, 0)
 
+    def test_trickled_frame_costs_linear_work(self):
+        """
+        A frame at the limit trickled one byte at a time is copied once,
+        when it is complete: no read of a partial frame copies or moves the
+        bytes already buffered, so the work grows with the frame, not with
+        its square.  (Counted, not timed.)
+        """
+        copied = []
+
+        class Counting(bytearray):
+            def __getitem__(self, index):
+                part = super().__getitem__(index)
+                if isinstance(index, slice):
+                    copied.append(len(part))
+                return part
+
+            def __delitem__(self, index):
+                # Deleting a prefix moves what follows it.
+                copied.append(len(self) - len(range(*index.indices(len(self)))))
+                super().__delitem__(index)
+
+        frame = Send(b"e" * wire.MAX_ENVELOPE)
+        data = wire.encode(frame)
+        self.assertEqual(len(data), wire.LENGTH_PREFIX.size + 1 + 4 + wire.MAX_ENVELOPE)
+        buffer = FrameBuffer()
+        buffer._buffer = Counting()
+        # A consumed frame in front of it, as on a live connection.
+        buffer.add(wire.encode(Ping(b"12345678")))
+        self.assertEqual(buffer.next(), Ping(b"12345678"))
+        out = []
+        for i in range(len(data)):
+            buffer.add(data[i:i + 1])
+            found = buffer.next()
+            if found is not None:
+                out.append(found)
+        self.assertEqual(out, [frame])
+        # One copy of the frame's body, and moves of a few bytes (a copy per
+        # byte received would be about len(data) ** 2 / 2: 34 billion).
+        self.assertLessEqual(sum(copied), len(data) + 64, copied[:10])
+
     def test_one_byte_at_a_time(self):
         """
         Fed a byte at a time, each frame comes out exactly when its last
