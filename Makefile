@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 9000
 DATA ?= ./var
 
-.PHONY: run test demo bench clean
+.PHONY: run test demo bench clean fuzz crash-test hostile-test
 
 $(BIN)/twistd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,5 +26,36 @@ demo: $(BIN)/twistd
 bench: $(BIN)/twistd
 	$(BIN)/python bench/load.py
 
+# The delivery promises under SIGKILL (docs/operations.md): 10,000 messages and
+# 20 relay crashes by default; CI passes a smaller CRASH_FLAGS.
+crash-test: $(BIN)/twistd
+	$(BIN)/python tools/crash_test.py $(CRASH_FLAGS)
+
+# The limits under attack, next to a well-behaved pair; HOSTILE_FLAGS=--quick for CI.
+hostile-test: $(BIN)/twistd
+	$(BIN)/python tools/hostile.py $(HOSTILE_FLAGS)
+
+# Fuzzing (fuzz/README.md): each target runs FUZZ_SECONDS; an input that takes
+# longer than FUZZ_TIMEOUT seconds counts as a hang.  Inputs found and crash
+# files go under FUZZ_OUT, never into the committed seed corpora.
+FUZZ_SECONDS ?= 60
+FUZZ_TIMEOUT ?= 5
+FUZZ_OUT ?= build/fuzz
+FUZZ_TARGETS := fuzz_frames fuzz_envelope
+
+$(VENV)/.fuzz-installed: $(BIN)/twistd pyproject.toml
+	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[fuzz]'
+	@touch $@
+
+fuzz: $(VENV)/.fuzz-installed
+	@status=0; for target in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_OUT)/$$target/corpus || exit 1; \
+	  echo "== $$target: $(FUZZ_SECONDS) s, findings in $(FUZZ_OUT)/$$target/"; \
+	  $(BIN)/python fuzz/$$target.py -max_total_time=$(FUZZ_SECONDS) \
+	    -timeout=$(FUZZ_TIMEOUT) -print_final_stats=1 \
+	    -artifact_prefix=$(FUZZ_OUT)/$$target/ \
+	    $(FUZZ_OUT)/$$target/corpus fuzz/corpus/$$target || status=1; \
+	done; exit $$status
+
 clean:
-	rm -rf $(VENV) _trial_temp* twisted/plugins/dropin.cache
+	rm -rf $(VENV) _trial_temp* twisted/plugins/dropin.cache build
