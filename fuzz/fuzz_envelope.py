@@ -108,8 +108,18 @@ def open_(data) -> envelope.Opened | None:
     return opened
 
 
+def check_header(data: bytes) -> None:
+    """The input as a header alone (as a client's inbox keeps it): strict and exact."""
+    try:
+        header = envelope.parse_header(data)
+    except envelope.EnvelopeError:
+        return
+    assert header.encode() == data, (header, data)
+
+
 def check_as_is(data: bytes) -> None:
     """The input as an envelope: parse it, check it is exact, try to open it."""
+    check_header(data)
     try:
         parsed = envelope.parse(data)
     except envelope.EnvelopeError:
