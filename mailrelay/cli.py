@@ -25,6 +25,7 @@ from mailrelay.client.defaults import default_home as _default_home
 from mailrelay.client.defaults import default_server as _default_server
 from mailrelay.client.protocol import (
     Disconnected,
+    LocalFailure,
     Rejected,
     RelayError,
     UntrustedRelay,
@@ -258,6 +259,16 @@ def cmd_send(reactor, args):
         return _queued(args, entry.message_id, recipient, str(e))
     try:
         entry = yield queue_message(outbox, identity, recipient, data, client=client)
+    except (Disconnected, RelayError) as e:
+        yield client.close()
+        if isinstance(e, RelayError) and (not e.code.fatal or e.code == e.code.KEY_CONFLICT):
+            raise  # about this recipient (unknown, say): not a passing state of the relay
+        # The relay went away while we asked for the key: seal with the pinned one.
+        try:
+            entry = yield queue_message(outbox, identity, recipient, data, contacts=home)
+        except keys.IdentityError as why:
+            raise Failed(f"{e}; {why}") from None
+        return _queued(args, entry.message_id, recipient, str(e))
     except BaseException:
         yield client.close()
         raise
@@ -382,6 +393,7 @@ def _when(timestamp: int) -> str:
 
 def cmd_outbox(reactor, args):
     home = _home(args)
+    home.load()  # a mistyped --home is an error, not a new empty outbox
     outbox = home_outbox(home)
     if args.clear_failed:
         count = outbox.clear_failed()
@@ -414,6 +426,7 @@ def cmd_outbox(reactor, args):
 
 def cmd_inbox(reactor, args):
     home = _home(args)
+    home.load()  # a mistyped --home is an error, not a new empty inbox
     inbox = home_inbox(home)
     sender = keys.check_identity(args.sender) if args.sender else None
     for m in inbox.messages(sender, args.last):
@@ -467,14 +480,21 @@ def _show_rejected(rejected: Rejected) -> None:
     _err(f"mailrelay: dropped message {rejected.message_id.hex()} from {who}: {rejected.reason}")
 
 
+def _ended(reason) -> str:
+    """Why a receiving session ended: this client's own failure, or the relay's doing."""
+    if isinstance(reason, LocalFailure):
+        return str(reason)
+    return f"the relay closed the connection: {reason or 'connection lost'}"
+
+
 def _show_gap(gap: Gap) -> None:
     _err(f"mailrelay: {gap.describe()}")
 
 
 @inlineCallbacks
-def _flush_in_background(reactor, home, client):
+def _flush_in_background(reactor, home, client, outbox=None):
     """Send what waits in the outbox over a receiving session; report on stderr."""
-    outbox = home_outbox(home)
+    outbox = outbox if outbox is not None else home_outbox(home)
     if not outbox.pending():
         return
     try:
@@ -545,7 +565,7 @@ def cmd_recv(reactor, args):
     if why == "interrupted":
         return 0
     if why == "closed":
-        raise Failed(f"the relay closed the connection: {reason or 'connection lost'}")
+        raise Failed(_ended(reason))
     if args.count is not None and received[0] < args.count:
         raise Failed(f"only {received[0]} of {args.count} messages arrived "
                      f"within {args.timeout:g} seconds")
@@ -566,14 +586,15 @@ def cmd_chat(reactor, args):
                             on_rejected=console.rejected, inbox=home_inbox(home),
                             on_notice=console.notice, on_gap=console.gap)
     console.client = client
-    _flush_in_background(reactor, home, client)
+    # The console's own outbox: its sends join this flush rather than race it.
+    _flush_in_background(reactor, home, client, outbox)
     StandardIO(console, reactor=reactor)
     yield defer.DeferredList([console.done, client.closed], fireOnOneCallback=True,
                              consumeErrors=True)
     reason = client.close_reason
     yield client.close()
     if reason is not None:
-        raise Failed(f"the relay closed the connection: {reason}")
+        raise Failed(_ended(reason))
     return 0
 
 

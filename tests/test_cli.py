@@ -755,6 +755,34 @@ class OutboxTests(OnlineTestCase):
                       self.lines()[-1])
         self.assertEqual(len(home_outbox(keys.Home(self.home)).pending()), 1)
 
+    def test_relay_going_away_during_the_key_lookup_still_queues(self):
+        """Connected, then SHUTTING_DOWN before the key came: sealed with the pinned key."""
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "--queue", "x")
+        _, _, factory, _, _ = self.reactor.tcpClients.pop(0)
+        self.reactor.connectors.pop(0)
+        transport = StringTransport()
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, "relay-x",
+                                                     b"c" * 32)))
+        protocol.dataReceived(wire.encode(wire.Welcome(False, 0, wire.MAX_ENVELOPE)))
+        protocol.dataReceived(wire.encode(wire.Error(
+            wire.ErrorCode.SHUTTING_DOWN, b"", "the relay is shutting down")))
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertIn("is queued in the outbox: the relay is shutting down", self.lines()[-1])
+        self.assertEqual(len(home_outbox(keys.Home(self.home)).pending()), 1)
+
+    def test_listing_needs_an_identity(self):
+        """A mistyped --home is an error, not a new empty outbox or inbox."""
+        typo = self.path("typo")
+        for command in ("outbox", "inbox"):
+            self.stderr.truncate(0)
+            self.stderr.seek(0)
+            err = self.exits(self.run_cli(command, "--home", typo))
+            self.assertIn("no identity in", err)
+        self.assertFalse(os.path.exists(typo))
+
     def test_unpinned_recipient_cannot_be_queued_offline(self):
         keys_home = keys.Home(self.home)
         os.remove(keys_home._contact_file("bob"))
@@ -899,6 +927,23 @@ class RecvTests(OnlineTestCase):
         self.stdout.seek(0)
         self.successResultOf(self.run_cli("inbox", "--home", self.home, "--last", "1"))
         self.assertRegex(self.lines()[0], r"from bob: too old$")
+
+    def test_local_failure_is_not_blamed_on_the_relay(self):
+        """The inbox cannot be written (a full disk): recv says so, and the relay keeps it."""
+        from mailrelay.client.inbox import Inbox
+
+        def full(self, opened):
+            raise OSError(28, "No space left on device")
+
+        self.patch(Inbox, "record", full)
+        self.queue(BOB, ALICE, b"kept", 1)
+        d = self.run_online("recv", "--home", self.home, "--count", "1")
+        self.accept()
+        err = self.exits(d)
+        self.assertIn("mailrelay recv: could not keep a received message: [Errno 28] No space "
+                      "left on device; it stays with the relay", err)
+        self.assertEqual(self.relay.count("alice"), 1)
+        self.flushLoggedErrors(OSError)
 
     def test_timeout_without_count(self):
         """--timeout alone: print what arrives in that time, then exit 0."""

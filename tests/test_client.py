@@ -738,6 +738,16 @@ class DeliveryTests(SynchronousTestCase):
         self.assertEqual(notices, [notice])
         self.assertEqual(read_frames(self.transport), [wire.Ack(mid(9)), wire.Ack(mid(9))])
 
+    def test_notice_of_a_message_already_received_is_not_shown(self):
+        """A message that expired while delivered and unacknowledged: its notice is only acked."""
+        notices = []
+        self.client.on_notice = notices.append
+        self.deliver(mid(3), sealed(message_id=mid(3)))
+        notice = wire.Notice(mid(9), wire.NOTICE_EXPIRED, "alice", mid(3), 0, "expired")
+        self.client.dataReceived(wire.encode(notice))
+        self.assertEqual(notices, [])
+        self.assertEqual(read_frames(self.transport), [wire.Ack(mid(3)), wire.Ack(mid(9))])
+
     def test_notice_handler_raises(self):
         """A notice whose handler fails is not acked, and comes again."""
         def boom(notice):
@@ -909,6 +919,28 @@ class PingTests(SynchronousTestCase):
         self.assertNotEqual(second.opaque, ping.opaque)
         client.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_silent_relay_is_given_up(self):
+        """
+        A relay that sends nothing back, not even PONG, for two ping
+        intervals: the client aborts the connection, so sends waiting on it
+        fail instead of waiting for ever.
+        """
+        clock = Clock()
+        client, transport = ready_client(ALICE, clock=clock)
+        client.ping_interval = 60.0
+        client._ping.stop()
+        client._heard = clock.seconds()
+        client._ping.start(60.0, now=False)
+        sent = client.submit(mid(1), b"an envelope")
+        clock.advance(60)
+        client.dataReceived(wire.encode(wire.Pong(b"12345678")))  # alive: heard at 60
+        clock.advance(120)
+        self.assertTrue(transport.connected)
+        clock.advance(60)  # nothing heard since 60, now 240
+        self.assertFalse(transport.connected)
+        failure = self.failureResultOf(sent, Disconnected)
+        self.assertIn("the relay stopped answering", str(failure.value))
 
     def test_no_clock_no_ping(self):
         """Without a clock nothing is scheduled."""
@@ -1198,10 +1230,23 @@ class MaildirTests(SynchronousTestCase):
         self.assertEqual(msg.get_payload(decode=True), payload)
         self.assertEqual(msg["From"], "alice@mailrelay.invalid")
 
-    def test_unique_names(self):
-        """Two messages, even with the same id, are two files."""
+    def test_same_message_filed_once(self):
+        """
+        Filing the same message again (after a crash between filing it and
+        recording it) finds its file, in new/ or, once read, in cur/.
+        """
         a = self.maildir.add(opened_message(b"one"))
-        b = self.maildir.add(opened_message(b"one"))
+        self.assertEqual(self.maildir.add(opened_message(b"one")), a)
+        self.assertEqual(len(os.listdir(os.path.join(self.path, "new"))), 1)
+        read = os.path.join(self.path, "cur", a.name + ":2,S")
+        os.rename(a, read)
+        self.assertEqual(str(self.maildir.add(opened_message(b"one"))), read)
+        self.assertEqual(os.listdir(os.path.join(self.path, "new")), [])
+
+    def test_same_id_other_sender_is_another_file(self):
+        """Ids are the sender's: carol reusing alice's id does not pass for filed."""
+        a = self.maildir.add(opened_message(b"one"))
+        b = self.maildir.add(opened_message(b"two", sender=CAROL))
         self.assertNotEqual(a, b)
         self.assertEqual(len(os.listdir(os.path.join(self.path, "new"))), 2)
 
@@ -1226,9 +1271,10 @@ class MaildirTests(SynchronousTestCase):
         before 1970) does not stop the message being filed: it is dated by
         its receipt and the sender's number kept in X-Mailrelay-Sent-At.
         """
-        for timestamp in (2**63, 253_402_300_800, 2**64 - 1):
+        for n, timestamp in enumerate((2**63, 253_402_300_800, 2**64 - 1)):
             before = int(time.time())
-            path = self.maildir.add(opened_message(b"from the far future", timestamp=timestamp))
+            path = self.maildir.add(opened_message(b"from the far future", timestamp=timestamp,
+                                                   message_id=mid(100 + n)))
             after = time.time()
             msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
             self.assertEqual(msg["X-Mailrelay-Sent-At"], str(timestamp))
@@ -1366,6 +1412,52 @@ class InboxTests(SynchronousTestCase):
             client.dataReceived(wire.encode(wire.Deliver(mid(n), sealed(message_id=mid(n)))))
         self.assertEqual(len(got), 1)
         self.assertEqual(read_frames(transport), [wire.Ack(mid(1)), wire.Ack(mid(2))])
+
+    def test_durable_handler_refiles_after_a_crash_while_filing(self):
+        """
+        For a handler that files durably (the Maildir of twistd mailclient),
+        the message is marked done only after filing: a client killed while
+        filing files it in its next session, once.
+        """
+        path = self.mktemp()
+        maildir = Maildir(self.mktemp())
+        inbox = Inbox(path)
+        calls = []
+
+        def dies_while_filing(opened):
+            calls.append(opened.message_id)
+            raise SystemExit("killed")  # stands in for the process dying mid-write
+
+        client, transport = ready_client(BOB, on_message=dies_while_filing, inbox=inbox,
+                                         durable_handler=True)
+        client.dataReceived(key_frame(ALICE))
+        inbox.record(opened_message(b"important", message_id=mid(1)))  # as _receive did
+        inbox.close()
+
+        inbox = Inbox(path)
+        self.addCleanup(inbox.close)
+        client, transport = ready_client(BOB, on_message=maildir.add, inbox=inbox,
+                                         durable_handler=True)
+        self.assertEqual(len(os.listdir(maildir.path / "new")), 1)
+        self.assertEqual(inbox.unshown(), [])
+        # The relay delivers it again (never acknowledged): acked, not filed twice.
+        client.dataReceived(key_frame(ALICE))
+        client.dataReceived(wire.encode(wire.Deliver(mid(1), sealed(message_id=mid(1)))))
+        self.assertEqual(read_frames(transport), [wire.Ack(mid(1))])
+        self.assertEqual(len(os.listdir(maildir.path / "new")), 1)
+
+    def test_forget_restores_the_senders_number(self):
+        """A message taken back out (its handler failed) is not "late" when it comes again."""
+        inbox = Inbox(self.mktemp())
+        self.addCleanup(inbox.close)
+        first = opened_message(b"1", message_id=mid(1), seq=1)
+        inbox.record(first)
+        inbox.forget(first)
+        self.assertEqual(inbox.record(first), [])
+        memory = MemoryInbox()
+        memory.record(first)
+        memory.forget(first)
+        self.assertEqual(memory.record(first), [])
 
     def test_replay_handler_failure_keeps_it_unshown(self):
         path = self.mktemp()

@@ -116,6 +116,45 @@ class OutboxTests(SynchronousTestCase):
         self.flush(client)
         self.assertEqual(self.stored(BOB), [(b"b1", 1), (b"b2", 2), (b"b3", 3)])
 
+    def test_refusal_never_lets_a_later_message_overtake(self):
+        """
+        A byte quota that refuses a large message but would take a small
+        one: the small one after it is not even sent, so it cannot be
+        accepted first (one message per recipient in flight).
+        """
+        self.relay.store.quota = Quota(messages=0, bytes=3000)
+        self.queue("bob", b"L" * 3000)
+        self.queue("bob", b"small")
+        client = self.relay.client(ALICE)
+        self.relay.flush()
+        result = self.flush(client)
+        self.assertEqual(result.accepted, [])
+        self.assertEqual([e.seq for e, _ in result.held], [1, 2])
+        self.assertIn("mailbox of 'bob' is full", result.held[0][1])
+        self.assertIn("an earlier message to the same recipient", result.held[1][1])
+        self.assertEqual(self.stored(BOB), [])
+        self.relay.store.quota = Quota(messages=0, bytes=0)
+        self.flush(client)
+        self.assertEqual([seq for _, seq in self.stored(BOB)], [1, 2])
+
+    def test_rate_limit_keeps_order(self):
+        """Sends refused RATE_LIMITED hold the rest back; the next flush goes on in order."""
+        relay = MemoryRelay(quota=Quota(0, 0), rate=1, burst=2)
+        for who in (ALICE, BOB):
+            relay.register(who)
+        self.relay = relay
+        for n in range(5):
+            self.queue("bob", b"m%d" % n)
+        client = relay.client(ALICE)
+        relay.flush()
+        result = self.flush(client)
+        self.assertEqual([e.seq for e in result.accepted], [1, 2])
+        self.assertIn(E.RATE_LIMITED.name, result.held[0][1])
+        for _ in range(2):  # a burst of 2 each time
+            relay.clock.advance(10)
+            self.flush(client)
+        self.assertEqual([seq for _, seq in self.stored(BOB)], [1, 2, 3, 4, 5])
+
     def test_permanent_refusal_moves_to_failed(self):
         self.relay.store._keys["bob"] = CAROL.public_der
         self.queue("bob", b"for the old key")
@@ -134,9 +173,10 @@ class OutboxTests(SynchronousTestCase):
 
     def test_connection_lost_keeps_everything_queued(self):
         """
-        The relay commits the messages but the connection dies before any
-        answer: all stay queued, and the next session's flush has each
-        stored once, in order.
+        The relay commits the first message but the connection dies before
+        its answer: all stay queued (the others were not even sent: one
+        message per recipient is in flight), and the next session's flush
+        has each stored once, in order.
         """
         from mailrelay.relay.protocol import RelaySession
 
@@ -154,8 +194,8 @@ class OutboxTests(SynchronousTestCase):
         result = self.flush(client)
         self.assertEqual(result.accepted, [])
         self.assertEqual(len(result.held), 3)
-        self.assertEqual([q.attempts for q in self.outbox.pending()], [1, 1, 1])
-        self.assertEqual([seq for _, seq in self.stored(BOB)], [1, 2, 3])
+        self.assertEqual([q.attempts for q in self.outbox.pending()], [1, 0, 0])
+        self.assertEqual([seq for _, seq in self.stored(BOB)], [1])
         self.patch(RelaySession, "_accepted", original)
         again = self.relay.client(ALICE)
         self.relay.flush()

@@ -658,6 +658,21 @@ class PreflightTests(TestCase):
         yield store.stop()
 
     @inlineCallbacks
+    def test_path_with_uri_characters(self):
+        """A data directory named with '?' or '#' is checked where it is, not elsewhere."""
+        odd = os.path.join(self.dir, "q?x#y")
+        os.makedirs(odd)
+        path = os.path.join(odd, "mailrelay.sqlite")
+        store = SQLiteStore(path)
+        yield store.start()
+        yield store.stop()
+        sqlite_store.preflight(path)
+        with open(path, "r+b") as f:
+            f.truncate(10)
+        self.assertRaises(StoreError, sqlite_store.preflight, path)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["q?x#y"])
+
+    @inlineCallbacks
     def test_missing_database_with_marker_refused(self):
         """A directory that held a store and lost it is not started empty."""
         yield self.filled(1)

@@ -29,6 +29,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from mailrelay import wire
 from mailrelay.envelope import Opened, parse_header
@@ -100,22 +101,22 @@ class MemoryInbox:
     """The same bookkeeping in memory, for sessions that keep no files."""
 
     def __init__(self) -> None:
-        self._ids: set[tuple[str, bytes]] = set()
+        self._ids: dict[tuple[str, bytes], int] = {}
         self._notices: set[bytes] = set()
-        self._last: dict[str, int] = {}
 
     def seen(self, sender: str, message_id: bytes) -> bool:
         return (sender, message_id) in self._ids
 
+    def _last(self, sender: str) -> int:
+        return max((seq for (s, _), seq in self._ids.items() if s == sender), default=0)
+
     def record(self, opened: Opened) -> list[Gap]:
-        self._ids.add((opened.sender, opened.message_id))
-        last = self._last.get(opened.sender, 0)
-        gaps = _gaps(opened.sender, opened.header.seq, last)
-        self._last[opened.sender] = max(last, opened.header.seq)
+        gaps = _gaps(opened.sender, opened.header.seq, self._last(opened.sender))
+        self._ids[opened.sender, opened.message_id] = opened.header.seq
         return gaps
 
     def forget(self, opened: Opened) -> None:
-        self._ids.discard((opened.sender, opened.message_id))
+        self._ids.pop((opened.sender, opened.message_id), None)
 
     def mark_shown(self, opened: Opened, shown: bool = True) -> None:
         pass
@@ -162,8 +163,6 @@ class Inbox:
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(SCHEMA)
             db.execute("SELECT sender, message_id, seq FROM messages LIMIT 1").fetchall()
-            if legacy_seen is not None and os.path.exists(legacy_seen):
-                _import_seen(db, legacy_seen)
         except (sqlite3.Error, OSError) as e:
             if db is not None:
                 db.close()
@@ -172,6 +171,16 @@ class Inbox:
                 f"(messages already shown may then be shown again)"
             ) from None
         self._db = db
+        if legacy_seen is not None and os.path.exists(legacy_seen):
+            try:
+                _import_seen(db, legacy_seen)
+            except (sqlite3.Error, OSError) as e:
+                db.close()
+                raise InboxError(
+                    f"cannot read {legacy_seen}, the record of messages shown by an earlier "
+                    f"mailrelay: {e}; move it aside to go on (those messages may then be "
+                    f"shown again)"
+                ) from None
 
     def seen(self, sender: str, message_id: bytes) -> bool:
         row = self._db.execute(
@@ -207,11 +216,20 @@ class Inbox:
         return _gaps(sender, h.seq, last)
 
     def forget(self, opened: Opened) -> None:
-        """Undo L{record}: showing the message failed, and it is to come again."""
+        """
+        Undo L{record}: showing the message failed, and it is to come again
+        (so the sender's highest number is what it was before).
+        """
         with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
                 "DELETE FROM messages WHERE sender = ? AND message_id = ?",
                 (opened.sender, opened.message_id),
+            )
+            self._db.execute(
+                "UPDATE streams SET last_seq = (SELECT COALESCE(MAX(seq), 0) FROM messages"
+                " WHERE sender = ?1) WHERE sender = ?1",
+                (opened.sender,),
             )
 
     def mark_shown(self, opened: Opened, shown: bool = True) -> None:
@@ -287,7 +305,7 @@ def _import_seen(db: sqlite3.Connection, path: str) -> None:
     Take over the ids a client kept before it had an inbox (C{seen.sqlite}),
     so none of those messages is shown again; their text was never kept.
     """
-    old = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    old = sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)
     try:
         rows = old.execute("SELECT sender, message_id, seen_at FROM seen").fetchall()
     finally:

@@ -4,11 +4,15 @@ Filing received messages into a Maildir: one RFC 5322 file per message.
 Each file is written under C{tmp/}, flushed to disk, then renamed into
 C{new/} (and the directory flushed), so a crash leaves either no file or a
 whole one; the client acknowledges the message to the relay only after that.
+A message's file name is made from its sender and id, so filing the same
+message again (after a crash between filing and recording it) finds the
+file, in C{new/} or already read in C{cur/}, and adds none.
 """
 
 from __future__ import annotations
 
 import email.policy
+import hashlib
 import email.utils
 import itertools
 import os
@@ -59,17 +63,33 @@ class Maildir:
         for sub in ("tmp", "new", "cur"):
             (self.path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    def _unique(self, message_id: bytes) -> str:
-        now = time.time()
-        return (
-            f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}"
-            f"Q{next(_counter)}R{message_id.hex()[:12]}.{socket.gethostname().replace('/', '_')}"
-        )
+    @staticmethod
+    def _key(opened: Opened) -> str:
+        """The part of the file name that is the message's: the same every time."""
+        # Ids are unique per sender only: the sender is in the key too (as a
+        # digest, as identities may hold dots), so no one can make another's
+        # message look filed by reusing its id.
+        sender = hashlib.sha256(opened.sender.encode("utf-8")).hexdigest()[:16]
+        return f"M{opened.message_id.hex()}S{sender}"
+
+    def _find(self, key: str) -> Path | None:
+        for sub in ("new", "cur"):
+            for entry in os.scandir(self.path / sub):
+                # In cur/ a mail reader appends ":2,FLAGS" to the name.
+                if entry.name.split(":", 1)[0].split(".")[1:2] == [key]:
+                    return Path(entry.path)
+        return None
 
     def add(self, opened: Opened) -> Path:
-        """Write C{opened} durably into C{new/}; return its path."""
-        name = self._unique(opened.message_id)
-        tmp = self.path / "tmp" / name
+        """Write C{opened} durably into C{new/} unless it is there already; return its path."""
+        key = self._key(opened)
+        found = self._find(key)
+        if found is not None:
+            return found
+        now = time.time()
+        host = socket.gethostname().replace("/", "_").replace(":", "_").replace(".", "_")
+        name = f"{int(now)}.{key}.{host}"
+        tmp = self.path / "tmp" / f"{name}.P{os.getpid()}Q{next(_counter)}"
         final = self.path / "new" / name
         write_durably(final, as_email(opened), 0o600, tmp=tmp)
         return final

@@ -12,9 +12,11 @@ recognises and stores once.
 The outbox also numbers each sender's messages per recipient (1, 2, 3...)
 when they are sealed, inside the same transaction that queues them: the
 number is in the signed envelope header, so the recipient can tell when one
-is missing.  Messages are flushed in the order they were queued, and a
+is missing.  Messages to one recipient are flushed one at a time, in the order they
+were queued (the next only once the relay accepted the one before), and a
 refusal that may pass (a full mailbox, a rate limit) holds back the later
-messages to the same recipient, so they are not accepted out of order.
+ones, so none is ever accepted out of order.  Up to L{FLUSH_WINDOW}
+recipients' messages are in flight at once.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ TRANSIENT = {
 }
 
 FLUSH_WINDOW = 32
-"""Envelopes sent ahead of their answers: the relay handles as many at once."""
+"""Recipients whose next message is in flight at once: the relay handles as many."""
 
 
 class OutboxError(Exception):
@@ -130,7 +132,8 @@ class Outbox:
                 db.close()
             raise OutboxError(
                 f"cannot read {self.path}: {e}; move it aside to start afresh "
-                f"(messages queued in it would not be sent)"
+                f"(messages queued in it would not be sent, and your messages would be "
+                f"numbered from 1 again, which contacts see as out of order)"
             ) from None
         self._db = db
         self._flushing: Deferred | None = None
@@ -245,46 +248,54 @@ class Outbox:
 
     @inlineCallbacks
     def _flush(self, client):
-        from mailrelay.client.protocol import RelayError, SendRefused
+        from twisted.internet.defer import DeferredSemaphore
 
         result = FlushResult([], [], [])
-        held_for: set[str] = set()
-        entries = self.pending()
-        gone = None
-        i = 0
-        while i < len(entries) and gone is None:
-            batch = []
-            while i < len(entries) and len(batch) < FLUSH_WINDOW:
-                entry = entries[i]
-                i += 1
-                if entry.recipient in held_for:
-                    result.held.append((entry, "an earlier message to the same recipient "
-                                               "is held back"))
-                    continue
-                batch.append((entry, client.submit(entry.message_id, entry.envelope)))
-            outcomes = yield DeferredList([d for _, d in batch], consumeErrors=True)
-            for (entry, _), (ok, value) in zip(batch, outcomes):
-                if ok:
+        streams: dict[str, list[Queued]] = {}
+        for entry in self.pending():
+            streams.setdefault(entry.recipient, []).append(entry)
+        # One message in flight per recipient (the next goes only once the
+        # relay accepted the one before, so a refusal can never let a later
+        # one overtake it); up to FLUSH_WINDOW recipients at once.
+        window = DeferredSemaphore(FLUSH_WINDOW)
+        state = {"gone": None}
+        yield DeferredList(
+            [window.run(self._flushStream, client, stream, result, state)
+             for stream in streams.values()],
+            consumeErrors=True,
+        )
+        return result
+
+    @inlineCallbacks
+    def _flushStream(self, client, stream: list[Queued], result: FlushResult, state: dict):
+        from mailrelay.client.protocol import RelayError, SendRefused
+
+        for position, entry in enumerate(stream):
+            if state["gone"] is not None:
+                reason = state["gone"]
+            else:
+                try:
+                    yield client.submit(entry.message_id, entry.envelope)
+                except Exception as error:
+                    reason = str(error)
+                    if isinstance(error, SendRefused) and error.code not in TRANSIENT:
+                        self._refused(entry, reason)
+                        result.refused.append((entry, reason))
+                        continue
+                    self._held(entry, reason)
+                    if isinstance(error, SendRefused):
+                        result.deferred_by_relay.add(entry.message_id)
+                    elif not isinstance(error, RelayError) or error.code.fatal:
+                        state["gone"] = reason
+                else:
                     self._accepted(entry)
                     result.accepted.append(entry)
                     continue
-                error = value.value
-                reason = str(error)
-                if isinstance(error, SendRefused) and error.code not in TRANSIENT:
-                    self._refused(entry, reason)
-                    result.refused.append((entry, reason))
-                    continue
-                self._held(entry, reason)
-                result.held.append((entry, reason))
-                held_for.add(entry.recipient)
-                if isinstance(error, SendRefused):
-                    result.deferred_by_relay.add(entry.message_id)
-                if not isinstance(error, RelayError) or error.code.fatal:
-                    gone = reason
-        if gone is not None:
-            for entry in entries[i:]:
-                result.held.append((entry, gone))
-        return result
+            result.held.append((entry, reason))
+            for later in stream[position + 1:]:
+                result.held.append((later, reason if state["gone"] is not None else
+                                    "an earlier message to the same recipient is held back"))
+            return
 
     def close(self) -> None:
         self._db.close()

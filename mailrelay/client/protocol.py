@@ -59,6 +59,10 @@ class Disconnected(Exception):
     """The connection to the relay ended; the message says why."""
 
 
+class LocalFailure(Exception):
+    """This client failed (a full disk, say) and ended the session; the message says why."""
+
+
 def describe_disconnect(reason) -> str:
     """A one-line reason for a lost connection, TLS failures spelled out."""
     try:
@@ -104,8 +108,14 @@ class ClientProtocol(Protocol):
         relay_check: Callable[[str], None] | None = None,
         on_notice: Callable[[wire.Notice], object] | None = None,
         on_gap: Callable[[Gap], object] | None = None,
+        durable_handler: bool = False,
     ) -> None:
         self.identity = identity
+        # A handler that files messages durably and idempotently (a Maildir)
+        # is marked done after it returns, so a crash while filing files the
+        # message again; one that shows it to a person is marked before, so
+        # a crash cannot show it twice.
+        self.durable_handler = durable_handler
         # Only a session that hands messages to someone asks for them: one
         # that only sends must not take (and acknowledge) the mailbox.
         self.receive = on_message is not None if receive is None else receive
@@ -138,6 +148,7 @@ class ClientProtocol(Protocol):
         self._delivering = False
         self._receiving = True
         self._ping: LoopingCall | None = None
+        self._heard = 0.0
         self._state = "connecting"
 
     # Connection
@@ -148,6 +159,8 @@ class ClientProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._state == "closed":
             return
+        if self.clock is not None:
+            self._heard = self.clock.seconds()
         self._frames.add(data)
         # One frame at a time: WELCOME raises the frame limit for the frames
         # after it, which may have arrived in the same read.
@@ -163,6 +176,21 @@ class ClientProtocol(Protocol):
 
     def _write(self, frame: wire.Frame) -> None:
         self.transport.write(wire.encode(frame))
+
+    def _keepAlive(self) -> None:
+        """
+        Ping; and give up on a relay that sent nothing, not even the PONG to
+        the last ping, for two intervals: a half-open connection must not
+        leave sends waiting for ever.
+        """
+        if self.clock.seconds() - self._heard > 2 * self.ping_interval:
+            self.close_reason = Disconnected(
+                f"the relay stopped answering (nothing for "
+                f"{self.clock.seconds() - self._heard:.0f} seconds)")
+            self._state = "closed"
+            self.transport.abortConnection()
+            return
+        self._write(wire.Ping(new_nonce()))
 
     def _abort(self, error: RelayError) -> None:
         """Tell the relay why, and close."""
@@ -299,7 +327,8 @@ class ClientProtocol(Protocol):
             # found in the inbox when the relay delivers them again).
             self._deliveries.extend(self.inbox.unshown())
         if self.clock is not None and self.ping_interval:
-            self._ping = LoopingCall(lambda: self._write(wire.Ping(new_nonce())))
+            self._heard = self.clock.seconds()
+            self._ping = LoopingCall(self._keepAlive)
             self._ping.clock = self.clock
             self._ping.start(self.ping_interval, now=False)
         self.ready.callback(self)
@@ -434,6 +463,9 @@ class ClientProtocol(Protocol):
         self._delivering = False
         self._deliveries.clear()
         if self._state != "closed":
+            self.close_reason = LocalFailure(
+                f"could not keep a received message: {failure.getErrorMessage()}; "
+                f"it stays with the relay")
             self._state = "closed"
             self.transport.loseConnection()
 
@@ -491,7 +523,8 @@ class ClientProtocol(Protocol):
         before.  If that fails, a fresh delivery is taken out of the inbox
         (the relay delivers it again), a replayed one marked unshown again.
         """
-        self.inbox.mark_shown(opened)
+        if not self.durable_handler:
+            self.inbox.mark_shown(opened)
         try:
             if self.on_message is not None:
                 yield maybeDeferred(self.on_message, opened)
@@ -501,12 +534,17 @@ class ClientProtocol(Protocol):
             else:
                 self.inbox.mark_shown(opened, False)
             raise
+        if self.durable_handler:
+            self.inbox.mark_shown(opened)
 
     @inlineCallbacks
     def _receiveNotice(self, notice: wire.Notice):
         if self.inbox.notice_seen(notice):
             return
         self.inbox.record_notice(notice)
+        if self.inbox.seen(notice.sender, notice.message_id):
+            # It expired while delivered and not yet acknowledged: we have it.
+            return
         try:
             if self.on_notice is not None:
                 yield maybeDeferred(self.on_notice, notice)

@@ -144,6 +144,7 @@ def makeService(options: Options, reactor=None):
         on_gap=filer.gap,
         inbox=options["inbox"],
         outbox=options["outbox"],
+        durable_handler=True,
         clock=reactor,
         relay_check=lambda relay: home.pin_relay(options["server"], relay),
     )

@@ -190,7 +190,7 @@ def preflight(path: str) -> None:
             )
         return
     try:
-        connection = sqlite3.connect(f"file:{path}?mode=rw", uri=True)
+        connection = sqlite3.connect(Path(path).absolute().as_uri() + "?mode=rw", uri=True)
         try:
             connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
             (version,) = connection.execute("PRAGMA user_version").fetchone()
