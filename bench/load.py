@@ -226,7 +226,7 @@ def main() -> None:
     relay = subprocess.Popen(
         [str(BIN / "twistd"), "--nodaemon", "--pidfile=", "--logfile", str(work / "relay.log"),
          "mailrelay", "--port", f"tcp:{port}:interface=127.0.0.1", "--data", str(work / "var"),
-         "--quota-messages", "0", "--quota-bytes", "0"],
+         "--quota-messages", "0", "--quota-bytes", "0", "--rate", "0"],
         cwd=work,
     )
     try:
