@@ -329,9 +329,10 @@ class StoreTestsMixin:
         notice naming its sender and id; younger ones stay, in order.
         """
         store = yield self.makeStore()
+        # Accepted in this order, as the relay's clock went.
         yield store.enqueue("bob", "alice", mid(1), env(1), NOW - 100)
-        yield store.enqueue("bob", "carol", mid(2), env(2), NOW - 10)
         yield store.enqueue("dave", "alice", mid(3), env(3), NOW - 100)
+        yield store.enqueue("bob", "carol", mid(2), env(2), NOW - 10)
         expired = yield store.expire(NOW - 50, NOW, "expired unread after 50 seconds", 100)
         self.assertEqual(sorted((m.recipient, m.sender, m.message_id, m.accepted_at)
                                 for m in expired),

@@ -135,7 +135,8 @@ class MailboxStore(Protocol):
     def expire(self, before: int, now: int, text: str, limit: int) -> Deferred[list[StoredMessage]]:
         """
         Remove up to C{limit} messages accepted before C{before} (Unix
-        seconds), oldest first, and leave in each one's mailbox, in the same
+        seconds), oldest first (in acceptance order, up to the first message
+        that is young enough), and leave in each one's mailbox, in the same
         transaction, a notice (kind L{wire.NOTICE_EXPIRED}) that tells the
         recipient which message of which sender it will never get, and
         C{text} why.  An expired message counts as settled: a retry of it is

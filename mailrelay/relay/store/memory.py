@@ -84,11 +84,13 @@ class MemoryStore:
         return succeed(len(self._mailboxes.get(recipient, {})))
 
     def expire(self, before: int, now: int, text: str, limit: int) -> Deferred[list[StoredMessage]]:
-        old = sorted(
-            (m for box in self._mailboxes.values() for m, _ in box.values()
-             if m.kind == KIND_MESSAGE and m.accepted_at < before),
-            key=lambda m: (m.accepted_at, m.seq),
-        )[:limit]
+        # As the SQLite engine: oldest first by seq, up to the first young one.
+        old = []
+        for m in sorted((m for box in self._mailboxes.values() for m, _ in box.values()
+                         if m.kind == KIND_MESSAGE), key=lambda m: m.seq):
+            if m.accepted_at >= before or len(old) >= limit:
+                break
+            old.append(m)
         for m in old:
             box = self._mailboxes[m.recipient]
             _, d = box.pop(m.message_id)

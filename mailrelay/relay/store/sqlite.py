@@ -85,11 +85,12 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX acked_by_time ON acked (acked_at);
     """,
-    # 1 -> 2: the relay's own notices share the mailbox with messages; the
-    # age index finds what has outlived the TTL without a scan.
+    # 1 -> 2: the relay's own notices share the mailbox with messages, and
+    # the store keeps its id.  No index on age: messages are accepted in seq
+    # order, so the oldest are found from the start of the table (an index
+    # would cost every insert and delete a write, for a sweep a minute).
     2: """
     ALTER TABLE messages ADD COLUMN kind INTEGER NOT NULL DEFAULT 0;
-    CREATE INDEX messages_by_age ON messages (accepted_at) WHERE kind = 0;
     CREATE TABLE meta (
         key           TEXT PRIMARY KEY,
         value         TEXT NOT NULL
@@ -460,12 +461,19 @@ class SQLiteStore:
 
     def expire(self, before: int, now: int, text: str, limit: int) -> Deferred[list[StoredMessage]]:
         def run(txn):
-            rows = txn.execute(
+            # Oldest first by seq, which follows acceptance; the scan stops at
+            # the first message young enough.  (Should the clock have stepped
+            # back, a message accepted before the step waits for the next
+            # sweep after the younger ones in front of it: late, never early.)
+            cursor = txn.execute(
                 "SELECT seq, recipient, sender, message_id, digest, size, accepted_at"
-                " FROM messages WHERE kind = 0 AND accepted_at < ?"
-                " ORDER BY accepted_at, seq LIMIT ?",
-                (before, limit),
-            ).fetchall()
+                " FROM messages WHERE kind = 0 ORDER BY seq"
+            )
+            rows = []
+            for row in cursor:
+                if row[6] >= before or len(rows) >= limit:
+                    break
+                rows.append(row)
             expired = []
             for seq, recipient, sender, message_id, d, size, accepted_at in rows:
                 body = notice_body(bytes(message_id), accepted_at, text)
