@@ -47,6 +47,14 @@ class IdentityExists(IdentityError):
     """C{init} would overwrite an identity."""
 
 
+class PassphraseNeeded(IdentityError):
+    """The private key is protected by a passphrase, and none was given."""
+
+
+class BadPassphrase(IdentityError):
+    """The passphrase given does not open the private key."""
+
+
 class RelayMismatch(IdentityError):
     """The relay at an address calls itself by another id than the one pinned."""
 
@@ -73,7 +81,8 @@ class KeyConflict(IdentityError):
             f"  pinned:  {pinned}\n"
             f"  offered: {offered}\n"
             f"Someone may be impersonating {identity!r}. Check the fingerprint "
-            f"with them through another channel before trusting the new key."
+            f"with them through another channel before trusting the new key "
+            f"(`mailrelay trust {identity} --fingerprint '{offered}'`)."
         )
 
 
@@ -100,6 +109,41 @@ def format_fingerprint(digest: bytes) -> str:
     """A fingerprint in groups of four hex digits, for people to compare."""
     text = digest.hex().upper()
     return " ".join(text[i : i + 4] for i in range(0, len(text), 4))
+
+
+def parse_fingerprint(text: str) -> bytes:
+    """A fingerprint as people type it (hex, any case, spaces or colons) as bytes."""
+    cleaned = "".join(c for c in text if c not in " :-\t")
+    try:
+        digest = bytes.fromhex(cleaned)
+    except ValueError:
+        digest = b""
+    if len(digest) != hashlib.sha256().digest_size:
+        raise IdentityError(
+            f"{text!r} is not a fingerprint: 64 hex digits, as `mailrelay fingerprint` shows"
+        )
+    return digest
+
+
+SAFETY_NUMBER_CONTEXT = b"mailrelay safety number v1"
+
+
+def safety_number(a: str, a_key: rsa.RSAPublicKey, b: str, b_key: rsa.RSAPublicKey) -> str:
+    """
+    One number for the pair (C{a}, C{b}) and their keys, the same whichever
+    side computes it: 60 digits in 12 groups of 5, for two people to read
+    to each other.  It changes when either key changes.
+    """
+    sides = sorted(
+        [(a.encode("ascii"), fingerprint(public_der(a_key))),
+         (b.encode("ascii"), fingerprint(public_der(b_key)))]
+    )
+    h = hashlib.sha512(SAFETY_NUMBER_CONTEXT)
+    for name, digest in sides:
+        h.update(len(name).to_bytes(1, "big") + name + digest)
+    raw = h.digest()
+    groups = [int.from_bytes(raw[i : i + 5], "big") % 100_000 for i in range(0, 60, 5)]
+    return " ".join(f"{g:05d}" for g in groups)
 
 
 def key_fingerprint(key: rsa.RSAPublicKey) -> str:
@@ -230,9 +274,15 @@ class Home:
     def has_identity(self) -> bool:
         return self._id_file.exists()
 
-    def create(self, name: str, bits: int = KEY_BITS) -> Identity:
-        """Generate and store a new identity; refuse to overwrite one."""
+    def create(self, name: str, bits: int = KEY_BITS, passphrase: bytes | None = None) -> Identity:
+        """
+        Generate and store a new identity; refuse to overwrite one.  With a
+        C{passphrase}, the private key is encrypted PKCS#8 (PBES2, as
+        C{openssl pkey -passin} reads it).
+        """
         name = check_identity(name)
+        if passphrase is not None and not passphrase:
+            raise IdentityError("an empty passphrase protects nothing; give none, or a real one")
         if self.has_identity():
             raise IdentityExists(
                 f"{self.path} already holds the identity {self._id_file.read_text().strip()!r}; "
@@ -243,7 +293,8 @@ class Home:
         private_pem = identity.private_key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+            serialization.BestAvailableEncryption(passphrase) if passphrase
+            else serialization.NoEncryption(),
         )
         write_durably(self.private_key_file, private_pem, 0o600)
         write_durably(self.public_key_file, public_pem(identity.public_key), 0o644)
@@ -251,19 +302,42 @@ class Home:
         write_durably(self._id_file, name.encode("ascii") + b"\n", 0o644)
         return identity
 
-    def load(self) -> Identity:
+    def protected(self) -> bool:
+        """Whether the private key is encrypted with a passphrase."""
+        try:
+            return b"ENCRYPTED PRIVATE KEY" in self.private_key_file.read_bytes()[:100]
+        except OSError:
+            return False
+
+    def load(self, passphrase: bytes | None = None) -> Identity:
+        """
+        The identity, its private key opened with C{passphrase} if it is
+        protected (L{PassphraseNeeded} without one, L{BadPassphrase} if it
+        does not open it).
+        """
         if not self.has_identity():
             raise NoIdentity(
                 f"no identity in {self.path}; create one with `mailrelay init ID`"
             )
         name = check_identity(self._id_file.read_text().strip())
         try:
-            key = serialization.load_pem_private_key(
-                self.private_key_file.read_bytes(), password=None
-            )
+            pem = self.private_key_file.read_bytes()
         except FileNotFoundError:
             raise NoIdentity(f"{self.private_key_file} is missing") from None
+        protected = b"ENCRYPTED PRIVATE KEY" in pem
+        if protected and passphrase is None:
+            raise PassphraseNeeded(
+                f"{self.private_key_file} is protected by a passphrase: give it with "
+                f"--passphrase-file FILE (or $MAILRELAY_PASSPHRASE_FILE), or at the prompt"
+            )
+        try:
+            key = serialization.load_pem_private_key(
+                pem, password=passphrase if protected else None
+            )
         except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+            if protected:
+                raise BadPassphrase(
+                    f"the passphrase does not open {self.private_key_file}") from None
             raise BadKey(f"cannot read {self.private_key_file}: {e}") from None
         if not isinstance(key, rsa.RSAPrivateKey):
             raise BadKey(f"{self.private_key_file} is not an RSA private key")
@@ -306,6 +380,30 @@ class Home:
         except (ValueError, TypeError, UnsupportedAlgorithm) as e:
             raise BadKey(f"cannot read pinned key {path}: {e}") from None
         return _check_rsa(key)
+
+    def trust(self, name: str, der: bytes, expected: bytes) -> rsa.RSAPublicKey | None:
+        """
+        Pin C{der} for C{name} in place of any key pinned before, but only
+        if its fingerprint is C{expected} (what the person said it is,
+        checked through another channel).  The key it replaces is kept
+        beside it (C{contacts/NAME.pem.replaced}).  Fires with the key it
+        replaced, or None.
+        """
+        key = load_public_der(der)
+        actual = fingerprint(public_der(key))
+        if actual != expected:
+            raise IdentityError(
+                f"the key offered for {name!r} has the fingerprint {format_fingerprint(actual)}, "
+                f"not {format_fingerprint(expected)}: nothing was changed. Check the "
+                f"fingerprint with {name!r} again."
+            )
+        current = self.pinned(name)
+        self.contacts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self._contact_file(name)
+        if current is not None and public_der(current) != public_der(key):
+            write_durably(path.with_name(path.name + ".replaced"), public_pem(current), 0o644)
+        write_durably(path, public_pem(key), 0o644)
+        return current
 
     def pin(self, name: str, der: bytes) -> rsa.RSAPublicKey:
         """

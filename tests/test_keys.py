@@ -494,3 +494,96 @@ class RelayPinningTests(SynchronousTestCase):
         self.assertIn(str(home.path / "relays"), str(e))
         # Each server address has its own pin.
         home.pin_relay("tcp:other.example:9000", "relay-2")
+
+
+class PassphraseTests(SynchronousTestCase):
+    """Private keys protected by a passphrase: encrypted PKCS#8 that openssl opens."""
+
+    def setUp(self):
+        self.home = keys.Home(self.mktemp())
+        self.patch(keys.Identity, "generate",
+                   classmethod(lambda cls, name, bits=0: identity(name)))
+        self.home.create("alice", passphrase=b"correct horse")
+
+    def test_protected_file(self):
+        pem = self.home.private_key_file.read_bytes()
+        self.assertTrue(pem.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----"))
+        self.assertTrue(self.home.protected())
+        self.assertEqual(mode_of(self.home.private_key_file), 0o600)
+
+    def test_load_needs_the_passphrase(self):
+        error = self.assertRaises(keys.PassphraseNeeded, self.home.load)
+        self.assertIn("--passphrase-file", str(error))
+        self.assertRaises(keys.BadPassphrase, self.home.load, b"wrong")
+        loaded = self.home.load(b"correct horse")
+        self.assertEqual(loaded.public_der, identity("alice").public_der)
+
+    def test_unprotected_key_ignores_a_passphrase(self):
+        other = keys.Home(self.mktemp())
+        other.create("bob")
+        self.assertFalse(other.protected())
+        self.assertEqual(other.load(b"anything").public_der, identity("bob").public_der)
+
+    def test_empty_passphrase_refused(self):
+        error = self.assertRaises(keys.IdentityError, keys.Home(self.mktemp()).create, "carol",
+                                  passphrase=b"")
+        self.assertIn("empty passphrase", str(error))
+
+    def test_openssl_opens_it_with_the_same_passphrase(self):
+        private = str(self.home.private_key_file)
+        result = openssl("pkey", "-in", private, "-passin", "pass:correct horse",
+                         "-pubout", "-outform", "DER")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout, identity("alice").public_der)
+        wrong = openssl("pkey", "-in", private, "-passin", "pass:wrong", "-noout")
+        self.assertNotEqual(wrong.returncode, 0)
+
+
+class SafetyNumberTests(SynchronousTestCase):
+    def test_same_on_both_sides(self):
+        a, b = identity("alice"), identity("bob")
+        number = keys.safety_number("alice", a.public_key, "bob", b.public_key)
+        self.assertEqual(number, keys.safety_number("bob", b.public_key, "alice", a.public_key))
+        self.assertRegex(number, r"^(\d{5} ){11}\d{5}$")
+
+    def test_changes_with_either_key_or_name(self):
+        a, b, b2 = identity("alice"), identity("bob"), identity("bob", "new")
+        number = keys.safety_number("alice", a.public_key, "bob", b.public_key)
+        self.assertNotEqual(number, keys.safety_number("alice", a.public_key,
+                                                       "bob", b2.public_key))
+        self.assertNotEqual(number, keys.safety_number("alice", a.public_key,
+                                                       "carol", b.public_key))
+
+
+class TrustTests(SynchronousTestCase):
+    def setUp(self):
+        self.home = keys.Home(self.mktemp())
+        self.old, self.new = identity("bob"), identity("bob", "new")
+        self.home.pin("bob", self.old.public_der)
+
+    def test_replaces_the_pin_only_with_the_right_fingerprint(self):
+        error = self.assertRaises(keys.IdentityError, self.home.trust, "bob",
+                                  self.new.public_der, self.old.fingerprint)
+        self.assertIn("nothing was changed", str(error))
+        self.assertEqual(keys.public_der(self.home.pinned("bob")), self.old.public_der)
+        replaced = self.home.trust("bob", self.new.public_der, self.new.fingerprint)
+        self.assertEqual(keys.public_der(replaced), self.old.public_der)
+        self.assertEqual(keys.public_der(self.home.pinned("bob")), self.new.public_der)
+        kept = self.home.contacts_dir / "bob.pem.replaced"
+        self.assertEqual(kept.read_bytes(), keys.public_pem(self.old.public_key))
+        # From now on the new key passes, the old one conflicts.
+        self.home.pin("bob", self.new.public_der)
+        self.assertRaises(keys.KeyConflict, self.home.pin, "bob", self.old.public_der)
+
+    def test_parse_fingerprint(self):
+        digest = self.new.fingerprint
+        for text in (digest.hex(), digest.hex().upper(), keys.format_fingerprint(digest),
+                     ":".join(digest.hex()[i:i + 2] for i in range(0, 64, 2))):
+            self.assertEqual(keys.parse_fingerprint(text), digest)
+        for bad in ("", "abc", digest.hex()[:-2], "zz" * 32):
+            self.assertRaises(keys.IdentityError, keys.parse_fingerprint, bad)
+
+    def test_conflict_message_says_how_to_trust(self):
+        error = self.assertRaises(keys.KeyConflict, self.home.pin, "bob", self.new.public_der)
+        self.assertIn(f"mailrelay trust bob --fingerprint '{keys.format_fingerprint(self.new.fingerprint)}'",
+                      str(error))
