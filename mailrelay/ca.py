@@ -1,0 +1,264 @@
+"""
+The certificate authority: X.509 certificates that bind an identity id to
+its public key, and the relay's TLS certificate.  Pure functions over PEM
+bytes, built on C{cryptography.x509}.
+
+An identity's owner makes a certificate signing request with its own key
+(L{make_request}): the request proves possession of the key and names the
+id.  The CA checks the request and issues a certificate for that id and key
+(L{issue_identity}); it never sees a private key.  A certificate names the
+id in its subject common name and, as a URI, C{mailrelay:ID}, in its subject
+alternative names; its extended key usage is the mailrelay identity purpose
+(L{IDENTITY_EKU}), so no such certificate can pass for a TLS server's.
+
+L{verify_identity} is what a relay in CA mode and a client that knows the
+root check: signed by that root, currently valid, for that id and that key.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+
+from mailrelay import keys
+
+IDENTITY_EKU = ObjectIdentifier("1.3.6.1.4.1.57264.77.1")
+"""Extended key usage of identity certificates (a private-enterprise arc)."""
+
+URI_PREFIX = "mailrelay:"
+CA_KEY_BITS = 3072
+DEFAULT_DAYS = 365
+ROOT_DAYS = 3650
+
+
+class CAError(Exception):
+    """A request, certificate or CA file that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Authority:
+    """A CA: its private key and self-signed root certificate."""
+
+    key: rsa.RSAPrivateKey
+    certificate: x509.Certificate
+
+    @property
+    def certificate_pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def create_authority(name: str, days: int = ROOT_DAYS, bits: int = CA_KEY_BITS) -> Authority:
+    """A new CA key and its self-signed root certificate, valid for C{days}."""
+    key = rsa.generate_private_key(public_exponent=keys.PUBLIC_EXPONENT, key_size=bits)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = _now()
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Authority(key, certificate)
+
+
+def load_authority(key_pem: bytes, certificate_pem: bytes, passphrase: bytes | None = None
+                   ) -> Authority:
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=passphrase)
+        certificate = x509.load_pem_x509_certificate(certificate_pem)
+    except (ValueError, TypeError) as e:
+        raise CAError(f"cannot read the CA: {e}") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise CAError("the CA key is not an RSA key")
+    if keys.public_der(key.public_key()) != keys.public_der(certificate.public_key()):
+        raise CAError("the CA key and the root certificate do not belong together")
+    return Authority(key, certificate)
+
+
+def load_certificate(pem: bytes) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(pem)
+    except ValueError as e:
+        raise CAError(f"not a PEM certificate: {e}") from None
+
+
+def load_roots(pem: bytes) -> list[x509.Certificate]:
+    """Every certificate in a PEM bundle (one or more roots)."""
+    try:
+        roots = x509.load_pem_x509_certificates(pem)
+    except ValueError as e:
+        raise CAError(f"not a PEM certificate bundle: {e}") from None
+    return roots
+
+
+def make_request(identity: keys.Identity) -> bytes:
+    """A CSR (PEM) for C{identity}, signed with its own key: the CA sees no private key."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.name)]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(
+                URI_PREFIX + identity.name)]),
+            critical=False,
+        )
+        .sign(identity.private_key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def _request_identity(csr: x509.CertificateSigningRequest) -> str:
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise CAError("the request must name exactly one identity (common name)")
+    return keys.check_identity(str(names[0].value))
+
+
+def issue_identity(authority: Authority, request_pem: bytes, days: int = DEFAULT_DAYS,
+                   expected: str | None = None) -> bytes:
+    """
+    A certificate (PEM) binding the id and key of the request, valid for
+    C{days}.  The request's signature must verify with its own key (proof
+    of possession), its key must meet mailrelay's limits, and its id must be
+    C{expected} when given.
+    """
+    try:
+        csr = x509.load_pem_x509_csr(request_pem)
+    except ValueError as e:
+        raise CAError(f"not a PEM certificate request: {e}") from None
+    if not csr.is_signature_valid:
+        raise CAError("the request's signature does not verify with its own key")
+    key = csr.public_key()
+    try:
+        keys.load_public_der(keys.public_der(key))
+    except keys.BadKey as e:
+        raise CAError(f"the request's key is not usable: {e}") from None
+    name = _request_identity(csr)
+    if expected is not None and name != keys.check_identity(expected):
+        raise CAError(f"the request is for {name!r}, not {expected!r}")
+    if days < 1:
+        raise CAError("a certificate must be valid for at least one day")
+    now = _now()
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(authority.certificate.subject)
+        .public_key(key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(URI_PREFIX + name)]),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([IDENTITY_EKU]), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.key.public_key()),
+            critical=False,
+        )
+        .sign(authority.key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def issue_server(authority: Authority, hostname: str, days: int = DEFAULT_DAYS
+                 ) -> tuple[bytes, bytes]:
+    """
+    A TLS server key and certificate (both PEM) for C{hostname}, for the
+    relay's C{--tls-key} and C{--tls-cert}.
+    """
+    if not hostname or any(c.isspace() for c in hostname):
+        raise CAError(f"{hostname!r} is not a host name")
+    key = rsa.generate_private_key(public_exponent=keys.PUBLIC_EXPONENT, key_size=CA_KEY_BITS)
+    try:
+        import ipaddress
+
+        alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(hostname))
+    except ValueError:
+        alt = x509.DNSName(hostname)
+    now = _now()
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
+        .issuer_name(authority.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.key.public_key()),
+            critical=False,
+        )
+        .sign(authority.key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def verify_identity(certificate_pem: bytes, roots: list[x509.Certificate], identity: str,
+                    public_key_der: bytes, now: datetime.datetime | None = None) -> None:
+    """
+    Raise L{CAError}, saying which check failed, unless C{certificate_pem}
+    is an identity certificate signed by one of C{roots}, valid at C{now},
+    for C{identity} and for the key C{public_key_der}.
+    """
+    certificate = load_certificate(certificate_pem)
+    now = now or _now()
+    issuer = next((r for r in roots if r.subject == certificate.issuer), None)
+    if issuer is None:
+        raise CAError(f"the certificate is issued by {certificate.issuer.rfc4514_string()}, "
+                      f"not by a trusted root")
+    try:
+        certificate.verify_directly_issued_by(issuer)
+    except (InvalidSignature, ValueError, TypeError):
+        raise CAError("the certificate's signature does not verify with the root") from None
+    if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+        raise CAError(
+            f"the certificate is valid from {certificate.not_valid_before_utc:%Y-%m-%d} to "
+            f"{certificate.not_valid_after_utc:%Y-%m-%d}, not now")
+    try:
+        usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = []
+    if IDENTITY_EKU not in usage:
+        raise CAError("the certificate is not a mailrelay identity certificate")
+    try:
+        names = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        names = []
+    if URI_PREFIX + identity not in names:
+        certified = ", ".join(n[len(URI_PREFIX):] for n in names if n.startswith(URI_PREFIX))
+        raise CAError(f"the certificate is for {certified or 'no identity'!r}, "
+                      f"not for {identity!r}")
+    if keys.public_der(certificate.public_key()) != public_key_der:
+        raise CAError(f"the certificate is for another key of {identity!r}")

@@ -1,0 +1,123 @@
+"""
+Tests for L{mailrelay.ca}: roots, identity certificates from requests, the
+relay's TLS certificate, and the checks a relay or client makes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import subprocess
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from mailrelay import ca, keys
+from tests.test_keys import identity
+
+_authorities: dict[str, ca.Authority] = {}
+
+
+def authority(name: str = "Test Root") -> ca.Authority:
+    if name not in _authorities:
+        _authorities[name] = ca.create_authority(name, bits=2048)
+    return _authorities[name]
+
+
+def certificate_for(who: keys.Identity, root: ca.Authority | None = None, days: int = 30) -> bytes:
+    return ca.issue_identity(root or authority(), ca.make_request(who), days=days)
+
+
+class IssueAndVerifyTests(SynchronousTestCase):
+    def test_valid_certificate(self):
+        alice = identity("alice")
+        pem = certificate_for(alice)
+        ca.verify_identity(pem, [authority().certificate], "alice", alice.public_der)
+        certificate = x509.load_pem_x509_certificate(pem)
+        self.assertEqual(certificate.issuer, authority().certificate.subject)
+        self.assertEqual(keys.public_der(certificate.public_key()), alice.public_der)
+
+    def assertRefused(self, pem, who="alice", der=None, roots=None, now=None, says=""):
+        error = self.assertRaises(
+            ca.CAError, ca.verify_identity, pem, roots or [authority().certificate], who,
+            der if der is not None else identity("alice").public_der, now)
+        self.assertIn(says, str(error))
+
+    def test_other_identity(self):
+        self.assertRefused(certificate_for(identity("alice")), who="bob",
+                           says="is for 'alice', not for 'bob'")
+
+    def test_other_key(self):
+        self.assertRefused(certificate_for(identity("alice")),
+                           der=identity("alice", "other").public_der,
+                           says="for another key of 'alice'")
+
+    def test_other_root(self):
+        pem = certificate_for(identity("alice"), authority("Another Root"))
+        self.assertRefused(pem, says="not by a trusted root")
+
+    def test_same_name_other_root_key(self):
+        """A root with the same name but another key: the signature check refuses it."""
+        impostor = ca.create_authority("Test Root", bits=2048)
+        pem = certificate_for(identity("alice"), impostor)
+        self.assertRefused(pem, says="does not verify with the root")
+
+    def test_expired_and_not_yet_valid(self):
+        pem = certificate_for(identity("alice"), days=1)
+        later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=2)
+        self.assertRefused(pem, now=later, says="not now")
+        earlier = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)
+        self.assertRefused(pem, now=earlier, says="not now")
+
+    def test_server_certificate_is_not_an_identity(self):
+        _, server_pem = ca.issue_server(authority(), "alice")
+        error = self.assertRaises(ca.CAError, ca.verify_identity, server_pem,
+                                  [authority().certificate], "alice",
+                                  keys.public_der(x509.load_pem_x509_certificate(
+                                      server_pem).public_key()))
+        self.assertIn("not a mailrelay identity certificate", str(error))
+
+    def test_request_checked(self):
+        request = ca.make_request(identity("alice"))
+        error = self.assertRaises(ca.CAError, ca.issue_identity, authority(), request,
+                                  expected="bob")
+        self.assertIn("is for 'alice', not 'bob'", str(error))
+        tampered = x509.load_pem_x509_csr(request).public_bytes(serialization.Encoding.DER)
+        tampered = bytearray(tampered)
+        tampered[-10] ^= 1
+        pem = (b"-----BEGIN CERTIFICATE REQUEST-----\n"
+               + __import__("base64").encodebytes(bytes(tampered))
+               + b"-----END CERTIFICATE REQUEST-----\n")
+        error = self.assertRaises(ca.CAError, ca.issue_identity, authority(), pem)
+        self.assertIn("does not verify", str(error))
+        self.assertRaises(ca.CAError, ca.issue_identity, authority(), b"garbage")
+
+    def test_authority_round_trip(self):
+        root = authority()
+        key_pem = root.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"ca secret"))
+        loaded = ca.load_authority(key_pem, root.certificate_pem, b"ca secret")
+        self.assertEqual(loaded.certificate, root.certificate)
+        other = authority("Another Root")
+        error = self.assertRaises(ca.CAError, ca.load_authority, key_pem,
+                                  other.certificate_pem, b"ca secret")
+        self.assertIn("do not belong together", str(error))
+
+    def test_openssl_verifies_the_chain(self):
+        executable = shutil.which("openssl")
+        if executable is None:
+            raise SkipTest("openssl is not on PATH")
+        root_path = self.mktemp()
+        with open(root_path, "wb") as f:
+            f.write(authority().certificate_pem)
+        _, server_pem = ca.issue_server(authority(), "localhost")
+        server_path = self.mktemp()
+        with open(server_path, "wb") as f:
+            f.write(server_pem)
+        result = subprocess.run([executable, "verify", "-CAfile", root_path,
+                                 "-verify_hostname", "localhost", server_path],
+                                capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("OK", result.stdout)
