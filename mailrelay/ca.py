@@ -100,11 +100,19 @@ def load_authority(key_pem: bytes, certificate_pem: bytes, passphrase: bytes | N
     return Authority(key, certificate)
 
 
-def load_certificate(pem: bytes) -> x509.Certificate:
+def load_certificate(data: bytes) -> x509.Certificate:
+    """A certificate in PEM or DER."""
     try:
-        return x509.load_pem_x509_certificate(pem)
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
     except ValueError as e:
-        raise CAError(f"not a PEM certificate: {e}") from None
+        raise CAError(f"not a certificate: {e}") from None
+
+
+def certificate_der(data: bytes) -> bytes:
+    """A certificate (PEM or DER) as DER, the form the wire carries."""
+    return load_certificate(data).public_bytes(serialization.Encoding.DER)
 
 
 def load_roots(pem: bytes) -> list[x509.Certificate]:
@@ -224,14 +232,16 @@ def issue_server(authority: Authority, hostname: str, days: int = DEFAULT_DAYS
     return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
 
 
-def verify_identity(certificate_pem: bytes, roots: list[x509.Certificate], identity: str,
+def verify_identity(certificate_data: bytes, roots: list[x509.Certificate], identity: str,
                     public_key_der: bytes, now: datetime.datetime | None = None) -> None:
     """
-    Raise L{CAError}, saying which check failed, unless C{certificate_pem}
-    is an identity certificate signed by one of C{roots}, valid at C{now},
+    Raise L{CAError}, saying which check failed, unless C{certificate_data}
+    (PEM or DER) is an identity certificate signed by one of C{roots}, valid at C{now},
     for C{identity} and for the key C{public_key_der}.
     """
-    certificate = load_certificate(certificate_pem)
+    if not certificate_data:
+        raise CAError("no certificate was given")
+    certificate = load_certificate(certificate_data)
     now = now or _now()
     issuer = next((r for r in roots if r.subject == certificate.issuer), None)
     if issuer is None:

@@ -39,6 +39,8 @@ PING_SIZE = 8
 MAX_KEY_SIZE = 4096
 """The largest DER public key accepted: ample for RSA-8192."""
 MAX_SIGNATURE_SIZE = 2048
+MAX_CERTIFICATE_SIZE = 4096
+"""The largest DER certificate carried in AUTH or KEY."""
 MAX_ERROR_TEXT = 1024
 MAX_ERROR_REF = 64
 
@@ -162,6 +164,8 @@ class Auth:
     public_key: bytes
     signature: bytes
     receive: bool = True
+    certificate: bytes = b""
+    """DER X.509 certificate binding the identity to the key (empty: none)."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,8 @@ class Key:
     TYPE: ClassVar[int] = 0x11
     identity: str
     public_key: bytes
+    certificate: bytes = b""
+    """The identity's certificate as the relay holds it (empty: none)."""
 
 
 @dataclass(frozen=True)
@@ -331,14 +337,17 @@ def encode(frame: Frame) -> bytes:
         _check_max(frame.public_key, MAX_KEY_SIZE, "public key")
         _check_max(frame.signature, MAX_SIGNATURE_SIZE, "signature")
         w.u16(frame.version).identity(frame.identity)
+        _check_max(frame.certificate, MAX_CERTIFICATE_SIZE, "certificate")
         w.blob16(frame.public_key).blob16(frame.signature).u8(1 if frame.receive else 0)
+        w.blob16(frame.certificate)
     elif isinstance(frame, Welcome):
         w.u8(1 if frame.registered else 0).u32(frame.queued).u32(frame.max_envelope)
     elif isinstance(frame, Lookup):
         w.identity(frame.identity)
     elif isinstance(frame, Key):
         _check_max(frame.public_key, MAX_KEY_SIZE, "public key")
-        w.identity(frame.identity).blob16(frame.public_key)
+        _check_max(frame.certificate, MAX_CERTIFICATE_SIZE, "certificate")
+        w.identity(frame.identity).blob16(frame.public_key).blob16(frame.certificate)
     elif isinstance(frame, Send):
         w.blob32(frame.envelope)
     elif isinstance(frame, (Accepted, Ack)):
@@ -383,14 +392,16 @@ def decode(body: bytes, max_envelope: int = MAX_ENVELOPE) -> Frame:
         frame = Auth(r.u16("version"), r.identity("identity"),
                      r.blob16("public key", MAX_KEY_SIZE),
                      r.blob16("signature", MAX_SIGNATURE_SIZE),
-                     _flag(r, "receive flag"))
+                     _flag(r, "receive flag"),
+                     r.blob16("certificate", MAX_CERTIFICATE_SIZE))
     elif kind == Welcome.TYPE:
         frame = Welcome(_flag(r, "registered flag"), r.u32("queued count"),
                         r.u32("max envelope"))
     elif kind == Lookup.TYPE:
         frame = Lookup(r.identity("identity"))
     elif kind == Key.TYPE:
-        frame = Key(r.identity("identity"), r.blob16("public key", MAX_KEY_SIZE))
+        frame = Key(r.identity("identity"), r.blob16("public key", MAX_KEY_SIZE),
+                    r.blob16("certificate", MAX_CERTIFICATE_SIZE))
     elif kind == Send.TYPE:
         frame = Send(r.blob32("envelope", max_envelope))
     elif kind == Accepted.TYPE:

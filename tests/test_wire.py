@@ -62,10 +62,12 @@ auths = st.builds(
     public_key=st.binary(max_size=wire.MAX_KEY_SIZE),
     signature=st.binary(max_size=wire.MAX_SIGNATURE_SIZE),
     receive=st.booleans(),
+    certificate=st.binary(max_size=wire.MAX_CERTIFICATE_SIZE),
 )
 welcomes = st.builds(Welcome, registered=st.booleans(), queued=u32, max_envelope=u32)
 lookups = st.builds(Lookup, identity=identities)
-key_frames = st.builds(Key, identity=identities, public_key=st.binary(max_size=wire.MAX_KEY_SIZE))
+key_frames = st.builds(Key, identity=identities, public_key=st.binary(max_size=wire.MAX_KEY_SIZE),
+                       certificate=st.binary(max_size=wire.MAX_CERTIFICATE_SIZE))
 sends = st.builds(Send, envelope=envelopes)
 accepteds = st.builds(Accepted, message_id=message_ids)
 delivers = st.builds(Deliver, message_id=message_ids, envelope=envelopes)
@@ -103,6 +105,8 @@ def sample_frames() -> list:
         Welcome(False, 0, 1000),
         Lookup("bob"),
         Key("bob", b"public-key-der"),
+        Key("bob", b"public-key-der", b"certificate-der"),
+        Auth(2, "alice", b"K" * 40, b"S" * 30, True, b"C" * 1200),
         Send(b"an envelope"),
         Accepted(b"A" * 16),
         Deliver(b"D" * 16, b"a delivered envelope"),
@@ -246,7 +250,7 @@ class RoundTripTests(SynchronousTestCase):
         """Every bounded field round-trips at exactly its limit."""
         for frame in [
             Auth(0xFFFF, "a" * 64, b"k" * wire.MAX_KEY_SIZE, b"s" * wire.MAX_SIGNATURE_SIZE),
-            Key("z" * 64, b"k" * wire.MAX_KEY_SIZE),
+            Key("z" * 64, b"k" * wire.MAX_KEY_SIZE, b"c" * wire.MAX_CERTIFICATE_SIZE),
             Send(b"e" * wire.MAX_ENVELOPE),
             Deliver(b"\xff" * 16, b"e" * wire.MAX_ENVELOPE),
             Welcome(True, 0xFFFFFFFF, 0xFFFFFFFF),

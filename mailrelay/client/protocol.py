@@ -51,6 +51,10 @@ class UnknownSender(RelayError):
     """The relay's directory has no key for the identity asked about."""
 
 
+class UncertifiedKey(keys.IdentityError):
+    """A contact's key has no valid certificate from the CA this client trusts."""
+
+
 class UntrustedRelay(Exception):
     """This client refused the relay: it could be relaying someone else's challenge."""
 
@@ -109,8 +113,14 @@ class ClientProtocol(Protocol):
         on_notice: Callable[[wire.Notice], object] | None = None,
         on_gap: Callable[[Gap], object] | None = None,
         durable_handler: bool = False,
+        certificate: bytes = b"",
+        identity_roots=None,
     ) -> None:
         self.identity = identity
+        # Our own certificate (DER), for a relay in CA mode; and the CA roots
+        # every contact's key must be certified by (None: trust on first use).
+        self.certificate = certificate
+        self.identity_roots = identity_roots
         # A handler that files messages durably and idempotently (a Maildir)
         # is marked done after it returns, so a crash while filing files the
         # message again; one that shows it to a person is marked before, so
@@ -144,6 +154,7 @@ class ClientProtocol(Protocol):
         self._sends: dict[bytes, Deferred[bytes]] = {}
         self._lookups: dict[str, list[Deferred[bytes]]] = {}
         self._directory: dict[str, bytes] = {}
+        self._certificates: dict[str, bytes] = {}
         self._deliveries: deque[wire.Deliver | wire.Notice | envelope.Opened] = deque()
         self._delivering = False
         self._receiving = True
@@ -264,6 +275,7 @@ class ClientProtocol(Protocol):
                 d.callback(frame.message_id)
         elif isinstance(frame, wire.Key):
             self._directory[frame.identity] = frame.public_key
+            self._certificates[frame.identity] = frame.certificate
             for d in self._lookups.pop(frame.identity, []):
                 d.callback(frame.public_key)
         elif isinstance(frame, wire.Error):
@@ -312,7 +324,7 @@ class ClientProtocol(Protocol):
         self._state = "authenticating"
         self._write(wire.Auth(
             wire.PROTOCOL_VERSION, self.identity.name, self.identity.public_der,
-            self.identity.sign(transcript), self.receive,
+            self.identity.sign(transcript), self.receive, self.certificate,
         ))
 
     def _welcome(self, frame: wire.Welcome) -> None:
@@ -388,6 +400,17 @@ class ClientProtocol(Protocol):
             if e.code == E.UNKNOWN_IDENTITY:
                 raise UnknownSender(e.code, e.text) from None
             raise
+        if self.identity_roots:
+            # The relay's word is not enough: the CA must have certified it.
+            from mailrelay import ca
+
+            try:
+                ca.verify_identity(self._certificates.get(name, b""), self.identity_roots,
+                                   name, der)
+            except ca.CAError as e:
+                raise UncertifiedKey(
+                    f"the relay's key for {name!r} has no valid certificate from your CA "
+                    f"({e}); not using it") from None
         return self.contacts.pin(name, der)
 
     # Sending
@@ -493,7 +516,7 @@ class ClientProtocol(Protocol):
                 return
             key = yield self.contact_key(sender)
             opened = envelope.open_envelope(env, self.identity, key)
-        except (envelope.EnvelopeError, keys.KeyConflict, UnknownSender) as e:
+        except (envelope.EnvelopeError, keys.KeyConflict, UnknownSender, UncertifiedKey) as e:
             # Only what is wrong with the envelope itself, or with its claimed
             # sender, drops it: coming again would not make it any better.
             # Anything else (an unreadable local file, the session ending
@@ -589,6 +612,8 @@ def connect(
     relay_check=None,
     on_notice=None,
     on_gap=None,
+    certificate: bytes = b"",
+    identity_roots=None,
 ):
     """
     Connect to the relay at C{endpoint} as C{identity}.  Fires with the
@@ -599,7 +624,8 @@ def connect(
     factory = ClientFactory(
         identity=identity, contacts=contacts, on_message=on_message,
         on_rejected=on_rejected, inbox=inbox, clock=reactor, relay_check=relay_check,
-        on_notice=on_notice, on_gap=on_gap,
+        on_notice=on_notice, on_gap=on_gap, certificate=certificate,
+        identity_roots=identity_roots,
     )
     started = reactor.seconds()
     connecting = endpoint.connect(factory)

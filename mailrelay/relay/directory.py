@@ -22,6 +22,7 @@ class Directory:
         self._store = store
         self._clock = clock
         self._known: dict[str, bytes] = {}
+        self._certificates: dict[str, bytes] = {}
 
     def lookup(self, identity: str) -> Deferred[bytes | None]:
         known = self._known.get(identity)
@@ -35,13 +36,37 @@ class Directory:
 
         return self._store.get_key(identity).addCallback(remember)
 
+    def certificate(self, identity: str) -> Deferred[bytes]:
+        """The identity's certificate (DER), or empty bytes when it has none."""
+        known = self._certificates.get(identity)
+        if known is not None:
+            return succeed(known)
+
+        def remember(certificate: bytes) -> bytes:
+            self._certificates[identity] = certificate
+            return certificate
+
+        return self._store.get_certificate(identity).addCallback(remember)
+
     @inlineCallbacks
-    def claim(self, identity: str, public_key: bytes):
+    def claim(self, identity: str, public_key: bytes, certificate: bytes = b""):
         """
         Bind C{public_key} to C{identity} if the identity is new.  Fires with
         True when this call registered it, False when it was already
         registered with the same key; fails with L{KeyConflict} otherwise.
+        A C{certificate} (already checked by the caller) is kept for the
+        identity, replacing an older one (a renewal).
         """
+        registered = yield self._claim(identity, public_key)
+        if certificate:
+            current = yield self.certificate(identity)
+            if current != certificate:
+                yield self._store.set_certificate(identity, certificate)
+                self._certificates[identity] = certificate
+        return registered
+
+    @inlineCallbacks
+    def _claim(self, identity: str, public_key: bytes):
         existing = yield self.lookup(identity)
         if existing is None:
             existing = yield self._store.register_key(

@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from mailrelay import envelope, keys, wire
+from mailrelay import ca, envelope, keys, wire
 from mailrelay.channel import channel_binding
 from mailrelay.relay.directory import Directory, KeyConflict
 from mailrelay.relay.mailbox import DEFAULT_WINDOW, Mailboxes, Outbox
@@ -523,11 +523,32 @@ class RelaySession(Protocol, TimeoutMixin):
             raise Fatal(E.AUTH_FAILED, "signature does not prove possession of the key")
         # The same key has more than one valid DER encoding; keep the one.
         public_key = keys.public_der(key)
+        certificate = b""
+        if self.factory.ca_roots:
+            # CA mode: only an identity the CA certified for this very key.
+            try:
+                ca.verify_identity(frame.certificate, self.factory.ca_roots, frame.identity,
+                                   public_key)
+                certificate = ca.certificate_der(frame.certificate)
+            except ca.CAError as e:
+                self.log.info("authentication refused for {identity} from {peer}: "
+                              "certificate: {reason}",
+                              identity=frame.identity, peer=self.peer, reason=str(e))
+                raise Fatal(E.AUTH_FAILED,
+                            f"this relay admits only identities certified by its CA: {e}")
+        elif frame.certificate:
+            # Kept unchecked for the clients that check contacts against
+            # their CA; they, not this relay, decide what it is worth.
+            try:
+                certificate = ca.certificate_der(frame.certificate)
+            except ca.CAError:
+                certificate = b""
         yield self.factory.ready()
         if self.state == "closed":
             return  # timed out or gone while the store opened: register nothing
         try:
-            registered = yield self.factory.directory.claim(frame.identity, public_key)
+            registered = yield self.factory.directory.claim(frame.identity, public_key,
+                                                            certificate)
         except KeyConflict:
             self.log.warn(
                 "authentication refused for {identity} from {peer}: "
@@ -657,15 +678,20 @@ class RelaySession(Protocol, TimeoutMixin):
         return None
 
     def _lookup(self, frame: wire.Lookup):
-        def found(key):
+        directory = self.factory.directory
+
+        @inlineCallbacks
+        def answer():
+            key = yield directory.lookup(frame.identity)
             if key is None:
                 raise Refused(
                     E.UNKNOWN_IDENTITY, frame.identity.encode("ascii"),
                     f"no identity {frame.identity!r} on this relay",
                 )
-            return wire.Key(frame.identity, key)
+            certificate = yield directory.certificate(frame.identity)
+            return wire.Key(frame.identity, key, certificate)
 
-        self._answer(self.factory.directory.lookup(frame.identity).addCallback(found))
+        self._answer(answer())
         return self._roomForAnswers()
 
     def _push(self, message: StoredMessage) -> None:
@@ -753,9 +779,13 @@ class RelayFactory(Factory):
         frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
         rate: float = DEFAULT_RATE,
         burst: int = DEFAULT_BURST,
+        ca_roots=None,
     ) -> None:
         self.store = store
         self.clock = clock
+        # CA mode: identities register only with a certificate from one of
+        # these roots (x509 certificates); None admits any key on first use.
+        self.ca_roots = ca_roots
         self.name = name
         self.max_envelope = max_envelope
         self.auth_timeout = auth_timeout

@@ -113,6 +113,12 @@ class MailboxStore(Protocol):
         compares it with its own to detect a conflict).
         """
 
+    def get_certificate(self, identity: str) -> Deferred[bytes]:
+        """The certificate (DER) kept for C{identity}, or empty bytes."""
+
+    def set_certificate(self, identity: str, certificate: bytes) -> Deferred[None]:
+        """Keep C{certificate} (DER) for C{identity}, in place of any before."""
+
     def enqueue(
         self, recipient: str, sender: str, message_id: bytes, envelope: bytes, now: int
     ) -> Deferred[bool]:

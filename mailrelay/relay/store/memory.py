@@ -26,6 +26,7 @@ class MemoryStore:
     def __init__(self, quota: Quota = Quota()) -> None:
         self.quota = quota
         self._keys: dict[str, bytes] = {}
+        self._certificates: dict[str, bytes] = {}
         self._mailboxes: dict[str, dict[bytes, tuple[StoredMessage, bytes]]] = {}
         self._acked: dict[tuple[str, bytes], tuple[str, bytes, int]] = {}
         self._seq = 0
@@ -41,6 +42,13 @@ class MemoryStore:
 
     def register_key(self, identity: str, public_key: bytes, now: int) -> Deferred[bytes]:
         return succeed(self._keys.setdefault(identity, public_key))
+
+    def get_certificate(self, identity: str) -> Deferred[bytes]:
+        return succeed(self._certificates.get(identity, b""))
+
+    def set_certificate(self, identity: str, certificate: bytes) -> Deferred[None]:
+        self._certificates[identity] = certificate
+        return succeed(None)
 
     def enqueue(
         self, recipient: str, sender: str, message_id: bytes, envelope: bytes, now: int

@@ -91,6 +91,7 @@ MIGRATIONS: dict[int, str] = {
     # would cost every insert and delete a write, for a sweep a minute).
     2: """
     ALTER TABLE messages ADD COLUMN kind INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE directory ADD COLUMN certificate BLOB;
     CREATE TABLE meta (
         key           TEXT PRIMARY KEY,
         value         TEXT NOT NULL
@@ -366,6 +367,22 @@ class SQLiteStore:
                 "SELECT public_key FROM directory WHERE identity = ?", (identity,)
             ).fetchone()
             return bytes(key)
+
+        return self._write(run)
+
+    def get_certificate(self, identity: str) -> Deferred[bytes]:
+        def run(txn):
+            row = txn.execute(
+                "SELECT certificate FROM directory WHERE identity = ?", (identity,)
+            ).fetchone()
+            return b"" if row is None or row[0] is None else bytes(row[0])
+
+        return self._pool.runInteraction(run)
+
+    def set_certificate(self, identity: str, certificate: bytes) -> Deferred[None]:
+        def run(txn):
+            txn.execute("UPDATE directory SET certificate = ? WHERE identity = ?",
+                        (certificate, identity))
 
         return self._write(run)
 
