@@ -275,16 +275,25 @@ def open_envelope(
     if not keys.verify(sender_key, envelope.signature, envelope.signed):
         raise EnvelopeError(
             f"signature of {h.sender!r} does not verify: envelope altered or forged")
-    try:
-        content_key = recipient.private_key.decrypt(envelope.wrapped_key, OAEP)
-    except ValueError:
-        raise EnvelopeError("content key does not unwrap with our private key") from None
+    content_key = unwrap_content_key(recipient.private_key, envelope.wrapped_key)
     if len(content_key) != AES_KEY_SIZE:
         raise EnvelopeError("content key has the wrong size")
+    plaintext = open_content(content_key, envelope.nonce, envelope.ciphertext,
+                             envelope.header_bytes)
+    return Opened(h, plaintext)
+
+
+def unwrap_content_key(private_key: rsa.RSAPrivateKey, wrapped: bytes) -> bytes:
+    """RSA-OAEP (SHA-256, MGF1-SHA-256, no label) unwrap; L{EnvelopeError} if it fails."""
     try:
-        plaintext = AESGCM(content_key).decrypt(
-            envelope.nonce, envelope.ciphertext, envelope.header_bytes
-        )
+        return private_key.decrypt(wrapped, OAEP)
+    except ValueError:
+        raise EnvelopeError("content key does not unwrap with our private key") from None
+
+
+def open_content(content_key: bytes, nonce: bytes, ciphertext: bytes, header_bytes: bytes) -> bytes:
+    """AES-256-GCM open with the header as associated data; L{EnvelopeError} if it fails."""
+    try:
+        return AESGCM(content_key).decrypt(nonce, ciphertext, header_bytes)
     except InvalidTag:
         raise EnvelopeError("ciphertext does not authenticate") from None
-    return Opened(h, plaintext)
