@@ -27,6 +27,8 @@ class RelayCAModeTests(SynchronousTestCase):
     def connect(self, who, certificate=b"", **settings):
         client = self.relay.client(who, certificate=certificate, **settings)
         self.relay.flush()
+        # A refused client's ready fails: close_reason says why (checked below).
+        client.ready.addErrback(lambda failure: failure.trap(RelayError))
         return client
 
     def refusal(self, client) -> str:
