@@ -34,7 +34,14 @@ from mailrelay.client.protocol import (
 from mailrelay.client.display import for_terminal
 from mailrelay.client.inbox import Gap, InboxError, home_inbox
 from mailrelay.client.outbox import OutboxError, home_outbox, queue_message
-from mailrelay.endpoints import check_port, client_description
+from mailrelay.endpoints import (
+    TLSSetupError,
+    check_port,
+    client_description,
+    client_endpoint,
+    load_ca_certificates,
+    tls_refusal,
+)
 
 class Failed(Exception):
     """A command failed for a reason the user can act on."""
@@ -66,14 +73,29 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _ca_file(value: str) -> str:
+    """An argparse type: a readable PEM file of one or more CA certificates."""
+    try:
+        load_ca_certificates(value)
+    except TLSSetupError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--ca ")) from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--home", default=None, metavar="DIR",
                         help="where the identity and pinned contacts live "
                              "(default: $MAILRELAY_HOME, else ~/.mailrelay)")
     common.add_argument("--server", default=None, metavar="ENDPOINT",
-                        help="the relay: HOST:PORT or a Twisted endpoint string "
+                        help="the relay: HOST:PORT, tls://HOST:PORT or a Twisted endpoint "
+                             "string such as tls:HOST:PORT "
                              f"(default: $MAILRELAY_SERVER, else {DEFAULT_SERVER})")
+    # Absent unless given (argparse.SUPPRESS): read with getattr(args, "ca", None).
+    common.add_argument("--ca", type=_ca_file, default=argparse.SUPPRESS, metavar="FILE",
+                        help="for a TLS server: the CA certificates (PEM) its certificate "
+                             "must be signed by (default: HOME/ca.pem if it exists, else "
+                             "the system's trusted CAs)")
     common.add_argument("--connect-timeout", type=_positive_float, default=10.0,
                         metavar="SECONDS",
                         help="give up connecting to the relay after this long (default 10)")
@@ -126,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _endpoint(reactor, args):
+    """
+    The relay's endpoint.  A TLS server's certificate is checked against
+    --ca, else the home's ca.pem if there is one, else the system's CAs.
+    """
     server = args.server or _default_server()
     description = client_description(server)
     try:
@@ -133,9 +159,23 @@ def _endpoint(reactor, args):
     except ValueError as e:
         raise Failed(f"--server {server}: {e}") from None
     try:
-        return endpoints.clientFromString(reactor, description)
+        return client_endpoint(reactor, description, ca=getattr(args, "ca", None),
+                               default_ca=str(_home(args).path / "ca.pem"))
+    except TLSSetupError as e:
+        raise Failed(str(e)) from None
     except (ValueError, KeyError, TypeError, OverflowError) as e:
         raise Failed(f"--server {description!r} is not a valid endpoint: {e}") from None
+
+
+def check_tls_options(parser: argparse.ArgumentParser, args) -> None:
+    """A usage error (exit 2): --ca for a server that is not TLS, where it cannot apply."""
+    ca = getattr(args, "ca", None)
+    if ca is None:
+        return
+    server = args.server or _default_server()
+    if client_description(server).split(":", 1)[0].lower() != "tls":
+        parser.error(f"--ca applies to a TLS server (--server tls:HOST:PORT or "
+                     f"tls://HOST:PORT), not {server}")
 
 
 def _home(args) -> keys.Home:
@@ -146,9 +186,10 @@ def _home(args) -> keys.Home:
 def _connect(reactor, args, home: keys.Home, identity: keys.Identity, **kwargs):
     server = args.server or _default_server()
     pin_as = client_description(server)
+    endpoint = _endpoint(reactor, args)
     try:
         client = yield connect(
-            reactor, _endpoint(reactor, args), identity, contacts=home,
+            reactor, endpoint, identity, contacts=home,
             timeout=args.connect_timeout,
             relay_check=lambda relay: home.pin_relay(pin_as, relay), **kwargs,
         )
@@ -161,6 +202,10 @@ def _connect(reactor, args, home: keys.Home, identity: keys.Identity, **kwargs):
         raise Unreachable(f"the relay at {server} did not answer within "
                           f"{args.connect_timeout} seconds") from None
     except Disconnected as e:
+        refusal = tls_refusal(endpoint, str(e))
+        if refusal is not None:
+            # Not a passing state: nothing goes to a relay whose TLS cannot be trusted.
+            raise Failed(f"refusing the relay at {server}: {refusal}") from None
         raise Unreachable(f"cannot talk to the relay at {server}: {e}") from None
     except UntrustedRelay as e:
         raise Failed(f"refusing the relay at {server}: {e}") from None
@@ -643,7 +688,9 @@ def _run(reactor, args):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_tls_options(parser, args)
     from twisted.internet import task
 
     task.react(_run, (args,))

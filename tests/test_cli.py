@@ -1062,3 +1062,178 @@ class RecvTests(OnlineTestCase):
         err = self.exits(self.run_cli("recv", "--home", self.path("nothing")))
         self.assertIn("`mailrelay init", err)
         self.assertEqual(self.stdout.getvalue(), "")
+
+
+class TLSOptionTests(CommandTestCase):
+    """--ca and tls:// in the command's options."""
+
+    def setUp(self):
+        super().setUp()
+        from tests.test_endpoints import PKI
+
+        self.pki = PKI(self.path("pki"))
+        self.ca = str(self.pki.ca_file)
+
+    def parse(self, *argv):
+        return cli.build_parser().parse_args(list(argv))
+
+    def test_ca_absent_unless_given(self):
+        self.assertNotIn("ca", vars(self.parse("recv")))
+        self.assertEqual(self.parse("recv", "--ca", self.ca, "--server",
+                                    "tls://relay.example:9443").ca, self.ca)
+
+    def usage_error(self, *argv) -> str:
+        with self.assertRaises(SystemExit) as caught:
+            cli.main(list(argv))
+        self.assertEqual(caught.exception.code, 2)
+        err = self.stderr.getvalue()
+        self.assertNotIn("Traceback", err)
+        return err
+
+    def test_unreadable_ca_is_a_usage_error(self):
+        missing = self.path("none.pem")
+        err = self.usage_error("send", "--to", "bob", "--ca", missing, "hi")
+        self.assertIn(f"argument --ca: {missing}: No such file or directory", err)
+        junk = self.path("junk.pem")
+        with open(junk, "w") as f:
+            f.write("not a certificate")
+        err = self.usage_error("recv", "--ca", junk)
+        self.assertIn(f"argument --ca: {junk} holds no PEM certificate", err)
+
+    def test_ca_without_tls_is_a_usage_error(self):
+        for argv in (["--server", "relay.example:9000"], ["--server", "tcp:h:9000"], []):
+            self.stderr.truncate(0)
+            self.stderr.seek(0)
+            err = self.usage_error("send", "--to", "bob", "--ca", self.ca, *argv, "hi")
+            self.assertIn("--ca applies to a TLS server (--server tls:HOST:PORT or "
+                          "tls://HOST:PORT), not ", err)
+        self.setenv("MAILRELAY_SERVER", "relay.example:9000")
+        self.usage_error("recv", "--ca", self.ca)
+
+    def test_ca_with_tls_passes_the_check(self):
+        parser = cli.build_parser()
+        for server in ("tls:relay.example:9443", "tls://relay.example:9443"):
+            cli.check_tls_options(parser, parser.parse_args(
+                ["recv", "--ca", self.ca, "--server", server]))
+        self.setenv("MAILRELAY_SERVER", "tls://relay.example:9443")
+        cli.check_tls_options(parser, parser.parse_args(["recv", "--ca", self.ca]))
+
+    def test_endpoint(self):
+        """A TLS server: checked against --ca, else HOME/ca.pem if it exists, else the system."""
+        from mailrelay.endpoints import TLSClientEndpoint
+
+        home = self.path("home")
+        args = self.parse("recv", "--home", home, "--server", "tls://relay.example:9443",
+                          "--ca", self.ca)
+        endpoint = cli._endpoint(Clock(), args)
+        self.assertIsInstance(endpoint, TLSClientEndpoint)
+        self.assertEqual((endpoint.creator.hostname, endpoint.creator.trust),
+                         ("relay.example", f"a CA in {self.ca}"))
+        args = self.parse("recv", "--home", home, "--server", "tls:relay.example:9443")
+        self.assertEqual(cli._endpoint(Clock(), args).creator.trust, "a CA this system trusts")
+        os.makedirs(home)
+        with open(os.path.join(home, "ca.pem"), "wb") as f:
+            f.write(self.pki.ca_file.read_bytes())
+        self.assertEqual(cli._endpoint(Clock(), args).creator.trust,
+                         f"a CA in {os.path.join(home, 'ca.pem')}")
+
+    def test_endpoint_ca_mistakes_are_one_line(self):
+        home = self.home_with(ALICE)
+        with open(os.path.join(home, "ca.pem"), "w") as f:
+            f.write("damaged")
+        err = self.exits(self.run_cli("send", "--home", home, "--to", "bob", "x", "--server",
+                                      "tls:relay.example:9443"))
+        self.assertEqual(err, f"mailrelay send: CA file {os.path.join(home, 'ca.pem')} holds "
+                              f"no PEM certificate\n")
+
+
+class TLSConnectTests(OnlineTestCase):
+    """
+    The command against a real relay over real TLS, in memory: the relay's
+    side is Twisted's TLS over the relay factory, the command's its own
+    endpoint; a certificate that does not match is refused in one line.
+    """
+
+    def setUp(self):
+        super().setUp()
+        from mailrelay.endpoints import load_server_tls
+        from tests.test_endpoints import PKI
+
+        self.pki = PKI(self.path("pki"))
+        key, cert, _ = self.pki.issue()
+        self.tls = load_server_tls(str(cert), str(key))
+        self.home = self.home_with(ALICE)
+        self.relay.register(BOB)
+
+    def server(self, host="localhost"):
+        # The TLS endpoint over a TCP endpoint: the memory reactor takes the connection.
+        return rf"tls:{host}:9000:endpoint=tcp\:127.0.0.1\:9000"
+
+    def run_tls(self, *argv, host="localhost", options=None):
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        d = self.run_cli(*argv, "--server", self.server(host), reactor=self.reactor)
+        host_, port, factory, timeout, bind = self.reactor.tcpClients.pop(0)
+        self.reactor.connectors.pop(0)
+        client = factory.buildProtocol(None)
+        server = TLSMemoryBIOFactory(options or self.tls.options, False, self.relay.factory,
+                                     clock=self.reactor).buildProtocol(None)
+        pump = iosim.connect(server, iosim.makeFakeServer(server),
+                             client, iosim.makeFakeClient(client), clock=self.reactor)
+        self.relay.pumps.append(pump)
+        self.relay.flush()
+        return d
+
+    def outbox_is_empty(self):
+        self.assertEqual(home_outbox(keys.Home(self.home)).pending(), [])
+
+    def test_trusted(self):
+        """Over TLS the relay asks for the channel binding; the message goes through."""
+        d = self.run_tls("send", "--home", self.home, "--to", "bob", "--ca",
+                         str(self.pki.ca_file), "over TLS")
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertIn("accepted by the relay for bob", self.lines()[-1])
+        self.assertEqual(self.relay.count("bob"), 1)
+
+    def test_unknown_ca(self):
+        """Refused, exit 1 even with --queue, nothing queued: the relay is not trusted."""
+        from tests.test_endpoints import PKI
+
+        other = PKI(self.path("other"), "Other CA")
+        d = self.run_tls("send", "--home", self.home, "--to", "bob", "--queue", "--ca",
+                         str(other.ca_file), "x")
+        err = self.exits(d)
+        self.assertEqual(err, f"mailrelay send: refusing the relay at {self.server()}: the "
+                              f"relay's TLS certificate (CN=localhost), issued by CN=Test CA, "
+                              f"is not signed by a CA in {other.ca_file} (unknown CA)\n")
+        self.outbox_is_empty()
+        self.assertEqual(self.relay.count("bob"), 0)
+
+    def test_host_name_mismatch(self):
+        d = self.run_tls("send", "--home", self.home, "--to", "bob", "--ca",
+                         str(self.pki.ca_file), "x", host="relay.example.org")
+        err = self.exits(d)
+        self.assertTrue(err.endswith(": the relay's TLS certificate is for localhost, not "
+                                     "relay.example.org (host name mismatch)\n"), err)
+        self.outbox_is_empty()
+
+    def test_expired(self):
+        import datetime
+
+        from mailrelay.endpoints import load_server_tls
+
+        key, cert, _ = self.pki.issue(
+            prefix="old",
+            not_before=datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc),
+            not_after=datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc))
+        d = self.run_tls("recv", "--home", self.home, "--ca", str(self.pki.ca_file),
+                         options=load_server_tls(str(cert), str(key)).options)
+        err = self.exits(d)
+        self.assertTrue(err.endswith(": the relay's TLS certificate (CN=localhost) expired on "
+                                     "2025-01-01 00:00:00 UTC (expired)\n"), err)
+
+    def test_home_ca_by_default(self):
+        with open(os.path.join(self.home, "ca.pem"), "wb") as f:
+            f.write(self.pki.ca_file.read_bytes())
+        d = self.run_tls("send", "--home", self.home, "--to", "bob", "by default")
+        self.assertEqual(self.successResultOf(d), 0)

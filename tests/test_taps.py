@@ -16,7 +16,7 @@ from twisted.application import service
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python import monkey, usage
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -78,6 +78,9 @@ class RelayOptionsTests(InTempDirectory, SynchronousTestCase):
             "burst": 1000,
             "retry-window": 30.0,
             "ttl": 30.0,
+            "tls-cert": None,
+            "tls-key": None,
+            "tls": None,
         })
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.cwd, "var")).st_mode) & 0o077,
                          0)
@@ -110,7 +113,7 @@ class RelayOptionsTests(InTempDirectory, SynchronousTestCase):
             "auth-timeout": 2.5, "idle-timeout": 60.0, "quota-messages": 0,
             "quota-bytes": 1000, "max-per-peer": 0, "max-sessions": 500,
             "frame-timeout": 7.5, "rate": 0.5, "burst": 20, "retry-window": 7.0,
-            "ttl": 0.5,
+            "ttl": 0.5, "tls-cert": None, "tls-key": None, "tls": None,
         })
 
     def test_limits_off(self):
@@ -378,7 +381,8 @@ class ClientOptionsTests(HomeMixin, SynchronousTestCase):
         self.assertEqual((identity.name, identity.public_der), ("bob", BOB.public_der))
         self.assertEqual(
             {k: v for k, v in options.items() if k not in ("identity", "inbox", "outbox")},
-            {"home": self.home, "maildir": self.maildir, "server": "tcp:host:9000"},
+            {"home": self.home, "maildir": self.maildir, "server": "tcp:host:9000",
+             "ca": None},
         )
         self.assertIsInstance(options["inbox"], Inbox)
         self.assertIsInstance(options["outbox"], Outbox)
@@ -625,3 +629,273 @@ class RelayIdTests(SynchronousTestCase):
         with open(os.path.join(self.data, "relay-id"), "w") as f:
             f.write("not/an id\n")
         self.assertRaises(usage.UsageError, relay_options, "--data", self.data)
+
+
+def _text(event) -> str:
+    from twisted.logger import formatEvent
+
+    return formatEvent(event)
+
+
+class RelayTLSOptionsTests(InTempDirectory, SynchronousTestCase):
+    """--tls-cert and --tls-key, and an ssl: --port: read and checked before start."""
+
+    def setUp(self):
+        super().setUp()
+        from tests.test_endpoints import PKI
+
+        self.pki = PKI(os.path.join(self.cwd, "pki"))
+        key, cert, self.certificate = self.pki.issue()
+        self.key, self.cert = str(key), str(cert)
+
+    def parse(self, *argv):
+        return relay_options("--store", "memory", *argv)
+
+    def usage_error(self, *argv) -> str:
+        error = self.assertRaises(usage.UsageError, self.parse, *argv)
+        self.assertNotIn("\n", str(error))
+        return str(error)
+
+    def test_tls(self):
+        from mailrelay.endpoints import ServerTLS
+
+        options = self.parse("--port", "9443", "--tls-cert", self.cert, "--tls-key", self.key)
+        self.assertEqual(options["port"], "tcp:9443")
+        self.assertIsInstance(options["tls"], ServerTLS)
+        self.assertEqual(options["tls"].certificate, self.certificate)
+        options = self.parse("--port", "tcp6:9443:interface=\\:\\:1", "--tls-cert", self.cert,
+                             "--tls-key", self.key)
+        self.assertIsInstance(options["tls"], ServerTLS)
+
+    def test_both_or_neither(self):
+        for argv in (["--tls-cert", self.cert], ["--tls-key", self.key]):
+            self.assertEqual(self.usage_error(*argv),
+                             "--tls-cert and --tls-key go together: give both or neither")
+
+    def test_unusable_files(self):
+        other_key, _, _ = self.pki.issue(prefix="other")
+        missing = os.path.join(self.cwd, "missing.pem")
+        for argv, reason in [
+            (["--tls-cert", missing, "--tls-key", self.key],
+             f"--tls-cert {missing}: No such file or directory"),
+            (["--tls-cert", self.cert, "--tls-key", missing],
+             f"--tls-key {missing}: No such file or directory"),
+            (["--tls-cert", self.key, "--tls-key", self.key],
+             f"--tls-cert {self.key} holds no PEM certificate"),
+            (["--tls-cert", self.cert, "--tls-key", str(other_key)],
+             f"--tls-key {other_key} is not the key of the certificate in "
+             f"--tls-cert {self.cert}"),
+        ]:
+            self.assertEqual(self.usage_error(*argv), reason)
+
+    def test_tls_needs_a_tcp_port(self):
+        error = self.usage_error("--port", "unix:/tmp/relay.sock", "--tls-cert", self.cert,
+                                 "--tls-key", self.key)
+        self.assertIn("need a TCP --port", error)
+        error = self.usage_error("--port", f"ssl:9443:privateKey={self.key}",
+                                 "--tls-cert", self.cert, "--tls-key", self.key)
+        self.assertIn("give the files one way only", error)
+        self.assertIn("not a valid endpoint", self.usage_error(
+            "--port", "tcp:9443:colour=blue", "--tls-cert", self.cert, "--tls-key", self.key))
+
+    def test_ssl_port(self):
+        """An ssl: --port is served the same way, with its files checked now."""
+        from mailrelay.endpoints import ServerTLS
+
+        options = self.parse("--port", f"ssl:9443:privateKey={self.key}:certKey={self.cert}")
+        self.assertIsInstance(options["tls"], ServerTLS)
+        self.assertEqual(options["tls"].certificate, self.certificate)
+        missing = os.path.join(self.cwd, "missing.pem")
+        self.assertEqual(
+            self.usage_error("--port", f"ssl:9443:privateKey={missing}:certKey={self.cert}"),
+            f"--port: privateKey={missing}: No such file or directory")
+        self.assertIn("sslmethod= is not supported", self.usage_error(
+            "--port", f"ssl:9443:privateKey={self.key}:certKey={self.cert}:"
+                      f"sslmethod=TLSv1_METHOD"))
+
+
+class InterfaceReactor(MemoryReactorClock):
+    """A memory reactor whose ports report the interface they were asked for."""
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        from twisted.internet.address import IPv4Address, IPv6Address
+        from twisted.internet.testing import _FakePort
+
+        super().listenTCP(port, factory, backlog, interface)
+        kind = IPv6Address if ":" in interface else IPv4Address
+        return _FakePort(kind("TCP", interface or "0.0.0.0", port))
+
+
+class RelayTLSServiceTests(InTempDirectory, SynchronousTestCase):
+    def setUp(self):
+        super().setUp()
+        from tests.test_endpoints import PKI
+
+        self.pki = PKI(os.path.join(self.cwd, "pki"))
+        key, cert, self.certificate = self.pki.issue()
+        self.key, self.cert = str(key), str(cert)
+        self.events = []
+        self.patch(relay_tap, "log", Logger(observer=self.events.append))
+
+    def start(self, *argv, reactor=None):
+        reactor = reactor or MemoryReactorClock()
+        top = relay_tap.makeService(relay_options("--store", "memory", *argv), reactor=reactor)
+        top.privilegedStartService()
+        top.startService()
+        self.addCleanup(lambda: top.running and top.stopService())
+        return reactor
+
+    def lines(self, level=None):
+        return [_text(e) for e in self.events
+                if level is None or e.get("log_level") == level]
+
+    def test_listens_in_tls(self):
+        """TLS on the TCP port and interface of --port, with the relay's own factory."""
+        reactor = self.start("--port", "tcp:9443:interface=127.0.0.1",
+                             "--tls-cert", self.cert, "--tls-key", self.key)
+        self.assertEqual(reactor.tcpServers, [])
+        [(port, factory, context, backlog, interface)] = reactor.sslServers
+        self.assertEqual((port, interface), (9443, "127.0.0.1"))
+        self.assertIsInstance(factory, RelayFactory)
+        expiry = self.certificate.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+        self.assertIn(f"serving TLS (1.2 or later, 1.3 preferred) with the certificate for "
+                      f"CN=localhost (localhost), valid until {expiry}", self.lines())
+        self.assertEqual(self.lines(LogLevel.warn), [])
+
+    def test_ssl_port_served_the_same(self):
+        reactor = self.start("--port", f"ssl:9443:privateKey={self.key}:certKey={self.cert}")
+        [(port, factory, context, backlog, interface)] = reactor.sslServers
+        self.assertEqual((port, interface), (9443, ""))
+        self.assertTrue(any(line.startswith("serving TLS") for line in self.lines()))
+
+    def test_plain_tcp_beyond_this_host_warns(self):
+        for port in ("9000", "tcp:9000:interface=0.0.0.0", "tcp:9000:interface=10.1.2.3",
+                     "tcp6:9000", r"tcp6:9000:interface=2001\:db8\:\:1"):
+            del self.events[:]
+            self.start("--port", port, reactor=InterfaceReactor())
+            [warning] = self.lines(LogLevel.warn)
+            self.assertTrue(warning.startswith("WARNING: serving plain TCP, without TLS, on "),
+                            warning)
+            for words in ("messages stay end-to-end encrypted",
+                          "authentication is not bound to a TLS channel",
+                          "metadata", "is visible on the network", "--tls-cert"):
+                self.assertIn(words, warning)
+
+    def test_plain_tcp_on_loopback_does_not_warn(self):
+        for port in ("tcp:9000:interface=127.0.0.1", "tcp:9000:interface=127.0.0.2",
+                     r"tcp6:9000:interface=\:\:1"):
+            del self.events[:]
+            self.start("--port", port, reactor=InterfaceReactor())
+            self.assertEqual(self.lines(LogLevel.warn), [], port)
+            self.assertIn("serving plain TCP, without TLS", self.lines())
+
+    def test_beyond_this_host(self):
+        from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+
+        for address, beyond in [
+            (IPv4Address("TCP", "0.0.0.0", 1), True),
+            (IPv4Address("TCP", "192.0.2.1", 1), True),
+            (IPv6Address("TCP", "::", 1), True),
+            (IPv4Address("TCP", "127.0.0.1", 1), False),
+            (IPv4Address("TCP", "127.1.2.3", 1), False),
+            (IPv6Address("TCP", "::1", 1), False),
+            (UNIXAddress(b"/run/relay.sock"), False),
+        ]:
+            self.assertEqual(relay_tap.beyond_this_host(address), beyond, address)
+
+    def test_expired_certificate_warns(self):
+        import datetime
+
+        key, cert, _ = self.pki.issue(
+            prefix="old",
+            not_before=datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc),
+            not_after=datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc))
+        self.start("--port", "9443", "--tls-cert", str(cert), "--tls-key", str(key))
+        [warning] = self.lines(LogLevel.warn)
+        self.assertEqual(warning, f"WARNING: the TLS certificate {cert} expired on "
+                                  f"2025-01-01 00:00:00 UTC: clients that check it refuse "
+                                  f"this relay")
+
+
+class ClientTLSTests(HomeMixin, SynchronousTestCase):
+    """twistd mailclient with a TLS server and --ca."""
+
+    def setUp(self):
+        super().setUp()
+        from tests.test_endpoints import PKI
+
+        self.pki = PKI(self.mktemp())
+        self.ca = str(self.pki.ca_file)
+
+    def parse(self, *argv):
+        options = client_tap.Options()
+        options.parseOptions(["--home", self.home, "--maildir", self.maildir, *argv])
+        return options
+
+    def test_ca(self):
+        options = self.parse("--server", "tls://relay.example:9443", "--ca", self.ca)
+        self.assertEqual((options["server"], options["ca"]), ("tls:relay.example:9443", self.ca))
+
+    def test_ca_mistakes(self):
+        for argv, reason in [
+            (["--server", "relay.example:9000", "--ca", self.ca], "is for a TLS server"),
+            (["--server", "tls:relay.example:9443", "--ca", self.home],
+             f"--ca {self.home}: Is a directory"),
+            (["--server", "tls:relay.example:9443", "--ca", self.home + "/none"],
+             "No such file or directory"),
+        ]:
+            error = self.assertRaises(usage.UsageError, self.parse, *argv)
+            self.assertIn(reason, str(error))
+            self.assertNotIn("\n", str(error))
+
+    def test_service_checks_the_certificate(self):
+        from mailrelay.endpoints import TLSClientEndpoint
+
+        made = []
+
+        def recording(endpoint, factory, **kwargs):
+            made.append((endpoint, factory))
+            return service.Service()
+
+        self.patch(client_tap, "ClientService", recording)
+        client_tap.makeService(self.parse("--server", "tls:relay.example:9443", "--ca",
+                                          self.ca), reactor=MemoryReactorClock())
+        [(endpoint, factory)] = made
+        self.assertIsInstance(endpoint, TLSClientEndpoint)
+        self.assertIs(factory.endpoint, endpoint)
+        self.assertEqual(factory.endpoint.creator.trust, f"a CA in {self.ca}")
+        self.assertEqual(factory.endpoint.creator.hostname, "relay.example")
+
+    def test_home_ca_by_default(self):
+        home_ca = os.path.join(self.home, "ca.pem")
+        with open(home_ca, "wb") as f:
+            f.write(self.pki.ca_file.read_bytes())
+        options = self.parse("--server", "tls:relay.example:9443")
+        self.assertEqual(client_tap.server_endpoint(MemoryReactorClock(), options)
+                         .creator.trust, f"a CA in {home_ca}")
+
+    def test_refusal_logged(self):
+        """A certificate that does not match is logged in one line saying what did not."""
+        from twisted.python.failure import Failure
+
+        from mailrelay.client.protocol import Disconnected
+
+        events = []
+        self.patch(client_tap, "log", Logger(observer=events.append))
+        options = self.parse("--server", "tls:relay.example:9443", "--ca", self.ca)
+        endpoint = client_tap.server_endpoint(MemoryReactorClock(), options)
+        factory = client_tap.MailclientFactory(options["server"], endpoint=endpoint,
+                                               identity=options["identity"])
+        endpoint.creator.problem = ("the relay's TLS certificate is for localhost, not "
+                                    "relay.example (host name mismatch)")
+        factory._notReady(Failure(Disconnected("TLS failed: certificate verify failed")))
+        self.assertEqual([_text(e) for e in events],
+                         ["refusing the relay at tls:relay.example:9443: the relay's TLS "
+                          "certificate is for localhost, not relay.example (host name "
+                          "mismatch)"])
+        del events[:]
+        endpoint.creator.problem = None  # as each new connection starts
+        factory._notReady(Failure(Disconnected("the relay closed the connection")))
+        self.assertEqual([_text(e) for e in events],
+                         ["session with tls:relay.example:9443 ended before it began: "
+                          "the relay closed the connection"])

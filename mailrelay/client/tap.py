@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -18,18 +17,27 @@ from mailrelay.client.maildir import Maildir
 from mailrelay.client.protocol import ClientFactory
 from mailrelay.client.inbox import InboxError, home_inbox
 from mailrelay.client.outbox import OutboxError, home_outbox
-from mailrelay.endpoints import check_port, client_description
+from mailrelay.endpoints import (
+    TLSSetupError,
+    check_port,
+    client_description,
+    client_endpoint,
+    tls_refusal,
+)
 
 log = Logger()
 
 
 class Options(usage.Options):
-    synopsis = "--maildir DIR [--home DIR] [--server ENDPOINT]"
+    synopsis = "--maildir DIR [--home DIR] [--server ENDPOINT] [--ca FILE]"
     optParameters = [
         ["home", None, None, "The identity's home (default: $MAILRELAY_HOME, else ~/.mailrelay)."],
         ["server", None, None,
-         "The relay: HOST:PORT or a Twisted endpoint string "
-         "(default: $MAILRELAY_SERVER, else tcp:localhost:9000)."],
+         "The relay: HOST:PORT, tls://HOST:PORT or a Twisted endpoint string such as "
+         "tls:HOST:PORT (default: $MAILRELAY_SERVER, else tcp:localhost:9000)."],
+        ["ca", None, None,
+         "For a TLS server: the CA certificates (PEM) its certificate must be signed by "
+         "(default: HOME/ca.pem if it exists, else the system's trusted CAs)."],
         ["maildir", None, None, "The Maildir to file messages into (created if missing)."],
     ]
 
@@ -38,14 +46,16 @@ class Options(usage.Options):
             raise usage.UsageError("--maildir is required")
         self["home"] = self["home"] or default_home()
         self["server"] = client_description(self["server"] or default_server())
+        home = keys.Home(self["home"])
         try:
             from twisted.internet import reactor
 
             check_port(self["server"])
-            endpoints.clientFromString(reactor, self["server"])
+            server_endpoint(reactor, self)
+        except TLSSetupError as e:
+            raise usage.UsageError(str(e))
         except (ValueError, TypeError, KeyError, OverflowError) as e:
             raise usage.UsageError(f"--server {self['server']!r} is not a valid endpoint: {e}")
-        home = keys.Home(self["home"])
         try:
             self["identity"] = home.load()
         except keys.IdentityError as e:
@@ -59,6 +69,12 @@ class Options(usage.Options):
             self["outbox"] = home_outbox(home)
         except (InboxError, OutboxError) as e:
             raise usage.UsageError(str(e))
+
+
+def server_endpoint(reactor, options):
+    """The relay's endpoint; a TLS server is checked against --ca, HOME/ca.pem or the system."""
+    return client_endpoint(reactor, options["server"], ca=options["ca"],
+                           default_ca=str(keys.Home(options["home"]).path / "ca.pem"))
 
 
 class Filer:
@@ -91,22 +107,26 @@ class Filer:
 class MailclientFactory(ClientFactory):
     """Builds the client's protocol for each connection and logs how each session went."""
 
-    def __init__(self, server: str, outbox=None, **settings) -> None:
+    def __init__(self, server: str, outbox=None, endpoint=None, **settings) -> None:
         super().__init__(**settings)
         self.server = server
         self.outbox = outbox
+        self.endpoint = endpoint
 
     def buildProtocol(self, addr):
         protocol = super().buildProtocol(addr)
         name = self.settings["identity"].name
-        protocol.ready.addCallbacks(
-            self._ready,
-            lambda f: log.warn(
-                "session with {server} ended before it began: {reason}",
-                server=self.server, reason=f.getErrorMessage()),
-            callbackArgs=(name,),
-        )
+        protocol.ready.addCallbacks(self._ready, self._notReady, callbackArgs=(name,))
         return protocol
+
+    def _notReady(self, failure) -> None:
+        refusal = tls_refusal(self.endpoint, failure.getErrorMessage())
+        if refusal is not None:
+            log.warn("refusing the relay at {server}: {reason}", server=self.server,
+                     reason=refusal)
+            return
+        log.warn("session with {server} ended before it began: {reason}",
+                 server=self.server, reason=failure.getErrorMessage())
 
     def _ready(self, protocol, name: str) -> None:
         log.info("connected to {server} as {identity}; messages waiting: {queued}",
@@ -134,8 +154,10 @@ def makeService(options: Options, reactor=None):
         from twisted.internet import reactor
     home = keys.Home(options["home"])
     filer = Filer(Maildir(options["maildir"]))
+    endpoint = server_endpoint(reactor, options)
     factory = MailclientFactory(
         options["server"],
+        endpoint=endpoint,
         identity=options["identity"],
         contacts=home,
         on_message=filer,
@@ -148,7 +170,6 @@ def makeService(options: Options, reactor=None):
         clock=reactor,
         relay_check=lambda relay: home.pin_relay(options["server"], relay),
     )
-    endpoint = endpoints.clientFromString(reactor, options["server"])
     top = service.MultiService()
     # ClientService reconnects whenever the connection ends, with backoff.
     client = ClientService(endpoint, factory, retryPolicy=backoffPolicy(maxDelay=60),

@@ -4,6 +4,8 @@ C{twistd mailrelay}: options and the service tree of the relay.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import math
 import os
 import secrets
@@ -11,14 +13,22 @@ from pathlib import Path
 
 from twisted.application import service
 from twisted.application.internet import TimerService
-from twisted.internet import endpoints, error, task
+from twisted.internet import error, task
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
 from mailrelay import wire
 from mailrelay.encoding import valid_identity
-from mailrelay.endpoints import check_port, server_description
+from mailrelay.endpoints import (
+    TLS_PORT_KINDS,
+    TLSSetupError,
+    check_port,
+    load_server_tls,
+    server_description,
+    server_endpoint,
+    ssl_server_files,
+)
 from mailrelay.files import write_durably
 from mailrelay.relay.mailbox import DEFAULT_TTL, DEFAULT_WINDOW
 from mailrelay.relay.protocol import (
@@ -85,7 +95,15 @@ class Options(usage.Options):
     optParameters = [
         ["port", "p", "tcp:9000",
          "Where to listen: a port number or a Twisted endpoint string "
-         "(tcp:9000:interface=127.0.0.1, ssl:9443:privateKey=key.pem:certKey=cert.pem)."],
+         "(tcp:9000:interface=127.0.0.1). With --tls-cert and --tls-key, a port number "
+         "or a tcp:/tcp6: string, served in TLS."],
+        ["tls-cert", None, None,
+         "Serve TLS (1.2 or later, 1.3 preferred) with this certificate: a PEM file, "
+         "the relay's certificate first, then any intermediate CA certificates. "
+         "Needs --tls-key."],
+        ["tls-key", None, None,
+         "The private key of --tls-cert: an unencrypted PEM file, readable by the "
+         "relay alone."],
         ["data", "d", "./var", "Directory of the SQLite store (created if missing)."],
         ["store", None, "sqlite", "Store engine: sqlite (durable) or memory (lost at exit)."],
         ["name", None, None,
@@ -131,6 +149,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         self["port"] = server_description(self["port"])
+        self["tls"] = self._tls()
         if self["store"] not in ("sqlite", "memory"):
             raise usage.UsageError(f"--store must be sqlite or memory, not {self['store']!r}")
         if self["name"] is not None:
@@ -160,9 +179,45 @@ class Options(usage.Options):
             from twisted.internet import reactor
 
             check_port(self["port"], server=True)
-            endpoints.serverFromString(reactor, self["port"])
+            server_endpoint(reactor, self["port"], self["tls"])
         except (ValueError, KeyError, TypeError, OverflowError) as e:
             raise usage.UsageError(f"--port {self['port']!r} is not a valid endpoint: {e}")
+
+    def _tls(self):
+        """
+        The certificate and key to serve TLS with, read and checked now: from
+        --tls-cert and --tls-key, or from an ssl: --port.  None for plain TCP.
+        """
+        cert, key = self["tls-cert"], self["tls-key"]
+        if (cert is None) != (key is None):
+            raise usage.UsageError("--tls-cert and --tls-key go together: give both or neither")
+        kind = self["port"].split(":", 1)[0].lower()
+        try:
+            if kind == "ssl":
+                if cert is not None:
+                    raise usage.UsageError(
+                        "--tls-cert and --tls-key take a TCP --port (a port number or "
+                        f"tcp:...), not {self['port']!r}: give the files one way only")
+                try:
+                    files = ssl_server_files(self["port"])
+                except ValueError as e:
+                    raise usage.UsageError(
+                        f"--port {self['port']!r} is not a valid endpoint: {e}") from None
+                try:
+                    return load_server_tls(files["cert"], files["key"], files["chain"],
+                                           files["dh"], cert_label="certKey=",
+                                           key_label="privateKey=")
+                except TLSSetupError as e:
+                    raise usage.UsageError(f"--port: {e}") from None
+            if cert is None:
+                return None
+            if kind not in TLS_PORT_KINDS:
+                raise usage.UsageError(
+                    f"--tls-cert and --tls-key need a TCP --port (a port number or "
+                    f"tcp:...), not {self['port']!r}")
+            return load_server_tls(cert, key)
+        except TLSSetupError as e:
+            raise usage.UsageError(str(e)) from None
 
 
 RELAY_ID_FILE = "relay-id"
@@ -198,10 +253,11 @@ class Listener(service.Service):
     instead of running without a listener.
     """
 
-    def __init__(self, endpoint, factory, description: str) -> None:
+    def __init__(self, endpoint, factory, description: str, tls=None) -> None:
         self.endpoint = endpoint
         self.factory = factory
         self.description = description
+        self.tls = tls
         self.port = None
 
     def privilegedStartService(self) -> None:
@@ -224,9 +280,36 @@ class Listener(service.Service):
     def _listening(self, port) -> None:
         self.port = port
         address = port.getHost()
-        log.info("mailrelay listening on {where} as {name}",
-                 where=f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}",
+        where = f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}"
+        log.info("mailrelay listening on {where} as {name}", where=where,
                  name=self.factory.name)
+        self._logTransport(address, where)
+
+    def _logTransport(self, address, where: str) -> None:
+        """Say whether this relay serves TLS, and warn when plain TCP leaves the host."""
+        tls = self.tls
+        if tls is not None:
+            log.info("serving TLS (1.2 or later, 1.3 preferred) with the certificate "
+                     "for {certificate}", certificate=tls.describe())
+            now = datetime.datetime.now(datetime.timezone.utc)
+            if now > tls.not_after:
+                log.warn("WARNING: the TLS certificate {file} expired on {when}: clients "
+                         "that check it refuse this relay", file=tls.cert_file,
+                         when=tls.not_after.strftime("%Y-%m-%d %H:%M:%S UTC"))
+            elif now < tls.not_before:
+                log.warn("WARNING: the TLS certificate {file} is not valid before {when}: "
+                         "clients that check it refuse this relay", file=tls.cert_file,
+                         when=tls.not_before.strftime("%Y-%m-%d %H:%M:%S UTC"))
+            return
+        if beyond_this_host(address):
+            log.warn(
+                "WARNING: serving plain TCP, without TLS, on {where}, beyond this host: "
+                "clients' messages stay end-to-end encrypted, but their authentication "
+                "is not bound to a TLS channel and the metadata (who talks to whom, "
+                "when, sizes) is visible on the network. Give --tls-cert and --tls-key, "
+                "or listen on 127.0.0.1 behind a TLS proxy", where=where)
+        else:
+            log.info("serving plain TCP, without TLS")
 
     def _cannotListen(self, failure) -> None:
         log.failure("cannot listen on {description}", failure, description=self.description)
@@ -236,6 +319,17 @@ class Listener(service.Service):
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()
+
+
+def beyond_this_host(address) -> bool:
+    """Whether C{address}, where a listener listens, is a TCP address other than loopback."""
+    host = getattr(address, "host", None)
+    if getattr(address, "type", None) != "TCP" or not isinstance(host, str):
+        return False
+    try:
+        return not ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return True  # a host name: not known to be this host only
 
 
 class RelayService(service.MultiService):
@@ -354,8 +448,8 @@ def makeService(options: Options, reactor=None):
     )
     top = RelayService(factory, reactor, retry_window=options["retry-window"],
                        ttl=options["ttl"])
-    endpoint = endpoints.serverFromString(reactor, options["port"])
-    Listener(endpoint, factory, options["port"]).setServiceParent(top)
+    endpoint = server_endpoint(reactor, options["port"], options["tls"])
+    Listener(endpoint, factory, options["port"], options["tls"]).setServiceParent(top)
     stats = TimerService(60, top.logTotals)
     stats.clock = reactor
     stats.setServiceParent(top)
