@@ -110,6 +110,13 @@ def load_certificate(data: bytes) -> x509.Certificate:
         raise CAError(f"not a certificate: {e}") from None
 
 
+def certificate_pem(certificate: x509.Certificate | bytes) -> bytes:
+    """A certificate (object, PEM or DER) as PEM, the form files hold."""
+    if isinstance(certificate, (bytes, bytearray)):
+        certificate = load_certificate(bytes(certificate))
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
 def certificate_der(data: bytes) -> bytes:
     """A certificate (PEM or DER) as DER, the form the wire carries."""
     return load_certificate(data).public_bytes(serialization.Encoding.DER)

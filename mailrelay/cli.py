@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from typing import Sequence
 
 from twisted.internet import defer, endpoints, error, task
 from twisted.internet.defer import inlineCallbacks
 
-from mailrelay import __version__, envelope, keys, wire
+from mailrelay import __version__, ca, ca_cli, envelope, keys, wire
 from mailrelay.client.defaults import DEFAULT_SERVER
 from mailrelay.client.defaults import default_home as _default_home
 from mailrelay.client.defaults import default_server as _default_server
@@ -99,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--connect-timeout", type=_positive_float, default=10.0,
                         metavar="SECONDS",
                         help="give up connecting to the relay after this long (default 10)")
+    common.add_argument("--passphrase-file", default=None, metavar="FILE",
+                        help="the passphrase of a protected private key, on the first line "
+                             "of FILE (default: $MAILRELAY_PASSPHRASE_FILE, else a prompt "
+                             "on the terminal)")
 
     parser = argparse.ArgumentParser(
         prog="mailrelay",
@@ -111,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", metavar="ID", help="the identity to create, e.g. alice or 123")
     p.add_argument("--offline", action="store_true",
                    help="do not try to publish the public key to the relay")
+    p.add_argument("--ask-passphrase", action="store_true",
+                   help="protect the private key with a passphrase typed at the prompt "
+                        "(or give it with --passphrase-file)")
+
+    p = sub.add_parser("trust", parents=[common],
+                       help="accept a contact's new key, checked by its fingerprint")
+    p.add_argument("id", metavar="ID", help="the contact")
+    p.add_argument("--fingerprint", required=True, metavar="FP",
+                   help="the fingerprint the contact told you, through another channel")
 
     p = sub.add_parser("fingerprint", parents=[common],
                        help="show your key's fingerprint, or a contact's")
@@ -144,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per message")
 
     sub.add_parser("chat", parents=[common], help="interactive: send and receive")
+    ca_cli.add_parsers(sub, common, _positive_int)
     return parser
 
 
@@ -182,6 +197,38 @@ def _home(args) -> keys.Home:
     return keys.Home(args.home or _default_home())
 
 
+def _read_passphrase(args, prompt: str, confirm: bool = False) -> bytes | None:
+    """
+    The passphrase from --passphrase-file or $MAILRELAY_PASSPHRASE_FILE (its
+    first line), else typed at the terminal; None when there is neither.
+    """
+    path = getattr(args, "passphrase_file", None) or os.environ.get("MAILRELAY_PASSPHRASE_FILE")
+    if path:
+        try:
+            with open(path, "rb") as f:
+                line = f.readline()
+        except OSError as e:
+            raise Failed(f"cannot read the passphrase file {path}: {e.strerror or e}") from None
+        return line.rstrip(b"\r\n")
+    if not sys.stdin.isatty():
+        return None
+    import getpass
+
+    typed = getpass.getpass(prompt)
+    if confirm and getpass.getpass("Again: ") != typed:
+        raise Failed("the two passphrases differ; nothing was created")
+    return typed.encode("utf-8")
+
+
+def _identity(args, home: keys.Home | None = None) -> keys.Identity:
+    """This home's identity, its key opened with the passphrase if it has one."""
+    home = home or _home(args)
+    if not home.protected():
+        return home.load()
+    passphrase = _read_passphrase(args, f"Passphrase for {home.private_key_file}: ")
+    return home.load(passphrase)
+
+
 @inlineCallbacks
 def _connect(reactor, args, home: keys.Home, identity: keys.Identity, **kwargs):
     server = args.server or _default_server()
@@ -191,7 +238,9 @@ def _connect(reactor, args, home: keys.Home, identity: keys.Identity, **kwargs):
         client = yield connect(
             reactor, endpoint, identity, contacts=home,
             timeout=args.connect_timeout,
-            relay_check=lambda relay: home.pin_relay(pin_as, relay), **kwargs,
+            relay_check=lambda relay: home.pin_relay(pin_as, relay),
+            certificate=ca_cli.own_certificate(home),
+            identity_roots=ca_cli.identity_roots(home), **kwargs,
         )
     except error.ConnectionRefusedError:
         raise Unreachable(f"cannot reach the relay at {server}: connection refused "
@@ -235,10 +284,19 @@ def _err(line: str) -> None:
 @inlineCallbacks
 def cmd_init(reactor, args):
     home = _home(args)
-    identity = home.create(keys.check_identity(args.id))
+    name = keys.check_identity(args.id)
+    passphrase = None
+    if args.ask_passphrase or args.passphrase_file:
+        passphrase = _read_passphrase(args, f"Passphrase for {name}'s private key: ",
+                                      confirm=True)
+        if passphrase is None:
+            raise Failed("--ask-passphrase needs a terminal to type it on, or "
+                         "--passphrase-file FILE")
+    identity = home.create(name, passphrase=passphrase)
     _out(f"Created identity {identity.name} in {home.path}")
     _out(f"Fingerprint: {keys.format_fingerprint(identity.fingerprint)}")
-    _out(f"Private key: {home.private_key_file} (keep it secret)")
+    _out(f"Private key: {home.private_key_file} (keep it secret"
+         f"{'; protected by your passphrase' if passphrase else ''})")
     _out(f"Public key:  {home.public_key_file}")
     if args.offline:
         return 0
@@ -260,7 +318,7 @@ def cmd_init(reactor, args):
 @inlineCallbacks
 def cmd_fingerprint(reactor, args):
     home = _home(args)
-    identity = home.load()
+    identity = _identity(args, home)
     if args.id is None or args.id == identity.name:
         _out(f"{identity.name}: {keys.format_fingerprint(identity.fingerprint)}")
         return 0
@@ -268,20 +326,56 @@ def cmd_fingerprint(reactor, args):
     pinned = home.pinned(name)
     if pinned is not None:
         _out(f"{name}: {keys.key_fingerprint(pinned)}")
-        return 0
+        key = pinned
+    else:
+        client = yield _connect(reactor, args, home, identity)
+        try:
+            key = yield client.contact_key(name)
+        finally:
+            yield client.close()
+        _out(f"{name}: {keys.key_fingerprint(key)}  (fetched from the relay and pinned)")
+    _out(f"Safety number with {identity.name}: "
+         f"{keys.safety_number(identity.name, identity.public_key, name, key)}")
+    _out(f"(the same on {name}'s side: compare it in person or by phone)")
+    return 0
+
+
+@inlineCallbacks
+def cmd_trust(reactor, args):
+    home = _home(args)
+    identity = _identity(args, home)
+    name = keys.check_identity(args.id)
+    expected = keys.parse_fingerprint(args.fingerprint)
     client = yield _connect(reactor, args, home, identity)
     try:
-        key = yield client.contact_key(name)
+        der = yield client.lookup(name)
+    except RelayError as e:
+        raise Failed(f"the relay has no key for {name!r}: {e.text}") from None
     finally:
         yield client.close()
-    _out(f"{name}: {keys.key_fingerprint(key)}  (fetched from the relay and pinned)")
+    replaced = home.trust(name, der, expected)
+    if replaced is None:
+        _out(f"Pinned the key of {name}: {keys.format_fingerprint(expected)}")
+    elif keys.public_der(replaced) == der:
+        _out(f"The key of {name} was already this one: {keys.format_fingerprint(expected)}")
+    else:
+        _out(f"Now trusting the new key of {name}: {keys.format_fingerprint(expected)}")
+        _out(f"(it replaces {keys.key_fingerprint(replaced)})")
     return 0
+
+
+def cmd_ca(reactor, args):
+    return ca_cli.run(
+        args, _home,
+        lambda a, need_key=True: _identity(a) if need_key else _home(a).load_name(),
+        _out,
+    )
 
 
 @inlineCallbacks
 def cmd_send(reactor, args):
     home = _home(args)
-    identity = home.load()
+    identity = _identity(args, home)
     recipient = keys.check_identity(args.to)
     if args.text:
         data = " ".join(args.text).encode("utf-8")
@@ -402,7 +496,7 @@ def _report_others(result, own: bytes | None = None) -> None:
 @inlineCallbacks
 def cmd_flush(reactor, args):
     home = _home(args)
-    identity = home.load()
+    identity = _identity(args, home)
     outbox = home_outbox(home)
     waiting = len(outbox.pending())
     if not waiting:
@@ -438,7 +532,7 @@ def _when(timestamp: int) -> str:
 
 def cmd_outbox(reactor, args):
     home = _home(args)
-    home.load()  # a mistyped --home is an error, not a new empty outbox
+    home.load_name()  # a mistyped --home is an error, not a new empty outbox
     outbox = home_outbox(home)
     if args.clear_failed:
         count = outbox.clear_failed()
@@ -471,7 +565,7 @@ def cmd_outbox(reactor, args):
 
 def cmd_inbox(reactor, args):
     home = _home(args)
-    home.load()  # a mistyped --home is an error, not a new empty inbox
+    home.load_name()  # a mistyped --home is an error, not a new empty inbox
     inbox = home_inbox(home)
     sender = keys.check_identity(args.sender) if args.sender else None
     for m in inbox.messages(sender, args.last):
@@ -556,7 +650,7 @@ def _flush_in_background(reactor, home, client, outbox=None):
 @inlineCallbacks
 def cmd_recv(reactor, args):
     home = _home(args)
-    identity = home.load()
+    identity = _identity(args, home)
     finished = defer.Deferred()
     received = [0]
     clients = []
@@ -624,7 +718,7 @@ def cmd_chat(reactor, args):
     from mailrelay.client.console import ChatConsole
 
     home = _home(args)
-    identity = home.load()
+    identity = _identity(args, home)
     outbox = home_outbox(home)
     console = ChatConsole(identity.name, outbox=outbox)
     client = yield _connect(reactor, args, home, identity, on_message=console.show,
@@ -652,6 +746,8 @@ COMMANDS = {
     "flush": cmd_flush,
     "outbox": cmd_outbox,
     "inbox": cmd_inbox,
+    "trust": cmd_trust,
+    "ca": cmd_ca,
 }
 
 # Errors a user can act on: shown as one line, never as a traceback.
@@ -665,6 +761,7 @@ USER_ERRORS = (
     OSError,
     InboxError,
     OutboxError,
+    ca.CAError,
 )
 
 

@@ -302,6 +302,14 @@ class Home:
         write_durably(self._id_file, name.encode("ascii") + b"\n", 0o644)
         return identity
 
+    def load_name(self) -> str:
+        """The identity's id, without opening its private key."""
+        if not self.has_identity():
+            raise NoIdentity(
+                f"no identity in {self.path}; create one with `mailrelay init ID`"
+            )
+        return check_identity(self._id_file.read_text().strip())
+
     def protected(self) -> bool:
         """Whether the private key is encrypted with a passphrase."""
         try:

@@ -81,6 +81,8 @@ class RelayOptionsTests(InTempDirectory, SynchronousTestCase):
             "tls-cert": None,
             "tls-key": None,
             "tls": None,
+            "ca": None,
+            "ca-roots": None,
         })
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.cwd, "var")).st_mode) & 0o077,
                          0)
@@ -114,6 +116,7 @@ class RelayOptionsTests(InTempDirectory, SynchronousTestCase):
             "quota-bytes": 1000, "max-per-peer": 0, "max-sessions": 500,
             "frame-timeout": 7.5, "rate": 0.5, "burst": 20, "retry-window": 7.0,
             "ttl": 0.5, "tls-cert": None, "tls-key": None, "tls": None,
+            "ca": None, "ca-roots": None,
         })
 
     def test_limits_off(self):
@@ -382,7 +385,8 @@ class ClientOptionsTests(HomeMixin, SynchronousTestCase):
         self.assertEqual(
             {k: v for k, v in options.items() if k not in ("identity", "inbox", "outbox")},
             {"home": self.home, "maildir": self.maildir, "server": "tcp:host:9000",
-             "ca": None},
+             "ca": None, "passphrase-file": None, "certificate": b"",
+             "identity-roots": None},
         )
         self.assertIsInstance(options["inbox"], Inbox)
         self.assertIsInstance(options["outbox"], Outbox)
@@ -558,6 +562,33 @@ class ForgetTimerTests(SynchronousTestCase):
         reactor.advance(3600 * 5)
         self.assertEqual(len(calls), 2)
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+class RelayCAOptionTests(SynchronousTestCase):
+    def test_ca_roots_loaded_and_given_to_the_factory(self):
+        from tests.test_ca import authority
+
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(authority().certificate_pem)
+        options = relay_tap.Options()
+        options.parseOptions(["--store", "memory", "--ca", path,
+                              "--port", "tcp:0:interface=127.0.0.1"])
+        self.assertEqual(options["ca-roots"], [authority().certificate])
+        top = relay_tap.makeService(options, reactor=MemoryReactorClock())
+        self.assertEqual(top.factory.ca_roots, [authority().certificate])
+
+    def test_bad_ca_file(self):
+        garbage = self.mktemp()
+        with open(garbage, "w") as f:
+            f.write("not a certificate")
+        for path, says in ((garbage, "not a PEM certificate bundle"),
+                           (self.mktemp(), "No such file")):
+            options = relay_tap.Options()
+            error = self.assertRaises(usage.UsageError, options.parseOptions,
+                                      ["--store", "memory", "--ca", path])
+            self.assertIn(f"--ca {path}: ", str(error))
+            self.assertIn(says, str(error))
 
 
 class ExpiryTimerTests(SynchronousTestCase):

@@ -6,12 +6,14 @@ Maildir before acknowledging it.
 
 from __future__ import annotations
 
+import os
+
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.logger import Logger
 from twisted.python import usage
 
-from mailrelay import keys
+from mailrelay import ca_cli, keys
 from mailrelay.client.defaults import default_home, default_server
 from mailrelay.client.maildir import Maildir
 from mailrelay.client.protocol import ClientFactory
@@ -39,7 +41,21 @@ class Options(usage.Options):
          "For a TLS server: the CA certificates (PEM) its certificate must be signed by "
          "(default: HOME/ca.pem if it exists, else the system's trusted CAs)."],
         ["maildir", None, None, "The Maildir to file messages into (created if missing)."],
+        ["passphrase-file", None, None,
+         "The passphrase of a protected private key, on the first line of this file "
+         "(default: $MAILRELAY_PASSPHRASE_FILE)."],
     ]
+
+    def _passphrase(self, home: keys.Home) -> bytes | None:
+        """A daemon cannot prompt: the passphrase comes from a file, if the key has one."""
+        path = self["passphrase-file"] or os.environ.get("MAILRELAY_PASSPHRASE_FILE")
+        if not home.protected() or not path:
+            return None
+        try:
+            with open(path, "rb") as f:
+                return f.readline().rstrip(b"\r\n")
+        except OSError as e:
+            raise usage.UsageError(f"--passphrase-file {path}: {e.strerror or e}")
 
     def postOptions(self) -> None:
         if not self["maildir"]:
@@ -57,7 +73,9 @@ class Options(usage.Options):
         except (ValueError, TypeError, KeyError, OverflowError) as e:
             raise usage.UsageError(f"--server {self['server']!r} is not a valid endpoint: {e}")
         try:
-            self["identity"] = home.load()
+            self["identity"] = home.load(self._passphrase(home))
+            self["certificate"] = ca_cli.own_certificate(home)
+            self["identity-roots"] = ca_cli.identity_roots(home)
         except keys.IdentityError as e:
             raise usage.UsageError(str(e))
         try:
@@ -167,6 +185,8 @@ def makeService(options: Options, reactor=None):
         inbox=options["inbox"],
         outbox=options["outbox"],
         durable_handler=True,
+        certificate=options["certificate"],
+        identity_roots=options["identity-roots"],
         clock=reactor,
         relay_check=lambda relay: home.pin_relay(options["server"], relay),
     )

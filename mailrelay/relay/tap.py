@@ -104,6 +104,9 @@ class Options(usage.Options):
         ["tls-key", None, None,
          "The private key of --tls-cert: an unencrypted PEM file, readable by the "
          "relay alone."],
+        ["ca", None, None,
+         "CA mode: admit only identities with a certificate from this CA root (a PEM "
+         "file from `mailrelay ca init`), valid now, for their id and key."],
         ["data", "d", "./var", "Directory of the SQLite store (created if missing)."],
         ["store", None, "sqlite", "Store engine: sqlite (durable) or memory (lost at exit)."],
         ["name", None, None,
@@ -147,7 +150,24 @@ class Options(usage.Options):
          _non_negative(float, "--ttl")],
     ]
 
+    def _loadCARoots(self) -> None:
+        self["ca-roots"] = None
+        if self["ca"] is None:
+            return
+        from mailrelay import ca
+
+        try:
+            with open(self["ca"], "rb") as f:
+                self["ca-roots"] = ca.load_roots(f.read())
+        except OSError as e:
+            raise usage.UsageError(f"--ca {self['ca']}: {e.strerror or e}")
+        except ca.CAError as e:
+            raise usage.UsageError(f"--ca {self['ca']}: {e}")
+        if not self["ca-roots"]:
+            raise usage.UsageError(f"--ca {self['ca']}: holds no certificate")
+
     def postOptions(self) -> None:
+        self._loadCARoots()
         self["port"] = server_description(self["port"])
         self["tls"] = self._tls()
         if self["store"] not in ("sqlite", "memory"):
@@ -445,6 +465,7 @@ def makeService(options: Options, reactor=None):
         frame_timeout=options["frame-timeout"],
         rate=options["rate"],
         burst=options["burst"],
+        ca_roots=options["ca-roots"],
     )
     top = RelayService(factory, reactor, retry_window=options["retry-window"],
                        ttl=options["ttl"])
