@@ -31,7 +31,7 @@ def add_parsers(sub, common, positive_int) -> None:
     p = sub.add_parser("ca", help="certificate authority: issue and use certificates")
     actions = p.add_subparsers(dest="ca_command", required=True, metavar="ACTION")
 
-    a = actions.add_parser("init", help="create a CA key and self-signed root in DIR")
+    a = actions.add_parser("init", help="create a CA key and self-signed root in DIR", parents=[common])
     a.add_argument("dir", metavar="DIR")
     a.add_argument("--name", default="mailrelay CA", help="the root's common name")
     a.add_argument("--days", type=positive_int, default=ca.ROOT_DAYS)
@@ -40,7 +40,7 @@ def add_parsers(sub, common, positive_int) -> None:
                            help="a certificate request for this home's identity")
     a.add_argument("--out", metavar="FILE", help="write it here (default: standard output)")
 
-    a = actions.add_parser("sign", help="issue a certificate for a request")
+    a = actions.add_parser("sign", help="issue a certificate for a request", parents=[common])
     a.add_argument("dir", metavar="DIR", help="the CA's directory (from `ca init`)")
     a.add_argument("request", metavar="REQUEST", help="the request file (PEM)")
     a.add_argument("--id", required=True, metavar="ID",
@@ -48,7 +48,7 @@ def add_parsers(sub, common, positive_int) -> None:
     a.add_argument("--days", type=positive_int, default=ca.DEFAULT_DAYS)
     a.add_argument("--out", metavar="FILE", help="write it here (default: standard output)")
 
-    a = actions.add_parser("relay-cert", help="a TLS key and certificate for the relay")
+    a = actions.add_parser("relay-cert", help="a TLS key and certificate for the relay", parents=[common])
     a.add_argument("dir", metavar="DIR", help="the CA's directory")
     a.add_argument("hostname", metavar="HOSTNAME", help="the name clients connect to")
     a.add_argument("--days", type=positive_int, default=ca.DEFAULT_DAYS)

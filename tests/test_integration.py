@@ -519,3 +519,63 @@ class TLSTests(SynchronousTestCase):
         self.assertEqual(sent.returncode, 0, sent.stderr)
         received = cli(bob, server, "recv", "--count", "1", "--timeout", "30")
         self.assertEqual(received.stdout, "Received message from 123: over TLS\n")
+
+
+class CATests(SynchronousTestCase):
+    """
+    `mailrelay ca` from end to end, with real processes: a CA, the relay's TLS
+    certificate from it, a relay in CA mode on TLS, and certified clients.
+    """
+
+    def test_certified_clients_over_tls_from_the_same_ca(self) -> None:
+        root = Path(self.mktemp()).resolve()
+        root.mkdir(parents=True)
+        ca_dir, tls = root / "ca", root / "tls"
+        done = cli(root, None, "ca", "init", str(ca_dir), "--name", "Example CA")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        done = cli(root, None, "ca", "relay-cert", str(ca_dir), "localhost",
+                   "--out-dir", str(tls))
+        self.assertEqual(done.returncode, 0, done.stderr)
+        relay = Relay(root / "var", "--tls-cert", str(tls / "relay-cert.pem"), "--tls-key",
+                      str(tls / "relay-key.pem"), "--ca", str(ca_dir / "ca.pem"),
+                      scheme="tls:localhost").start()
+        self.addCleanup(relay.stop)
+        tls_ca = str(ca_dir / "ca.pem")
+        homes = {"alice": root / "alice", "bob": root / "bob"}
+        for name, home in homes.items():
+            done = cli(home, relay.server, "init", name, "--offline")
+            self.assertEqual(done.returncode, 0, done.stderr)
+        # Not certified yet: the relay refuses, saying why.
+        refused = cli(homes["alice"], relay.server, "send", "--ca", tls_ca, "--to", "bob", "x")
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("admits only identities certified by its CA", refused.stderr)
+        for name, home in homes.items():
+            request, certificate = root / f"{name}.csr", root / f"{name}.pem"
+            for args in (("ca", "request", "--out", str(request)),):
+                done = cli(home, None, *args)
+                self.assertEqual(done.returncode, 0, done.stderr)
+            done = cli(root, None, "ca", "sign", str(ca_dir), str(request), "--id", name,
+                       "--out", str(certificate))
+            self.assertEqual(done.returncode, 0, done.stderr)
+            for args in (("ca", "install", str(certificate)), ("ca", "use", tls_ca)):
+                done = cli(home, None, *args)
+                self.assertEqual(done.returncode, 0, done.stderr)
+        done = cli(homes["bob"], relay.server, "recv", "--ca", tls_ca, "--timeout", "1")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        sent = cli(homes["alice"], relay.server, "send", "--ca", tls_ca, "--to", "bob",
+                   "certified and over TLS")
+        self.assertEqual(sent.returncode, 0, sent.stderr)
+        received = cli(homes["bob"], relay.server, "recv", "--ca", tls_ca, "--count", "1",
+                       "--timeout", "30")
+        self.assertEqual(received.returncode, 0, received.stderr)
+        self.assertEqual(received.stdout.splitlines(),
+                         ["Received message from alice: certified and over TLS"])
+        # A client trusting another root refuses the relay's certificate.
+        other = root / "other"
+        done = cli(root, None, "ca", "init", str(other), "--name", "Other CA")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        refused = cli(homes["alice"], relay.server, "send", "--ca", str(other / "ca.pem"),
+                      "--to", "bob", "y")
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("not signed by a CA in", refused.stderr)
+        self.assertNotIn("Traceback", refused.stderr)
