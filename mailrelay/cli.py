@@ -478,10 +478,10 @@ def _flush(reactor, outbox, client):
     return result
 
 
-def _report_others(result, own: bytes | None = None) -> None:
+def _report_others(result, own: bytes | None = None, accepted: bool = True) -> None:
     """Say on standard error what happened to queued messages other than C{own}."""
     others = [e for e in result.accepted if e.message_id != own]
-    if others:
+    if others and accepted:
         _err(f"mailrelay: also sent {len(others)} message(s) that were waiting in the outbox")
     for entry, why in result.refused:
         if entry.message_id != own:
@@ -644,7 +644,7 @@ def _flush_in_background(reactor, home, client, outbox=None):
     if result.accepted:
         _err(f"mailrelay: sent {len(result.accepted)} message(s) that were waiting "
              f"in the outbox")
-    _report_others(result, None)
+    _report_others(result, None, accepted=False)
 
 
 @inlineCallbacks

@@ -500,6 +500,7 @@ class PassphraseTests(SynchronousTestCase):
     """Private keys protected by a passphrase: encrypted PKCS#8 that openssl opens."""
 
     def setUp(self):
+        identity("alice"), identity("bob")  # generated before generate is patched
         self.home = keys.Home(self.mktemp())
         self.patch(keys.Identity, "generate",
                    classmethod(lambda cls, name, bits=0: identity(name)))
