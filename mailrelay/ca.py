@@ -100,14 +100,27 @@ def load_authority(key_pem: bytes, certificate_pem: bytes, passphrase: bytes | N
     return Authority(key, certificate)
 
 
+def _parsed(certificate: x509.Certificate) -> x509.Certificate:
+    """
+    C{certificate} with every field read once: cryptography parses lazily,
+    and a malformed name or extension must fail here, as L{CAError}, not
+    later in some caller that expects a usable certificate.
+    """
+    certificate.subject, certificate.issuer, certificate.not_valid_before_utc
+    certificate.not_valid_after_utc, certificate.public_key()
+    for _ in certificate.extensions:
+        pass
+    return certificate
+
+
 def load_certificate(data: bytes) -> x509.Certificate:
-    """A certificate in PEM or DER."""
+    """A certificate in PEM or DER, every field of it readable."""
     try:
         if data.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
-    except ValueError as e:
-        raise CAError(f"not a certificate: {e}") from None
+            return _parsed(x509.load_pem_x509_certificate(data))
+        return _parsed(x509.load_der_x509_certificate(data))
+    except Exception as e:  # any parse failure of bytes from outside
+        raise CAError(f"not a usable certificate: {e}") from None
 
 
 def certificate_pem(certificate: x509.Certificate | bytes) -> bytes:
@@ -123,11 +136,32 @@ def certificate_der(data: bytes) -> bytes:
 
 
 def load_roots(pem: bytes) -> list[x509.Certificate]:
-    """Every certificate in a PEM bundle (one or more roots)."""
+    """
+    Every certificate in a PEM bundle, each checked to be a CA root: self-
+    signed, C{CA:TRUE} with C{keyCertSign}.  A leaf (a relay's TLS
+    certificate, a person's identity certificate) is refused: whoever holds
+    its key could otherwise certify any key as anyone.
+    """
     try:
-        roots = x509.load_pem_x509_certificates(pem)
-    except ValueError as e:
+        roots = [_parsed(r) for r in x509.load_pem_x509_certificates(pem)]
+    except Exception as e:
         raise CAError(f"not a PEM certificate bundle: {e}") from None
+    for root in roots:
+        name = root.subject.rfc4514_string()
+        try:
+            constraints = root.extensions.get_extension_for_class(x509.BasicConstraints).value
+            usage = root.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            raise CAError(f"{name} is not a CA certificate (no basic constraints or key "
+                          f"usage)") from None
+        if not constraints.ca or not usage.key_cert_sign:
+            raise CAError(f"{name} is not a CA certificate: it may not sign certificates")
+        try:
+            if root.issuer != root.subject:
+                raise ValueError
+            root.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            raise CAError(f"{name} is not a root: it is not self-signed") from None
     return roots
 
 
@@ -207,8 +241,15 @@ def issue_server(authority: Authority, hostname: str, days: int = DEFAULT_DAYS
     A TLS server key and certificate (both PEM) for C{hostname}, for the
     relay's C{--tls-key} and C{--tls-cert}.
     """
-    if not hostname or any(c.isspace() for c in hostname):
+    if not hostname or any(c.isspace() for c in hostname) or ".." in hostname:
         raise CAError(f"{hostname!r} is not a host name")
+    try:
+        hostname.encode("ascii")
+    except UnicodeEncodeError:
+        try:
+            hostname = hostname.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise CAError(f"{hostname!r} is not a host name") from None
     key = rsa.generate_private_key(public_exponent=keys.PUBLIC_EXPONENT, key_size=CA_KEY_BITS)
     try:
         import ipaddress
@@ -246,18 +287,33 @@ def verify_identity(certificate_data: bytes, roots: list[x509.Certificate], iden
     (PEM or DER) is an identity certificate signed by one of C{roots}, valid at C{now},
     for C{identity} and for the key C{public_key_der}.
     """
+    try:
+        _verify_identity(certificate_data, roots, identity, public_key_der, now)
+    except CAError:
+        raise
+    except Exception as e:  # whatever else malformed input provokes: a refusal
+        raise CAError(f"the certificate cannot be checked: {e}") from None
+
+
+def _verify_identity(certificate_data, roots, identity, public_key_der, now) -> None:
     if not certificate_data:
         raise CAError("no certificate was given")
     certificate = load_certificate(certificate_data)
     now = now or _now()
-    issuer = next((r for r in roots if r.subject == certificate.issuer), None)
-    if issuer is None:
+    candidates = [r for r in roots if r.subject == certificate.issuer]
+    if not candidates:
         raise CAError(f"the certificate is issued by {certificate.issuer.rfc4514_string()}, "
                       f"not by a trusted root")
-    try:
-        certificate.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError):
-        raise CAError("the certificate's signature does not verify with the root") from None
+    issuer = None
+    for root in candidates:  # roots may share a name: the signature decides
+        try:
+            certificate.verify_directly_issued_by(root)
+        except (InvalidSignature, ValueError, TypeError):
+            continue
+        issuer = root
+        break
+    if issuer is None:
+        raise CAError("the certificate's signature does not verify with the root")
     if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
         raise CAError(
             f"the certificate is valid from {certificate.not_valid_before_utc:%Y-%m-%d} to "
@@ -279,3 +335,6 @@ def verify_identity(certificate_data: bytes, roots: list[x509.Certificate], iden
                       f"not for {identity!r}")
     if keys.public_der(certificate.public_key()) != public_key_der:
         raise CAError(f"the certificate is for another key of {identity!r}")
+    if not issuer.not_valid_before_utc <= now <= issuer.not_valid_after_utc:
+        raise CAError(f"the root {issuer.subject.rfc4514_string()} is not valid now "
+                      f"(until {issuer.not_valid_after_utc:%Y-%m-%d})")

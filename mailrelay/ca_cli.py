@@ -21,6 +21,9 @@ from pathlib import Path
 from mailrelay import ca, keys
 from mailrelay.files import write_durably
 
+MAX_DAYS = 36500
+"""The longest validity accepted: a hundred years."""
+
 CA_KEY_FILE = "ca-key.pem"
 CA_CERT_FILE = "ca.pem"
 CERTIFICATE_FILE = "certificate.pem"
@@ -33,8 +36,11 @@ def add_parsers(sub, common, positive_int) -> None:
 
     a = actions.add_parser("init", help="create a CA key and self-signed root in DIR", parents=[common])
     a.add_argument("dir", metavar="DIR")
+    a.add_argument("--ask-passphrase", action="store_true",
+                   help="protect the CA key with a passphrase typed at the prompt (or give "
+                        "it with --passphrase-file)")
     a.add_argument("--name", default="mailrelay CA", help="the root's common name")
-    a.add_argument("--days", type=positive_int, default=ca.ROOT_DAYS)
+    a.add_argument("--days", type=_days(positive_int), default=ca.ROOT_DAYS)
 
     a = actions.add_parser("request", parents=[common],
                            help="a certificate request for this home's identity")
@@ -45,13 +51,13 @@ def add_parsers(sub, common, positive_int) -> None:
     a.add_argument("request", metavar="REQUEST", help="the request file (PEM)")
     a.add_argument("--id", required=True, metavar="ID",
                    help="the identity the request must be for (checked)")
-    a.add_argument("--days", type=positive_int, default=ca.DEFAULT_DAYS)
+    a.add_argument("--days", type=_days(positive_int), default=ca.DEFAULT_DAYS)
     a.add_argument("--out", metavar="FILE", help="write it here (default: standard output)")
 
     a = actions.add_parser("relay-cert", help="a TLS key and certificate for the relay", parents=[common])
     a.add_argument("dir", metavar="DIR", help="the CA's directory")
     a.add_argument("hostname", metavar="HOSTNAME", help="the name clients connect to")
-    a.add_argument("--days", type=positive_int, default=ca.DEFAULT_DAYS)
+    a.add_argument("--days", type=_days(positive_int), default=ca.DEFAULT_DAYS)
     a.add_argument("--out-dir", default=".", metavar="D",
                    help="where to write relay-key.pem and relay-cert.pem (default: here)")
 
@@ -62,6 +68,19 @@ def add_parsers(sub, common, positive_int) -> None:
     a = actions.add_parser("use", parents=[common],
                            help="check every contact's key against this CA root")
     a.add_argument("root", metavar="ROOT")
+
+
+def _days(positive_int):
+    """An argparse type: whole days from 1 to L{MAX_DAYS}."""
+    import argparse
+
+    def convert(value: str) -> int:
+        days = positive_int(value)
+        if days > MAX_DAYS:
+            raise argparse.ArgumentTypeError(f"must be at most {MAX_DAYS}, not {value!r}")
+        return days
+
+    return convert
 
 
 def _read(path: str, what: str) -> bytes:
@@ -80,13 +99,20 @@ def _emit(data: bytes, out: str | None, mode: int = 0o644) -> str:
     return out
 
 
-def _authority(directory: str) -> ca.Authority:
-    base = Path(directory)
-    return ca.load_authority(_read(str(base / CA_KEY_FILE), "the CA key"),
-                             _read(str(base / CA_CERT_FILE), "the CA root"))
+def _authority(args, passphrase_reader) -> ca.Authority:
+    base = Path(args.dir)
+    key_pem = _read(str(base / CA_KEY_FILE), "the CA key")
+    passphrase = None
+    if b"ENCRYPTED PRIVATE KEY" in key_pem:
+        passphrase = passphrase_reader(args, f"Passphrase for {base / CA_KEY_FILE}: ")
+        if passphrase is None:
+            raise ca.CAError(f"{base / CA_KEY_FILE} is protected by a passphrase: give it "
+                             f"with --passphrase-file FILE, or at the prompt")
+    return ca.load_authority(key_pem, _read(str(base / CA_CERT_FILE), "the CA root"),
+                             passphrase)
 
 
-def run(args, home_of, load_identity, say) -> int:
+def run(args, home_of, load_identity, say, passphrase_reader) -> int:
     """Carry out C{mailrelay ca ACTION}; C{say} prints a line for people."""
     action = args.ca_command
     if action == "init":
@@ -97,9 +123,15 @@ def run(args, home_of, load_identity, say) -> int:
         authority = ca.create_authority(args.name, days=args.days)
         from cryptography.hazmat.primitives import serialization
 
+        passphrase = passphrase_reader(args, "Passphrase for the CA key: ", confirm=True) \
+            if (args.passphrase_file or args.ask_passphrase) else None
+        if (args.passphrase_file or args.ask_passphrase) and not passphrase:
+            raise ca.CAError("--ask-passphrase needs a terminal to type it on, or "
+                             "--passphrase-file FILE")
         key_pem = authority.key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption())
+            serialization.BestAvailableEncryption(passphrase) if passphrase
+            else serialization.NoEncryption())
         write_durably(base / CA_KEY_FILE, key_pem, 0o600)
         write_durably(base / CA_CERT_FILE, authority.certificate_pem, 0o644)
         say(f"Created CA {args.name!r} in {base}: key {base / CA_KEY_FILE} (keep it secret, "
@@ -113,7 +145,7 @@ def run(args, home_of, load_identity, say) -> int:
                 f"the CA (it holds no secret)")
         return 0
     if action == "sign":
-        authority = _authority(args.dir)
+        authority = _authority(args, passphrase_reader)
         request = _read(args.request, "the request")
         certificate = ca.issue_identity(authority, request, days=args.days,
                                         expected=args.id)
@@ -123,9 +155,12 @@ def run(args, home_of, load_identity, say) -> int:
                 f"{args.days} days: {where}")
         return 0
     if action == "relay-cert":
-        authority = _authority(args.dir)
-        key_pem, cert_pem = ca.issue_server(authority, args.hostname, days=args.days)
+        authority = _authority(args, passphrase_reader)
         out = Path(args.out_dir)
+        if (out / "relay-key.pem").exists():
+            raise ca.CAError(f"{out / 'relay-key.pem'} exists; move it aside first, or choose "
+                             f"another --out-dir")
+        key_pem, cert_pem = ca.issue_server(authority, args.hostname, days=args.days)
         out.mkdir(parents=True, exist_ok=True)
         write_durably(out / "relay-key.pem", key_pem, 0o600)
         write_durably(out / "relay-cert.pem", cert_pem, 0o644)

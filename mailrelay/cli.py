@@ -286,7 +286,8 @@ def cmd_init(reactor, args):
     home = _home(args)
     name = keys.check_identity(args.id)
     passphrase = None
-    if args.ask_passphrase or args.passphrase_file:
+    if (args.ask_passphrase or args.passphrase_file
+            or os.environ.get("MAILRELAY_PASSPHRASE_FILE")):
         passphrase = _read_passphrase(args, f"Passphrase for {name}'s private key: ",
                                       confirm=True)
         if passphrase is None:
@@ -349,6 +350,14 @@ def cmd_trust(reactor, args):
     client = yield _connect(reactor, args, home, identity)
     try:
         der = yield client.lookup(name)
+        roots = ca_cli.identity_roots(home)
+        if roots is not None:
+            # A CA's word comes first: its certificate must vouch for the key.
+            try:
+                ca.verify_identity(client._certificates.get(name, b""), roots, name, der)
+            except ca.CAError as e:
+                raise Failed(f"the relay's key for {name!r} has no valid certificate from "
+                             f"your CA ({e}); not trusting it") from None
     except RelayError as e:
         raise Failed(f"the relay has no key for {name!r}: {e.text}") from None
     finally:
@@ -368,7 +377,7 @@ def cmd_ca(reactor, args):
     return ca_cli.run(
         args, _home,
         lambda a, need_key=True: _identity(a) if need_key else _home(a).load_name(),
-        _out,
+        _out, _read_passphrase,
     )
 
 

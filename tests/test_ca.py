@@ -121,3 +121,62 @@ class IssueAndVerifyTests(SynchronousTestCase):
                                 capture_output=True, text=True, timeout=30)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertIn("OK", result.stdout)
+
+
+def poisoned_certificate(who: keys.Identity) -> bytes:
+    """A DER certificate whose issuer name is not valid UTF-8: parsed lazily, it fails late."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    der = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, who.name)]))
+        .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "zzzzzzzzzzzz")]))
+        .public_key(who.public_key).serial_number(1)
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .sign(who.private_key, __import__("cryptography.hazmat.primitives.hashes",
+                                          fromlist=["SHA256"]).SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    return der.replace(b"zzzzzzzzzzzz", b"\xff\xfe" + b"z" * 10)
+
+
+class HostileCertificateTests(SynchronousTestCase):
+    def test_malformed_certificate_is_a_refusal(self):
+        alice = identity("alice")
+        poison = poisoned_certificate(alice)
+        self.assertRaises(ca.CAError, ca.load_certificate, poison)
+        self.assertRaises(ca.CAError, ca.certificate_der, poison)
+        self.assertRaises(ca.CAError, ca.verify_identity, poison, [authority().certificate],
+                          "alice", alice.public_der)
+
+    def test_only_roots_are_roots(self):
+        """A leaf (a relay's TLS certificate, an identity's) cannot serve as a root."""
+        _, server = ca.issue_server(authority(), "localhost")
+        error = self.assertRaises(ca.CAError, ca.load_roots, server)
+        self.assertIn("not a CA certificate", str(error))
+        error = self.assertRaises(ca.CAError, ca.load_roots, certificate_for(identity("alice")))
+        self.assertIn("not a CA certificate", str(error))
+        self.assertEqual(ca.load_roots(authority().certificate_pem), [authority().certificate])
+
+    def test_expired_root(self):
+        root = ca.create_authority("Short Root", days=1, bits=2048)
+        pem = certificate_for(identity("alice"), root, days=30)
+        later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=25)
+        error = self.assertRaises(ca.CAError, ca.verify_identity, pem, [root.certificate],
+                                  "alice", identity("alice").public_der, later)
+        self.assertIn("the root CN=Short Root is not valid now", str(error))
+
+    def test_roots_sharing_a_name(self):
+        """Two roots with one name (a CA being replaced): the signature picks the right one."""
+        old, new = ca.create_authority("Same Name", bits=2048), ca.create_authority(
+            "Same Name", bits=2048)
+        pem = certificate_for(identity("alice"), new)
+        ca.verify_identity(pem, [old.certificate, new.certificate], "alice",
+                           identity("alice").public_der)
+
+    def test_host_names(self):
+        for bad in ("", "a b", "a..b"):
+            self.assertRaises(ca.CAError, ca.issue_server, authority(), bad)
+        _, pem = ca.issue_server(authority(), "rélay.example")
+        names = x509.load_pem_x509_certificate(pem).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+        self.assertEqual(names, ["xn--rlay-bpa.example"])

@@ -149,3 +149,43 @@ class ClientVerifiesContactsTests(SynchronousTestCase):
         self.relay.flush()
         self.failureResultOf(d, UncertifiedKey)
         self.assertIsNone(contacts.pinned("carol"))
+
+
+class HostileCertificateTests(SynchronousTestCase):
+    def test_malformed_certificate_does_not_block_the_mailbox(self):
+        """
+        A sender registered (on an ordinary relay) with a malformed certificate:
+        a recipient that knows the root drops that sender's message and goes on
+        to the next, instead of failing on it for ever.
+        """
+        from tests.test_ca import poisoned_certificate
+        from tests.test_client import ident
+
+        mallory = ident("mallory")
+        relay = MemoryRelay()
+        received, rejected = [], []
+        alice = relay.client(ALICE, identity_roots=[authority().certificate],
+                             on_message=received.append, on_rejected=rejected.append)
+        poisoner = relay.client(mallory, certificate=poisoned_certificate(mallory))
+        bob = relay.client(BOB, certificate=der(certificate_for(BOB)))
+        relay.flush()
+        for client, text in ((poisoner, b"poison"), (bob, b"hello")):
+            d = client.send("alice", text)
+            relay.flush()
+            self.successResultOf(d)
+        self.assertEqual([m.plaintext for m in received], [b"hello"])
+        [why] = rejected
+        self.assertIn("no valid certificate from your CA", why.reason)
+        self.assertIsNone(alice.close_reason)
+        self.assertEqual(relay.count("alice"), 0)
+
+    def test_ca_mode_relay_refuses_a_malformed_certificate_cleanly(self):
+        from tests.test_ca import poisoned_certificate
+
+        relay = MemoryRelay(ca_roots=[authority().certificate])
+        client = relay.client(ALICE, certificate=poisoned_certificate(ALICE))
+        client.ready.addErrback(lambda failure: failure.trap(RelayError))
+        relay.flush()
+        self.assertEqual(client.close_reason.code, E.AUTH_FAILED)
+        self.assertIn("not a usable certificate", client.close_reason.text)
+        self.assertEqual(self.flushLoggedErrors(), [])

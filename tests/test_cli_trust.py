@@ -192,3 +192,61 @@ class CACommandTests(OnlineTestCase):
         self.assertEqual(sorted(os.listdir(out)), ["relay-cert.pem", "relay-key.pem"])
         certificate = ca.load_certificate(open(os.path.join(out, "relay-cert.pem"), "rb").read())
         self.assertEqual(certificate.issuer, authority("mailrelay CA").certificate.subject)
+
+
+class CAHardeningCommandTests(CACommandTests):
+    """What a review of the CA commands found, kept found."""
+
+    def test_no_offline_sealing_with_a_ca(self):
+        """With a CA root in use, a key is never used without its certificate checked."""
+        from twisted.internet import error
+        from twisted.python.failure import Failure
+        from twisted.test import iosim
+
+        self.successResultOf(self.run_cli("ca", "use", self.root_pem, "--home", self.home))
+        keys.Home(self.home).pin("bob", BOB.public_der)  # pinned before, unchecked
+        d = self.run_online("send", "--home", self.home, "--to", "bob", "--queue", "x")
+        iosim.ConnectionCompleter(self.reactor).failOnce(
+            Failure(error.ConnectionRefusedError()))
+        err = self.exits(d)
+        self.assertIn("checks contacts' keys against a CA", err)
+        self.assertIn("nothing was queued", err)
+
+    def test_ca_key_with_a_passphrase(self):
+        secret = self.path("ca-secret")
+        with open(secret, "w") as f:
+            f.write("ca pass\n")
+        protected = self.path("protected-ca")
+        self.assertEqual(self.successResultOf(self.run_cli(
+            "ca", "init", protected, "--passphrase-file", secret)), 0)
+        key = open(os.path.join(protected, "ca-key.pem"), "rb").read()
+        self.assertTrue(key.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----"))
+        request = self.path("alice.csr")
+        self.successResultOf(self.run_cli("ca", "request", "--home", self.home, "--out", request))
+        self.setenv("MAILRELAY_PASSPHRASE_FILE", None)
+        err = self.exits(self.run_cli("ca", "sign", protected, request, "--id", "alice"))
+        self.assertIn("protected by a passphrase", err)
+        self.stderr.truncate(0)
+        self.stderr.seek(0)
+        self.assertEqual(self.successResultOf(self.run_cli(
+            "ca", "sign", protected, request, "--id", "alice", "--passphrase-file", secret,
+            "--out", self.path("alice.pem"))), 0)
+
+    def test_use_refuses_a_leaf(self):
+        out = self.path("tls")
+        self.successResultOf(self.run_cli("ca", "relay-cert", self.ca_dir, "localhost",
+                                          "--out-dir", out))
+        err = self.exits(self.run_cli("ca", "use", os.path.join(out, "relay-cert.pem"),
+                                      "--home", self.home))
+        self.assertIn("not a CA certificate", err)
+        self.stderr.truncate(0)
+        self.stderr.seek(0)
+        err = self.exits(self.run_cli("ca", "relay-cert", self.ca_dir, "localhost",
+                                      "--out-dir", out))
+        self.assertIn("exists; move it aside first", err)
+
+    def test_days_bounded(self):
+        from mailrelay import cli
+
+        self.assertRaises(SystemExit, cli.build_parser().parse_args,
+                          ["ca", "init", self.path("x"), "--days", "3000000"])

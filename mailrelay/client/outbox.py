@@ -327,6 +327,15 @@ def queue_message(outbox: Outbox, identity, recipient: str, data: bytes,
         key = yield client.contact_key(recipient)
         max_envelope = client.max_envelope
     else:
+        if getattr(contacts, "path", None) is not None:
+            from mailrelay import ca_cli
+
+            if ca_cli.identity_roots(contacts) is not None:
+                # With a CA, a key is used only with its certificate checked,
+                # and the certificate comes from the relay with the key.
+                raise keys.IdentityError(
+                    f"this home checks contacts' keys against a CA, which needs the relay "
+                    f"to answer for {recipient!r}'s key and certificate; nothing was queued")
         key = contacts.pinned(recipient) if contacts is not None else None
         if key is None:
             raise keys.IdentityError(
