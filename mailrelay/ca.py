@@ -28,8 +28,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from mailrelay import keys
 
-IDENTITY_EKU = ObjectIdentifier("1.3.6.1.4.1.57264.77.1")
-"""Extended key usage of identity certificates (a private-enterprise arc)."""
+IDENTITY_EKU = ObjectIdentifier("2.25.263466145756517326490700071155324096613")
+"""
+Extended key usage of identity certificates: an OID under the UUID arc
+(2.25, ITU-T X.667), which needs no registration and is mailrelay's alone.
+"""
 
 URI_PREFIX = "mailrelay:"
 CA_KEY_BITS = 3072
