@@ -260,7 +260,14 @@ def load_server_tls(cert_file: str, key_file: str, chain_file: str | None = None
     if dh_file is not None:
         _read("dhParameters=", dh_file)
     try:
-        return ServerTLS(certificates[0], certificates[1:], key, cert_file, dh_file)
+        tls = ServerTLS(certificates[0], certificates[1:], key, cert_file, dh_file)
+        try:
+            # Group or others may read the relay's private key: worth a warning.
+            tls.key_exposed = bool(os.stat(key_file).st_mode & 0o077)
+        except OSError:
+            tls.key_exposed = False
+        tls.key_file = key_file
+        return tls
     except Exception as e:  # pyOpenSSL's refusal of an odd key or certificate
         raise TLSSetupError(f"{_name(cert_label, cert_file)}: cannot serve it: {e}") \
             from None

@@ -793,6 +793,19 @@ class RelayTLSServiceTests(InTempDirectory, SynchronousTestCase):
                       f"CN=localhost (localhost), valid until {expiry}", self.lines())
         self.assertEqual(self.lines(LogLevel.warn), [])
 
+    def test_key_readable_by_others_warns(self):
+        os.chmod(self.key, 0o644)
+        self.start("--port", "tcp:9443:interface=127.0.0.1",
+                   "--tls-cert", self.cert, "--tls-key", self.key)
+        [warning] = self.lines(LogLevel.warn)
+        self.assertEqual(warning, f"WARNING: the TLS key {self.key} is readable by other users: "
+                                  f"chmod 600 it")
+        del self.events[:]
+        os.chmod(self.key, 0o600)
+        self.start("--port", "tcp:9444:interface=127.0.0.1",
+                   "--tls-cert", self.cert, "--tls-key", self.key)
+        self.assertEqual(self.lines(LogLevel.warn), [])
+
     def test_ssl_port_served_the_same(self):
         reactor = self.start("--port", f"ssl:9443:privateKey={self.key}:certKey={self.cert}")
         [(port, factory, context, backlog, interface)] = reactor.sslServers

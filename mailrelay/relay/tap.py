@@ -311,6 +311,9 @@ class Listener(service.Service):
         if tls is not None:
             log.info("serving TLS (1.2 or later, 1.3 preferred) with the certificate "
                      "for {certificate}", certificate=tls.describe())
+            if getattr(tls, "key_exposed", False):
+                log.warn("WARNING: the TLS key {file} is readable by other users: "
+                         "chmod 600 it", file=tls.key_file)
             now = datetime.datetime.now(datetime.timezone.utc)
             if now > tls.not_after:
                 log.warn("WARNING: the TLS certificate {file} expired on {when}: clients "
