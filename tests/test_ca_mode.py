@@ -189,3 +189,46 @@ class HostileCertificateTests(SynchronousTestCase):
         self.assertEqual(client.close_reason.code, E.AUTH_FAILED)
         self.assertIn("not a usable certificate", client.close_reason.text)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class UniformAuthFailureTests(SynchronousTestCase):
+    """
+    A failed authentication says the same, and costs the same store work
+    (none), whether the id is registered or not: the signature and, in CA
+    mode, the certificate are checked before the directory is consulted.
+    """
+
+    def failure_for(self, relay, who, **settings):
+        lookups = []
+        original = relay.store.get_key
+        relay.store.get_key = lambda identity: (lookups.append(identity), original(identity))[1]
+        client = relay.client(who, **settings)
+        client.ready.addErrback(lambda failure: failure.trap(RelayError))
+        relay.flush()
+        relay.store.get_key = original
+        return client.close_reason, lookups
+
+    def test_ca_mode(self):
+        relay = MemoryRelay(ca_roots=[authority().certificate])
+        relay.register(BOB)  # bob is known; carol is not
+        from tests.test_client import CAROL
+
+        known, known_lookups = self.failure_for(relay, MALLORY_BOB)
+        unknown, unknown_lookups = self.failure_for(relay, CAROL)
+        self.assertEqual((known.code, unknown.code), (E.AUTH_FAILED, E.AUTH_FAILED))
+        self.assertEqual(known.text, unknown.text)
+        self.assertEqual((known_lookups, unknown_lookups), ([], []))
+
+    def test_bad_signature(self):
+        from mailrelay.client import protocol as client_protocol
+        from tests.test_client import CAROL
+
+        relay = MemoryRelay()
+        relay.register(BOB)
+        original = client_protocol.keys.Identity.sign
+        self.patch(client_protocol.keys.Identity, "sign",
+                   lambda self, data: original(self, data + b"tampered"))
+        known, known_lookups = self.failure_for(relay, BOB)
+        unknown, unknown_lookups = self.failure_for(relay, CAROL)
+        self.assertEqual((known.code, known.text), (unknown.code, unknown.text))
+        self.assertEqual((known_lookups, unknown_lookups), ([], []))
