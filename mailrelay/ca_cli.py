@@ -45,6 +45,8 @@ def add_parsers(sub, common, positive_int) -> None:
     a = actions.add_parser("request", parents=[common],
                            help="a certificate request for this home's identity")
     a.add_argument("--out", metavar="FILE", help="write it here (default: standard output)")
+    a.add_argument("--next", action="store_true",
+                   help="for the key `mailrelay rotate` staged, not the current one")
 
     a = actions.add_parser("sign", help="issue a certificate for a request", parents=[common])
     a.add_argument("dir", metavar="DIR", help="the CA's directory (from `ca init`)")
@@ -139,6 +141,14 @@ def run(args, home_of, load_identity, say, passphrase_reader) -> int:
         return 0
     if action == "request":
         identity = load_identity(args)
+        if args.next:
+            home = home_of(args)
+            if not home.next_key_file.exists():
+                raise ca.CAError("no key is staged: run `mailrelay rotate` first")
+            passphrase = None
+            if b"ENCRYPTED" in home.next_key_file.read_bytes():
+                passphrase = passphrase_reader(args, f"Passphrase for {home.next_key_file}: ")
+            identity = keys.Identity(identity.name, home._load_next(passphrase))
         where = _emit(ca.make_request(identity), args.out)
         if args.out:
             say(f"Wrote a certificate request for {identity.name} to {where}; send it to "

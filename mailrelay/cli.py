@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="protect the private key with a passphrase typed at the prompt "
                         "(or give it with --passphrase-file)")
 
+    p = sub.add_parser("rotate", parents=[common],
+                       help="replace your key by a new one, signed over by the old one")
+    p.add_argument("--certificate", metavar="FILE",
+                   help="for a relay in CA mode: the CA's certificate for the new key (a "
+                        "first `rotate` stages the key; `mailrelay ca request --next` "
+                        "asks the CA for it)")
+
     p = sub.add_parser("trust", parents=[common],
                        help="accept a contact's new key, checked by its fingerprint")
     p.add_argument("id", metavar="ID", help="the contact")
@@ -370,6 +377,45 @@ def cmd_trust(reactor, args):
     else:
         _out(f"Now trusting the new key of {name}: {keys.format_fingerprint(expected)}")
         _out(f"(it replaces {keys.key_fingerprint(replaced)})")
+    return 0
+
+
+@inlineCallbacks
+def cmd_rotate(reactor, args):
+    import time
+
+    home = _home(args)
+    passphrase = None
+    if home.protected():
+        passphrase = _read_passphrase(args, f"Passphrase for {home.private_key_file}: ")
+    identity = home.load(passphrase)
+    certificate = b""
+    if args.certificate:
+        try:
+            with open(args.certificate, "rb") as f:
+                certificate = ca.certificate_der(f.read())
+        except OSError as e:
+            raise Failed(f"cannot read {args.certificate}: {e.strerror or e}") from None
+    if home.next_key_file.exists():
+        # A rotation was staged and perhaps never finished: go on with that key.
+        new = keys.Identity(identity.name, keys.Home(home.path)._load_next(passphrase))
+    else:
+        new = keys.Identity.generate(identity.name)
+        home.stage_rotation(new, passphrase)
+    client = yield _connect(reactor, args, home, identity)
+    try:
+        answer = yield client.rotate(new, int(time.time()), certificate)
+    except RelayError as e:
+        raise Failed(f"the relay refused the new key: {e.text}") from None
+    finally:
+        yield client.close()
+    if answer.public_key != new.public_der:
+        raise Failed("the relay answered with another key; nothing was changed here")
+    kept = home.finish_rotation(new)
+    _out(f"New key for {identity.name}: {keys.format_fingerprint(new.fingerprint)}")
+    _out(f"The old key is kept in {kept}, to open messages sealed for it.")
+    _out("Contacts who pinned the old key accept the new one, signed over by the old, "
+         "with a notice.")
     return 0
 
 
@@ -756,6 +802,7 @@ COMMANDS = {
     "outbox": cmd_outbox,
     "inbox": cmd_inbox,
     "trust": cmd_trust,
+    "rotate": cmd_rotate,
     "ca": cmd_ca,
 }
 

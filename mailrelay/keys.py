@@ -157,6 +157,29 @@ def _same_as_pinned(name: str, pinned: rsa.RSAPublicKey, offered: rsa.RSAPublicK
         raise KeyConflict(name, key_fingerprint(pinned), key_fingerprint(offered))
 
 
+def follow_rotations(name: str, pinned_der: bytes, current_der: bytes, rotations) -> int:
+    """
+    Check that C{rotations} (L{wire.Rotation}s, oldest first) lead, each
+    signed by the key before it, from the key pinned for C{name} to
+    C{current_der}; return how many steps.  Raise L{IdentityError} when they
+    do not: the change is then not the contact's doing, as far as we know.
+    """
+    from mailrelay import wire
+
+    key, steps = pinned_der, 0
+    for rotation in rotations:
+        if rotation.old_key != key:
+            continue
+        statement = wire.rotation_statement(name, rotation.old_key, rotation.new_key,
+                                            rotation.timestamp)
+        if not verify(load_public_der(key), rotation.signature, statement):
+            raise IdentityError(f"a rotation of {name!r}'s key is not signed by the key before")
+        key, steps = rotation.new_key, steps + 1
+    if key != current_der or not steps:
+        raise IdentityError(f"no rotation signed by the pinned key leads to {name!r}'s new key")
+    return steps
+
+
 def load_public_der(der: bytes) -> rsa.RSAPublicKey:
     """Parse a DER SubjectPublicKeyInfo; refuse anything but RSA >= 2048 bits."""
     try:
@@ -222,6 +245,15 @@ class Identity:
 
     name: str
     private_key: rsa.RSAPrivateKey
+    previous: tuple = ()
+    """Identities of this id's keys before rotations, to open what was sealed for them."""
+
+    def for_fingerprint(self, digest: bytes) -> Identity | None:
+        """This identity, or the earlier one, whose key has fingerprint C{digest}."""
+        for candidate in (self, *self.previous):
+            if candidate.fingerprint == digest:
+                return candidate
+        return None
 
     @classmethod
     def generate(cls, name: str, bits: int = KEY_BITS) -> Identity:
@@ -310,6 +342,77 @@ class Home:
             )
         return check_identity(self._id_file.read_text().strip())
 
+    @property
+    def previous_dir(self) -> Path:
+        return self.path / "previous"
+
+    @property
+    def next_key_file(self) -> Path:
+        return self.path / "private_key.next.pem"
+
+    def _private_pem(self, key: rsa.RSAPrivateKey, passphrase: bytes | None) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(passphrase) if passphrase
+            else serialization.NoEncryption(),
+        )
+
+    def stage_rotation(self, new: Identity, passphrase: bytes | None) -> None:
+        """Keep the next key on disk before the relay is told: a crash loses nothing."""
+        write_durably(self.next_key_file, self._private_pem(new.private_key, passphrase), 0o600)
+
+    def _load_next(self, passphrase: bytes | None) -> rsa.RSAPrivateKey:
+        pem = self.next_key_file.read_bytes()
+        try:
+            key = serialization.load_pem_private_key(
+                pem, password=passphrase if b"ENCRYPTED" in pem else None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+            raise BadKey(f"cannot read {self.next_key_file}: {e}") from None
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise BadKey(f"{self.next_key_file} is not an RSA private key")
+        return key
+
+    def finish_rotation(self, new: Identity) -> Path:
+        """
+        Make the staged key this identity's key; the old one moves to
+        C{previous/} (still needed to open what was sealed for it).
+        """
+        self.previous_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        old_public = serialization.load_pem_public_key(self.public_key_file.read_bytes())
+        kept = self.previous_dir / f"private_key-{fingerprint(public_der(old_public)).hex()[:16]}.pem"
+        os.replace(self.private_key_file, kept)
+        os.replace(self.next_key_file, self.private_key_file)
+        write_durably(self.public_key_file, public_pem(new.public_key), 0o644)
+        stale = self.path / "certificate.pem"  # it certified the old key
+        if stale.exists():
+            os.replace(stale, self.previous_dir / f"certificate-{kept.stem[12:]}.pem")
+        return kept
+
+    def _previous(self, name: str, passphrase: bytes | None) -> tuple:
+        found = []
+        if self.previous_dir.is_dir():
+            for path in sorted(self.previous_dir.glob("private_key-*.pem")):
+                pem = path.read_bytes()
+                try:
+                    key = serialization.load_pem_private_key(
+                        pem, password=passphrase if b"ENCRYPTED" in pem else None)
+                except (ValueError, TypeError, UnsupportedAlgorithm):
+                    continue  # an old key this passphrase does not open: not needed now
+                if isinstance(key, rsa.RSAPrivateKey):
+                    found.append(Identity(name, key))
+        return tuple(found)
+
+    def accept_rotation(self, name: str, der: bytes) -> rsa.RSAPublicKey:
+        """Pin C{der} in place of the key before it (checked by L{follow_rotations})."""
+        key = load_public_der(der)
+        path = self._contact_file(name)
+        current = self.pinned(name)
+        if current is not None:
+            write_durably(path.with_name(path.name + ".replaced"), public_pem(current), 0o644)
+        self.contacts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_durably(path, public_pem(key), 0o644)
+        return key
+
     def protected(self) -> bool:
         """Whether the private key is encrypted with a passphrase."""
         try:
@@ -350,7 +453,7 @@ class Home:
         if not isinstance(key, rsa.RSAPrivateKey):
             raise BadKey(f"{self.private_key_file} is not an RSA private key")
         _check_rsa(key.public_key())
-        return Identity(name, key)
+        return Identity(name, key, self._previous(name, passphrase if protected else None))
 
     def _relay_file(self, server: str) -> Path:
         digest = hashlib.sha256(server.encode("utf-8")).hexdigest()[:32]
@@ -438,6 +541,11 @@ class MemoryContacts:
     def pinned(self, name: str) -> rsa.RSAPublicKey | None:
         der = self._keys.get(check_identity(name))
         return None if der is None else load_public_der(der)
+
+    def accept_rotation(self, name: str, der: bytes) -> rsa.RSAPublicKey:
+        key = load_public_der(der)
+        self._keys[check_identity(name)] = public_der(key)
+        return key
 
     def pin(self, name: str, der: bytes) -> rsa.RSAPublicKey:
         key = load_public_der(der)

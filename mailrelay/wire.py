@@ -128,6 +128,7 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_MESSAGE = 106
     STORE_FAILED = 107
     RATE_LIMITED = 108
+    ROTATION_REFUSED = 109
 
     @property
     def fatal(self) -> bool:
@@ -192,6 +193,50 @@ class Lookup:
 
 
 @dataclass(frozen=True)
+class Rotation:
+    """
+    One key rotation of an identity, as the relay keeps it: C{old_key} (DER)
+    signed, at C{timestamp}, the statement that C{new_key} follows it
+    (L{rotation_statement}).
+    """
+
+    old_key: bytes
+    new_key: bytes
+    timestamp: int
+    signature: bytes
+
+
+ROTATION_CONTEXT = b"mailrelay key rotation v1"
+MAX_ROTATIONS = 8
+"""The most rotations one KEY frame carries: the latest ones."""
+
+
+def rotation_statement(identity: str, old_key: bytes, new_key: bytes, timestamp: int) -> bytes:
+    """What the old key (and, as proof of possession, the new one) signs."""
+    return (
+        Writer().blob16(ROTATION_CONTEXT).identity(identity).blob16(old_key).blob16(new_key)
+        .u64(timestamp).getvalue()
+    )
+
+
+@dataclass(frozen=True)
+class Rotate:
+    """
+    Client to relay: replace this session's key by C{new_key}.  The current
+    key signs the rotation statement (C{old_signature}), the new key too
+    (C{new_signature}); in CA mode C{certificate} certifies the new key.
+    Answered by L{Key} with the new key, or ERROR C{ROTATION_REFUSED}.
+    """
+
+    TYPE: ClassVar[int] = 0x12
+    new_key: bytes
+    timestamp: int
+    old_signature: bytes
+    new_signature: bytes
+    certificate: bytes = b""
+
+
+@dataclass(frozen=True)
 class Key:
     """Relay to client: the directory's public key for an identity."""
 
@@ -200,6 +245,8 @@ class Key:
     public_key: bytes
     certificate: bytes = b""
     """The identity's certificate as the relay holds it (empty: none)."""
+    rotations: tuple = ()
+    """The latest L{Rotation}s that led to this key, oldest first."""
 
 
 @dataclass(frozen=True)
@@ -290,12 +337,12 @@ class Error:
 
 
 Frame = Union[
-    Hello, Auth, Welcome, Lookup, Key, Send, Accepted, Deliver, Notice, Ack, Ping, Pong, Error
+    Hello, Auth, Welcome, Lookup, Key, Rotate, Send, Accepted, Deliver, Notice, Ack, Ping, Pong, Error
 ]
 
 
 _FRAME_TYPES = (
-    Hello, Auth, Welcome, Lookup, Key, Send, Accepted, Deliver, Notice, Ack, Ping, Pong, Error
+    Hello, Auth, Welcome, Lookup, Key, Rotate, Send, Accepted, Deliver, Notice, Ack, Ping, Pong, Error
 )
 
 
@@ -348,6 +395,21 @@ def encode(frame: Frame) -> bytes:
         _check_max(frame.public_key, MAX_KEY_SIZE, "public key")
         _check_max(frame.certificate, MAX_CERTIFICATE_SIZE, "certificate")
         w.identity(frame.identity).blob16(frame.public_key).blob16(frame.certificate)
+        if len(frame.rotations) > MAX_ROTATIONS:
+            raise ValueError(f"more than {MAX_ROTATIONS} rotations")
+        w.u8(len(frame.rotations))
+        for r in frame.rotations:
+            _check_max(r.old_key, MAX_KEY_SIZE, "rotated key")
+            _check_max(r.new_key, MAX_KEY_SIZE, "rotated key")
+            _check_max(r.signature, MAX_SIGNATURE_SIZE, "rotation signature")
+            w.blob16(r.old_key).blob16(r.new_key).u64(r.timestamp).blob16(r.signature)
+    elif isinstance(frame, Rotate):
+        _check_max(frame.new_key, MAX_KEY_SIZE, "new key")
+        _check_max(frame.old_signature, MAX_SIGNATURE_SIZE, "signature")
+        _check_max(frame.new_signature, MAX_SIGNATURE_SIZE, "signature")
+        _check_max(frame.certificate, MAX_CERTIFICATE_SIZE, "certificate")
+        w.blob16(frame.new_key).u64(frame.timestamp).blob16(frame.old_signature)
+        w.blob16(frame.new_signature).blob16(frame.certificate)
     elif isinstance(frame, Send):
         w.blob32(frame.envelope)
     elif isinstance(frame, (Accepted, Ack)):
@@ -400,8 +462,23 @@ def decode(body: bytes, max_envelope: int = MAX_ENVELOPE) -> Frame:
     elif kind == Lookup.TYPE:
         frame = Lookup(r.identity("identity"))
     elif kind == Key.TYPE:
-        frame = Key(r.identity("identity"), r.blob16("public key", MAX_KEY_SIZE),
-                    r.blob16("certificate", MAX_CERTIFICATE_SIZE))
+        identity = r.identity("identity")
+        public_key = r.blob16("public key", MAX_KEY_SIZE)
+        certificate = r.blob16("certificate", MAX_CERTIFICATE_SIZE)
+        count = r.u8("rotation count")
+        if count > MAX_ROTATIONS:
+            raise ProtocolError(f"{count} rotations, more than {MAX_ROTATIONS}")
+        rotations = tuple(
+            Rotation(r.blob16("rotated key", MAX_KEY_SIZE), r.blob16("rotated key", MAX_KEY_SIZE),
+                     r.u64("rotation time"), r.blob16("rotation signature", MAX_SIGNATURE_SIZE))
+            for _ in range(count)
+        )
+        frame = Key(identity, public_key, certificate, rotations)
+    elif kind == Rotate.TYPE:
+        frame = Rotate(r.blob16("new key", MAX_KEY_SIZE), r.u64("rotation time"),
+                       r.blob16("signature", MAX_SIGNATURE_SIZE),
+                       r.blob16("signature", MAX_SIGNATURE_SIZE),
+                       r.blob16("certificate", MAX_CERTIFICATE_SIZE))
     elif kind == Send.TYPE:
         frame = Send(r.blob32("envelope", max_envelope))
     elif kind == Accepted.TYPE:

@@ -25,6 +25,8 @@ from mailrelay.wire import (
     Lookup,
     Notice,
     Ping,
+    Rotate,
+    Rotation,
     Pong,
     ProtocolError,
     Send,
@@ -32,7 +34,7 @@ from mailrelay.wire import (
 )
 
 ALL_FRAME_CLASSES = (
-    Hello, Auth, Welcome, Lookup, Key, Send, Accepted, Deliver, Notice, Ack, Ping, Pong, Error
+    Hello, Auth, Welcome, Lookup, Key, Rotate, Send, Accepted, Deliver, Notice, Ack, Ping, Pong, Error
 )
 KNOWN_TYPES = {cls.TYPE for cls in ALL_FRAME_CLASSES}
 
@@ -66,8 +68,22 @@ auths = st.builds(
 )
 welcomes = st.builds(Welcome, registered=st.booleans(), queued=u32, max_envelope=u32)
 lookups = st.builds(Lookup, identity=identities)
+rotation_records = st.builds(
+    Rotation, old_key=st.binary(max_size=600), new_key=st.binary(max_size=600),
+    timestamp=st.integers(min_value=0, max_value=2**64 - 1),
+    signature=st.binary(max_size=512),
+)
 key_frames = st.builds(Key, identity=identities, public_key=st.binary(max_size=wire.MAX_KEY_SIZE),
-                       certificate=st.binary(max_size=wire.MAX_CERTIFICATE_SIZE))
+                       certificate=st.binary(max_size=wire.MAX_CERTIFICATE_SIZE),
+                       rotations=st.lists(rotation_records, max_size=wire.MAX_ROTATIONS)
+                       .map(tuple))
+rotates = st.builds(
+    Rotate, new_key=st.binary(max_size=wire.MAX_KEY_SIZE),
+    timestamp=st.integers(min_value=0, max_value=2**64 - 1),
+    old_signature=st.binary(max_size=wire.MAX_SIGNATURE_SIZE),
+    new_signature=st.binary(max_size=wire.MAX_SIGNATURE_SIZE),
+    certificate=st.binary(max_size=wire.MAX_CERTIFICATE_SIZE),
+)
 sends = st.builds(Send, envelope=envelopes)
 accepteds = st.builds(Accepted, message_id=message_ids)
 delivers = st.builds(Deliver, message_id=message_ids, envelope=envelopes)
@@ -91,7 +107,7 @@ errors = st.builds(
 )
 
 frames = st.one_of(
-    hellos, auths, welcomes, lookups, key_frames, sends,
+    hellos, auths, welcomes, lookups, key_frames, rotates, sends,
     accepteds, delivers, notices, acks, pings, pongs, errors,
 )
 
@@ -106,6 +122,8 @@ def sample_frames() -> list:
         Lookup("bob"),
         Key("bob", b"public-key-der"),
         Key("bob", b"public-key-der", b"certificate-der"),
+        Key("bob", b"new-key", b"", (Rotation(b"old-key", b"new-key", 1_700_000_000, b"sig"),)),
+        Rotate(b"new-key", 1_700_000_000, b"old-sig", b"new-sig"),
         Auth(2, "alice", b"K" * 40, b"S" * 30, True, b"C" * 1200),
         Send(b"an envelope"),
         Accepted(b"A" * 16),
@@ -190,6 +208,18 @@ class RoundTripTests(SynchronousTestCase):
     @given(delivers)
     def test_deliver(self, frame):
         self.assertRoundTrip(frame)
+
+    @SETTINGS
+    @given(rotates)
+    def test_rotate(self, frame):
+        self.assertRoundTrip(frame)
+
+    def test_too_many_rotations(self):
+        many = tuple(Rotation(b"o", b"n", 0, b"s") for _ in range(wire.MAX_ROTATIONS + 1))
+        self.assertRaises(ValueError, wire.encode, Key("bob", b"k", b"", many))
+        body = bytearray(body_of(Key("bob", b"k", b"", many[:1])))
+        body[1 + 4 + 2 + 1 + 2] = wire.MAX_ROTATIONS + 1  # the rotation count
+        self.assertRaises(ProtocolError, wire.decode, bytes(body))
 
     @SETTINGS
     @given(notices)

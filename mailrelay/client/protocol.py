@@ -115,8 +115,10 @@ class ClientProtocol(Protocol):
         durable_handler: bool = False,
         certificate: bytes = b"",
         identity_roots=None,
+        on_key_rotated=None,
     ) -> None:
         self.identity = identity
+        self.on_key_rotated = on_key_rotated
         # Our own certificate (DER), for a relay in CA mode; and the CA roots
         # every contact's key must be certified by (None: trust on first use).
         self.certificate = certificate
@@ -155,6 +157,8 @@ class ClientProtocol(Protocol):
         self._lookups: dict[str, list[Deferred[bytes]]] = {}
         self._directory: dict[str, bytes] = {}
         self._certificates: dict[str, bytes] = {}
+        self._rotations: dict[str, tuple] = {}
+        self._rotating: Deferred | None = None
         self._deliveries: deque[wire.Deliver | wire.Notice | envelope.Opened] = deque()
         self._delivering = False
         self._receiving = True
@@ -250,6 +254,9 @@ class ClientProtocol(Protocol):
             for d in waiting:
                 d.errback(error)
         self._lookups.clear()
+        if self._rotating is not None:
+            rotating, self._rotating = self._rotating, None
+            rotating.errback(error)
         self.closed.callback(None)
 
     # Frames
@@ -273,9 +280,14 @@ class ClientProtocol(Protocol):
             d = self._sends.pop(frame.message_id, None)
             if d is not None:
                 d.callback(frame.message_id)
+        elif isinstance(frame, wire.Key) and self._rotating is not None \
+                and frame.identity == self.identity.name:
+            rotating, self._rotating = self._rotating, None
+            rotating.callback(frame)
         elif isinstance(frame, wire.Key):
             self._directory[frame.identity] = frame.public_key
             self._certificates[frame.identity] = frame.certificate
+            self._rotations[frame.identity] = frame.rotations
             for d in self._lookups.pop(frame.identity, []):
                 d.callback(frame.public_key)
         elif isinstance(frame, wire.Error):
@@ -352,6 +364,10 @@ class ClientProtocol(Protocol):
             self._state = "closed"
             self.transport.loseConnection()
             return
+        if frame.code == E.ROTATION_REFUSED and self._rotating is not None:
+            rotating, self._rotating = self._rotating, None
+            rotating.errback(RelayError(frame.code, frame.text))
+            return
         if len(frame.ref) == wire.MESSAGE_ID_SIZE and frame.ref in self._sends:
             self._sends.pop(frame.ref).errback(SendRefused(frame.code, frame.text))
             return
@@ -411,7 +427,37 @@ class ClientProtocol(Protocol):
                 raise UncertifiedKey(
                     f"the relay's key for {name!r} has no valid certificate from your CA "
                     f"({e}); not using it") from None
+        pinned = self.contacts.pinned(name)
+        if pinned is not None and keys.public_der(pinned) != der:
+            try:
+                keys.follow_rotations(name, keys.public_der(pinned), der,
+                                      self._rotations.get(name, ()))
+            except keys.IdentityError:
+                pass  # not the contact's rotation: pin() below refuses it, both shown
+            else:
+                self.log.warn("{name} rotated its key to {fingerprint} (signed by the key "
+                              "pinned before); now using the new one", name=name,
+                              fingerprint=keys.format_fingerprint(keys.fingerprint(der)))
+                if self.on_key_rotated is not None:
+                    self.on_key_rotated(name, der)
+                return self.contacts.accept_rotation(name, der)
         return self.contacts.pin(name, der)
+
+    def rotate(self, new: keys.Identity, timestamp: int, certificate: bytes = b"") -> Deferred:
+        """
+        Ask the relay to replace this identity's key by C{new}'s, with the
+        rotation signed by both; fires with the relay's L{wire.Key} answer.
+        """
+        if self._state != "ready":
+            return defer.fail(Disconnected("not connected to the relay"))
+        if self._rotating is not None:
+            return defer.fail(ValueError("a rotation is already under way"))
+        statement = wire.rotation_statement(self.identity.name, self.identity.public_der,
+                                            new.public_der, timestamp)
+        self._rotating = Deferred()
+        self._write(wire.Rotate(new.public_der, timestamp, self.identity.sign(statement),
+                                new.sign(statement), certificate))
+        return self._rotating
 
     # Sending
 
@@ -515,7 +561,10 @@ class ClientProtocol(Protocol):
                 # recorded per sender, and the sender is checked below.
                 return
             key = yield self.contact_key(sender)
-            opened = envelope.open_envelope(env, self.identity, key)
+            # Sealed for this key, or for one this identity had before a rotation.
+            recipient = self.identity.for_fingerprint(env.header.recipient_fingerprint) \
+                or self.identity
+            opened = envelope.open_envelope(env, recipient, key)
         except (envelope.EnvelopeError, keys.KeyConflict, UnknownSender, UncertifiedKey) as e:
             # Only what is wrong with the envelope itself, or with its claimed
             # sender, drops it: coming again would not make it any better.

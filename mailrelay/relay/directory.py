@@ -66,6 +66,20 @@ class Directory:
         return registered
 
     @inlineCallbacks
+    def rotate(self, identity: str, old_key: bytes, new_key: bytes, timestamp: int,
+               signature: bytes, certificate: bytes):
+        """Replace the identity's key (checked and signed by the caller); fires True if done."""
+        done = yield self._store.rotate_key(identity, old_key, new_key, timestamp, signature,
+                                            certificate)
+        if done:
+            self._known[identity] = new_key
+            self._certificates[identity] = certificate
+        return done
+
+    def rotations(self, identity: str):
+        return self._store.get_rotations(identity)
+
+    @inlineCallbacks
     def _claim(self, identity: str, public_key: bytes):
         existing = yield self.lookup(identity)
         if existing is None:

@@ -485,6 +485,9 @@ class RelaySession(Protocol, TimeoutMixin):
             return self._ack(frame)
         if isinstance(frame, wire.Lookup):
             return self._lookup(frame)
+        if isinstance(frame, wire.Rotate):
+            self._answer(self._rotate(frame))
+            return self._roomForAnswers()
         if isinstance(frame, wire.Ping):
             self._answer(wire.Pong(frame.opaque))
             return self._roomForAnswers()
@@ -689,10 +692,57 @@ class RelaySession(Protocol, TimeoutMixin):
                     f"no identity {frame.identity!r} on this relay",
                 )
             certificate = yield directory.certificate(frame.identity)
-            return wire.Key(frame.identity, key, certificate)
+            rotations = yield directory.rotations(frame.identity)
+            return wire.Key(frame.identity, key, certificate, _chain(rotations))
 
         self._answer(answer())
         return self._roomForAnswers()
+
+    @inlineCallbacks
+    def _rotate(self, frame: wire.Rotate):
+        """
+        Replace this session's key, if its current key signed the rotation
+        and the new key did too (and, in CA mode, the CA certified the new
+        key).  Contacts that pinned the old key follow the signed chain.
+        """
+        def refuse(why: str):
+            self.log.info("key rotation of {identity} refused: {why}",
+                          identity=self.identity, why=why)
+            return Refused(E.ROTATION_REFUSED, b"", f"key rotation refused: {why}")
+
+        try:
+            new = keys.load_public_der(frame.new_key)
+        except keys.BadKey as e:
+            raise refuse(str(e))
+        new_der = keys.public_der(new)
+        if new_der == self.public_key:
+            raise refuse("the new key is the current one")
+        statement = wire.rotation_statement(self.identity, self.public_key, new_der,
+                                            frame.timestamp)
+        old = keys.load_public_der(self.public_key)
+        if not keys.verify(old, frame.old_signature, statement):
+            raise refuse("the current key did not sign it")
+        if not keys.verify(new, frame.new_signature, statement):
+            raise refuse("the new key did not sign it")
+        certificate = b""
+        if self.factory.ca_roots:
+            try:
+                ca.verify_identity(frame.certificate, self.factory.ca_roots, self.identity,
+                                   new_der)
+                certificate = ca.certificate_der(frame.certificate)
+            except ca.CAError as e:
+                raise refuse(f"this relay needs a certificate from its CA for the new key: {e}")
+        done = yield self.factory.directory.rotate(
+            self.identity, self.public_key, new_der, frame.timestamp, frame.old_signature,
+            certificate)
+        if not done:
+            raise refuse("this session's key is no longer the registered one")
+        self.log.info("{identity} rotated its key to {fingerprint}", identity=self.identity,
+                      fingerprint=keys.key_fingerprint(new))
+        self.public_key = new_der
+        self._fingerprint = keys.fingerprint(new_der)
+        rotations = yield self.factory.directory.rotations(self.identity)
+        return wire.Key(self.identity, new_der, certificate, _chain(rotations))
 
     def _push(self, message: StoredMessage) -> None:
         self._write(message.frame())
@@ -753,6 +803,11 @@ class RelaySession(Protocol, TimeoutMixin):
             )
         else:
             self.log.info("connection from {peer} closed", peer=self.peer)
+
+
+def _chain(rotations) -> tuple:
+    """The latest rotations, as a KEY frame carries them."""
+    return tuple(wire.Rotation(*r) for r in rotations[-wire.MAX_ROTATIONS:])
 
 
 class RelayFactory(Factory):

@@ -113,6 +113,17 @@ class MailboxStore(Protocol):
         compares it with its own to detect a conflict).
         """
 
+    def rotate_key(self, identity: str, old_key: bytes, new_key: bytes, timestamp: int,
+                   signature: bytes, certificate: bytes) -> Deferred[bool]:
+        """
+        Replace C{identity}'s key C{old_key} by C{new_key} (and its
+        certificate), keeping the signed rotation; fires False, changing
+        nothing, when C{old_key} is not the key registered.
+        """
+
+    def get_rotations(self, identity: str) -> Deferred[list[tuple[bytes, bytes, int, bytes]]]:
+        """The identity's rotations (old, new, timestamp, signature), oldest first."""
+
     def get_certificate(self, identity: str) -> Deferred[bytes]:
         """The certificate (DER) kept for C{identity}, or empty bytes."""
 

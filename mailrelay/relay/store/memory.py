@@ -27,6 +27,7 @@ class MemoryStore:
         self.quota = quota
         self._keys: dict[str, bytes] = {}
         self._certificates: dict[str, bytes] = {}
+        self._rotations: dict[str, list[tuple[bytes, bytes, int, bytes]]] = {}
         self._mailboxes: dict[str, dict[bytes, tuple[StoredMessage, bytes]]] = {}
         self._acked: dict[tuple[str, bytes], tuple[str, bytes, int]] = {}
         self._seq = 0
@@ -42,6 +43,17 @@ class MemoryStore:
 
     def register_key(self, identity: str, public_key: bytes, now: int) -> Deferred[bytes]:
         return succeed(self._keys.setdefault(identity, public_key))
+
+    def rotate_key(self, identity, old_key, new_key, timestamp, signature, certificate):
+        if self._keys.get(identity) != old_key:
+            return succeed(False)
+        self._keys[identity] = new_key
+        self._certificates[identity] = certificate
+        self._rotations.setdefault(identity, []).append((old_key, new_key, timestamp, signature))
+        return succeed(True)
+
+    def get_rotations(self, identity):
+        return succeed(list(self._rotations.get(identity, [])))
 
     def get_certificate(self, identity: str) -> Deferred[bytes]:
         return succeed(self._certificates.get(identity, b""))

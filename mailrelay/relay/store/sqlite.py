@@ -92,6 +92,15 @@ MIGRATIONS: dict[int, str] = {
     2: """
     ALTER TABLE messages ADD COLUMN kind INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE directory ADD COLUMN certificate BLOB;
+    CREATE TABLE rotations (
+        position      INTEGER PRIMARY KEY AUTOINCREMENT,
+        identity      TEXT NOT NULL,
+        old_key       BLOB NOT NULL,
+        new_key       BLOB NOT NULL,
+        rotated_at    INTEGER NOT NULL,
+        signature     BLOB NOT NULL
+    );
+    CREATE INDEX rotations_by_identity ON rotations (identity, position);
     CREATE TABLE meta (
         key           TEXT PRIMARY KEY,
         value         TEXT NOT NULL
@@ -369,6 +378,34 @@ class SQLiteStore:
             return bytes(key)
 
         return self._write(run)
+
+    def rotate_key(self, identity, old_key, new_key, timestamp, signature, certificate):
+        def run(txn):
+            txn.execute(
+                "UPDATE directory SET public_key = ?, certificate = ?"
+                " WHERE identity = ? AND public_key = ?",
+                (new_key, certificate, identity, old_key),
+            )
+            if txn.rowcount != 1:
+                return False
+            txn.execute(
+                "INSERT INTO rotations (identity, old_key, new_key, rotated_at, signature)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (identity, old_key, new_key, timestamp, signature),
+            )
+            return True
+
+        return self._write(run)
+
+    def get_rotations(self, identity):
+        def run(txn):
+            rows = txn.execute(
+                "SELECT old_key, new_key, rotated_at, signature FROM rotations"
+                " WHERE identity = ? ORDER BY position", (identity,)
+            ).fetchall()
+            return [(bytes(o), bytes(n), t, bytes(s)) for o, n, t, s in rows]
+
+        return self._pool.runInteraction(run)
 
     def get_certificate(self, identity: str) -> Deferred[bytes]:
         def run(txn):
