@@ -269,8 +269,10 @@ def _connect(reactor, args, home: keys.Home, identity: keys.Identity, **kwargs):
         raise Failed(str(e)) from None
     except RelayError as e:
         if e.code == e.code.KEY_CONFLICT:
+            hint = (" A key rotation was interrupted: run `mailrelay rotate` to finish it."
+                    if home.next_key_file.exists() else "")
             raise Failed(f"the relay at {server} refused us: {e.text}. Another key is "
-                         f"registered there for {identity.name!r}.") from None
+                         f"registered there for {identity.name!r}.{hint}") from None
         if e.code in (e.code.BUSY, e.code.SHUTTING_DOWN, e.code.INTERNAL_ERROR):
             # Passing states of the relay: worth trying again later.
             raise Unreachable(f"the relay at {server} cannot take us now: {e.text}") from None
@@ -397,8 +399,19 @@ def cmd_rotate(reactor, args):
         except OSError as e:
             raise Failed(f"cannot read {args.certificate}: {e.strerror or e}") from None
     if home.next_key_file.exists():
-        # A rotation was staged and perhaps never finished: go on with that key.
-        new = keys.Identity(identity.name, keys.Home(home.path)._load_next(passphrase))
+        # A rotation was staged and perhaps never finished: go on with that key,
+        # and if the relay already has it, only the files here are left to do.
+        new = keys.Identity(identity.name, home._load_next(passphrase))
+        try:
+            probe = yield _connect(reactor, args, home, new)
+        except Failed:
+            pass
+        else:
+            yield probe.close()
+            kept = home.finish_rotation(new)
+            _out(f"Finished the key rotation the relay had already taken: "
+                 f"{keys.format_fingerprint(new.fingerprint)} (old key in {kept})")
+            return 0
     else:
         new = keys.Identity.generate(identity.name)
         home.stage_rotation(new, passphrase)

@@ -130,3 +130,24 @@ class RotateCommandTests(OnlineTestCase):
         self.assertEqual(self.successResultOf(d), 0)
         self.assertEqual(keys.public_der(keys.Home(self.alice_home).pinned("bob")),
                          BOB_NEXT.public_der)
+
+    def test_interrupted_rotation_is_finished(self):
+        """The relay took the new key but the files were not swapped: rotate finishes it."""
+        home = keys.Home(self.bob_home)
+        home.stage_rotation(BOB_NEXT, None)
+        client = self.relay.client(BOB)
+        self.relay.flush()
+        d = client.rotate(BOB_NEXT, 1_700_000_000)
+        self.relay.flush()
+        self.successResultOf(d)  # ... and the process died here
+        d = self.run_online("send", "--home", self.bob_home, "--to", "alice", "x")
+        self.accept()
+        err = self.exits(d, one_line=False)
+        self.assertIn("A key rotation was interrupted: run `mailrelay rotate`", err)
+        self.stderr.truncate(0)
+        self.stderr.seek(0)
+        d = self.run_online("rotate", "--home", self.bob_home)
+        self.accept()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertIn("Finished the key rotation", self.stdout.getvalue())
+        self.assertEqual(home.load().public_der, BOB_NEXT.public_der)
