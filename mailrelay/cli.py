@@ -237,7 +237,8 @@ def _identity(args, home: keys.Home | None = None) -> keys.Identity:
 
 
 @inlineCallbacks
-def _connect(reactor, args, home: keys.Home, identity: keys.Identity, **kwargs):
+def _connect(reactor, args, home: keys.Home, identity: keys.Identity, certificate=None,
+             **kwargs):
     server = args.server or _default_server()
     pin_as = client_description(server)
     endpoint = _endpoint(reactor, args)
@@ -246,7 +247,7 @@ def _connect(reactor, args, home: keys.Home, identity: keys.Identity, **kwargs):
             reactor, endpoint, identity, contacts=home,
             timeout=args.connect_timeout,
             relay_check=lambda relay: home.pin_relay(pin_as, relay),
-            certificate=ca_cli.own_certificate(home),
+            certificate=ca_cli.own_certificate(home) if certificate is None else certificate,
             identity_roots=ca_cli.identity_roots(home), **kwargs,
         )
     except error.ConnectionRefusedError:
@@ -403,12 +404,14 @@ def cmd_rotate(reactor, args):
         # and if the relay already has it, only the files here are left to do.
         new = keys.Identity(identity.name, home._load_next(passphrase))
         try:
-            probe = yield _connect(reactor, args, home, new)
+            probe = yield _connect(reactor, args, home, new,
+                                   certificate=certificate if args.certificate else None)
         except Failed:
             pass
         else:
             yield probe.close()
-            kept = home.finish_rotation(new)
+            kept = home.finish_rotation(identity, new)
+            _install_certificate(home, certificate)
             _out(f"Finished the key rotation the relay had already taken: "
                  f"{keys.format_fingerprint(new.fingerprint)} (old key in {kept})")
             return 0
@@ -424,12 +427,22 @@ def cmd_rotate(reactor, args):
         yield client.close()
     if answer.public_key != new.public_der:
         raise Failed("the relay answered with another key; nothing was changed here")
-    kept = home.finish_rotation(new)
+    kept = home.finish_rotation(identity, new)
+    _install_certificate(home, certificate)
     _out(f"New key for {identity.name}: {keys.format_fingerprint(new.fingerprint)}")
     _out(f"The old key is kept in {kept}, to open messages sealed for it.")
     _out("Contacts who pinned the old key accept the new one, signed over by the old, "
          "with a notice.")
     return 0
+
+
+def _install_certificate(home: keys.Home, certificate: bytes) -> None:
+    """After a rotation in CA mode, the new key's certificate is the one to present."""
+    if certificate:
+        from mailrelay.files import write_durably
+
+        write_durably(home.path / ca_cli.CERTIFICATE_FILE, ca.certificate_pem(certificate),
+                      0o644)
 
 
 def cmd_ca(reactor, args):

@@ -86,6 +86,15 @@ class KeyConflict(IdentityError):
         )
 
 
+def _sync_directory(path: Path) -> None:
+    """Flush a directory, so a rename in it survives a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def check_identity(identity: str) -> str:
     """
     The identity as mailrelay spells it (lowercase: C{Alice} is C{alice}),
@@ -372,20 +381,24 @@ class Home:
             raise BadKey(f"{self.next_key_file} is not an RSA private key")
         return key
 
-    def finish_rotation(self, new: Identity) -> Path:
+    def finish_rotation(self, old: Identity, new: Identity) -> Path:
         """
-        Make the staged key this identity's key; the old one moves to
-        C{previous/} (still needed to open what was sealed for it).
+        Make the staged key this identity's key; a copy of the old one goes
+        to C{previous/} first (still needed to open what was sealed for it).
+        Each step leaves a home that works: the old key stays in place until
+        the copy is on disk, and the staged key is renamed over it last.
         """
         self.previous_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        old_public = serialization.load_pem_public_key(self.public_key_file.read_bytes())
-        kept = self.previous_dir / f"private_key-{fingerprint(public_der(old_public)).hex()[:16]}.pem"
-        os.replace(self.private_key_file, kept)
-        os.replace(self.next_key_file, self.private_key_file)
-        write_durably(self.public_key_file, public_pem(new.public_key), 0o644)
+        tag = old.fingerprint.hex()[:16]
+        kept = self.previous_dir / f"private_key-{tag}.pem"
+        if not kept.exists():
+            write_durably(kept, self.private_key_file.read_bytes(), 0o600)
         stale = self.path / "certificate.pem"  # it certified the old key
         if stale.exists():
-            os.replace(stale, self.previous_dir / f"certificate-{kept.stem[12:]}.pem")
+            os.replace(stale, self.previous_dir / f"certificate-{tag}.pem")
+        write_durably(self.public_key_file, public_pem(new.public_key), 0o644)
+        os.replace(self.next_key_file, self.private_key_file)
+        _sync_directory(self.path)
         return kept
 
     def _previous(self, name: str, passphrase: bytes | None) -> tuple:

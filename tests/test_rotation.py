@@ -100,6 +100,67 @@ class RelayRotationTests(SynchronousTestCase):
         self.assertEqual([m.plaintext for m in received], [b"sealed before"])
 
 
+class RotationKeepsMailTests(SynchronousTestCase):
+    """What a review of rotation found: nothing sent or sealed before it is lost."""
+
+    def setUp(self):
+        self.relay = MemoryRelay()
+        self.relay.register(ALICE)
+        self.bob = self.relay.client(BOB)
+        self.relay.flush()
+
+    def test_mail_signed_before_the_rotation_still_opens(self):
+        """
+        bob sends with his old key, then rotates; alice (who pinned the old
+        key) follows the rotation and still opens the earlier message.
+        """
+        d = self.bob.send("alice", b"sent before rotating")
+        self.relay.flush()
+        self.successResultOf(d)
+        d = self.bob.rotate(BOB_NEXT, 1_700_000_000)
+        self.relay.flush()
+        self.successResultOf(d)
+        contacts = keys.MemoryContacts()
+        contacts.pin("bob", BOB.public_der)
+        received, rejected = [], []
+        self.relay.client(ALICE, contacts=contacts, on_message=received.append,
+                          on_rejected=rejected.append)
+        self.relay.flush()
+        self.assertEqual(rejected, [])
+        self.assertEqual([m.plaintext for m in received], [b"sent before rotating"])
+
+    def test_other_sessions_of_the_old_key_end(self):
+        receiving = self.relay.client(BOB, on_message=list().append)
+        self.relay.flush()
+        d = self.bob.rotate(BOB_NEXT, 1_700_000_000)
+        self.relay.flush()
+        self.successResultOf(d)
+        self.assertEqual(receiving.close_reason.code, E.SUPERSEDED)
+        self.assertIn("rotated its key", receiving.close_reason.text)
+
+
+class HomeSwapTests(SynchronousTestCase):
+    def test_each_step_leaves_a_working_home(self):
+        """The old key is copied before the staged one replaces it; the names never collide."""
+        home = keys.Home(self.mktemp())
+        patcher = monkey.MonkeyPatcher(
+            (keys.Identity, "generate", classmethod(lambda cls, n, bits=0: BOB)))
+        patcher.runWithPatches(home.create, "bob")
+        home.stage_rotation(BOB_NEXT, None)
+        self.assertEqual(home.load().public_der, BOB.public_der)  # staged, not yet used
+        kept = home.finish_rotation(BOB, BOB_NEXT)
+        loaded = home.load()
+        self.assertEqual(loaded.public_der, BOB_NEXT.public_der)
+        self.assertEqual([p.public_der for p in loaded.previous], [BOB.public_der])
+        self.assertEqual(kept.name, f"private_key-{BOB.fingerprint.hex()[:16]}.pem")
+        # A second rotation keeps both old keys.
+        third = ident("bob", key="third")
+        home.stage_rotation(third, None)
+        home.finish_rotation(BOB_NEXT, third)
+        self.assertEqual(sorted(p.public_der for p in home.load().previous),
+                         sorted([BOB.public_der, BOB_NEXT.public_der]))
+
+
 class RotateCommandTests(OnlineTestCase):
     def setUp(self):
         super().setUp()

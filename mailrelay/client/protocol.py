@@ -443,6 +443,23 @@ class ClientProtocol(Protocol):
                 return self.contacts.accept_rotation(name, der)
         return self.contacts.pin(name, der)
 
+    def _olderKey(self, name: str, digest: bytes, current):
+        """
+        The key of C{name} with fingerprint C{digest} if the relay's signed
+        rotations lead from it to C{current}; else C{current} (the envelope
+        then fails to open, as it must).
+        """
+        rotations = self._rotations.get(name, ())
+        current_der = keys.public_der(current)
+        for rotation in rotations:
+            if keys.fingerprint(rotation.old_key) == digest:
+                try:
+                    keys.follow_rotations(name, rotation.old_key, current_der, rotations)
+                    return keys.load_public_der(rotation.old_key)
+                except keys.IdentityError:
+                    break
+        return current
+
     def rotate(self, new: keys.Identity, timestamp: int, certificate: bytes = b"") -> Deferred:
         """
         Ask the relay to replace this identity's key by C{new}'s, with the
@@ -561,6 +578,10 @@ class ClientProtocol(Protocol):
                 # recorded per sender, and the sender is checked below.
                 return
             key = yield self.contact_key(sender)
+            if env.header.sender_fingerprint != keys.fingerprint(keys.public_der(key)):
+                # Signed before the sender rotated: with a key that the signed
+                # chain leads from to the one trusted now.
+                key = self._olderKey(sender, env.header.sender_fingerprint, key)
             # Sealed for this key, or for one this identity had before a rotation.
             recipient = self.identity.for_fingerprint(env.header.recipient_fingerprint) \
                 or self.identity

@@ -739,6 +739,14 @@ class RelaySession(Protocol, TimeoutMixin):
             raise refuse("this session's key is no longer the registered one")
         self.log.info("{identity} rotated its key to {fingerprint}", identity=self.identity,
                       fingerprint=keys.key_fingerprint(new))
+        old_der = self.public_key
+        for session in list(self.factory.sessions):
+            # The old key is retired: none of its sessions goes on (it may be
+            # the reason for the rotation), and none keeps the mailbox.
+            if session is not self and session.identity == self.identity \
+                    and session.public_key == old_der:
+                session.fatal(E.SUPERSEDED, "this identity rotated its key; reconnect with "
+                                            "the new one")
         self.public_key = new_der
         self._fingerprint = keys.fingerprint(new_der)
         rotations = yield self.factory.directory.rotations(self.identity)

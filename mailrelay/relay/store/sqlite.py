@@ -92,6 +92,13 @@ MIGRATIONS: dict[int, str] = {
     2: """
     ALTER TABLE messages ADD COLUMN kind INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE directory ADD COLUMN certificate BLOB;
+    CREATE TABLE meta (
+        key           TEXT PRIMARY KEY,
+        value         TEXT NOT NULL
+    );
+    """,
+    # 2 -> 3: key rotations, each signed by the key before it.
+    3: """
     CREATE TABLE rotations (
         position      INTEGER PRIMARY KEY AUTOINCREMENT,
         identity      TEXT NOT NULL,
@@ -101,10 +108,6 @@ MIGRATIONS: dict[int, str] = {
         signature     BLOB NOT NULL
     );
     CREATE INDEX rotations_by_identity ON rotations (identity, position);
-    CREATE TABLE meta (
-        key           TEXT PRIMARY KEY,
-        value         TEXT NOT NULL
-    );
     """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
