@@ -15,7 +15,7 @@ $(BIN)/twistd: pyproject.toml
 
 run: $(BIN)/twistd
 	mkdir -p $(DATA)
-	$(BIN)/twistd --nodaemon --pidfile= mailrelay --port tcp:$(PORT) --data $(DATA)
+	$(BIN)/twistd --nodaemon --pidfile= mailrelay --port tcp:$(PORT):interface=127.0.0.1 --data $(DATA)
 
 test: $(BIN)/twistd
 	$(BIN)/trial --jobs=2 tests
