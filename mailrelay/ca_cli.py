@@ -26,8 +26,8 @@ MAX_DAYS = 36500
 
 CA_KEY_FILE = "ca-key.pem"
 CA_CERT_FILE = "ca.pem"
-CERTIFICATE_FILE = "certificate.pem"
-IDENTITY_ROOTS_FILE = "identity-ca.pem"
+CERTIFICATE_FILE = keys.CERTIFICATE_FILE
+IDENTITY_ROOTS_FILE = keys.IDENTITY_ROOTS_FILE
 
 
 def add_parsers(sub, common, positive_int) -> None:
@@ -105,7 +105,7 @@ def _authority(args, passphrase_reader) -> ca.Authority:
     base = Path(args.dir)
     key_pem = _read(str(base / CA_KEY_FILE), "the CA key")
     passphrase = None
-    if b"ENCRYPTED PRIVATE KEY" in key_pem:
+    if keys.is_protected_pem(key_pem):
         passphrase = passphrase_reader(args, f"Passphrase for {base / CA_KEY_FILE}: ")
         if passphrase is None:
             raise ca.CAError(f"{base / CA_KEY_FILE} is protected by a passphrase: give it "
@@ -123,17 +123,12 @@ def run(args, home_of, load_identity, say, passphrase_reader) -> int:
             raise ca.CAError(f"{base} already holds a CA ({CA_KEY_FILE}); use another DIR")
         base.mkdir(parents=True, exist_ok=True, mode=0o700)
         authority = ca.create_authority(args.name, days=args.days)
-        from cryptography.hazmat.primitives import serialization
-
         passphrase = passphrase_reader(args, "Passphrase for the CA key: ", confirm=True) \
             if (args.passphrase_file or args.ask_passphrase) else None
         if (args.passphrase_file or args.ask_passphrase) and not passphrase:
             raise ca.CAError("--ask-passphrase needs a terminal to type it on, or "
                              "--passphrase-file FILE")
-        key_pem = authority.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(passphrase) if passphrase
-            else serialization.NoEncryption())
+        key_pem = keys.private_pem(authority.key, passphrase)
         write_durably(base / CA_KEY_FILE, key_pem, 0o600)
         write_durably(base / CA_CERT_FILE, authority.certificate_pem, 0o644)
         say(f"Created CA {args.name!r} in {base}: key {base / CA_KEY_FILE} (keep it secret, "
@@ -146,7 +141,7 @@ def run(args, home_of, load_identity, say, passphrase_reader) -> int:
             if not home.next_key_file.exists():
                 raise ca.CAError("no key is staged: run `mailrelay rotate` first")
             passphrase = None
-            if b"ENCRYPTED" in home.next_key_file.read_bytes():
+            if keys.is_protected_pem(home.next_key_file.read_bytes()):
                 passphrase = passphrase_reader(args, f"Passphrase for {home.next_key_file}: ")
             identity = keys.Identity(identity.name, home._load_next(passphrase))
         where = _emit(ca.make_request(identity), args.out)
@@ -199,26 +194,4 @@ def run(args, home_of, load_identity, say, passphrase_reader) -> int:
             f"{', '.join(r.subject.rfc4514_string() for r in roots)}")
         return 0
     raise ca.CAError(f"unknown action {action!r}")
-
-
-def own_certificate(home) -> bytes:
-    """This home's certificate (DER) to present, or empty bytes."""
-    path = home.path / CERTIFICATE_FILE
-    try:
-        return ca.certificate_der(path.read_bytes())
-    except FileNotFoundError:
-        return b""
-    except (OSError, ca.CAError) as e:
-        raise keys.IdentityError(f"cannot read {path}: {e}") from None
-
-
-def identity_roots(home):
-    """The CA roots contacts must be certified by, or None (trust on first use)."""
-    path = home.path / IDENTITY_ROOTS_FILE
-    try:
-        return ca.load_roots(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, ca.CAError) as e:
-        raise keys.IdentityError(f"cannot read {path}: {e}") from None
 

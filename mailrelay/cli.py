@@ -212,11 +212,9 @@ def _read_passphrase(args, prompt: str, confirm: bool = False) -> bytes | None:
     path = getattr(args, "passphrase_file", None) or os.environ.get("MAILRELAY_PASSPHRASE_FILE")
     if path:
         try:
-            with open(path, "rb") as f:
-                line = f.readline()
+            return keys.read_passphrase_file(path)
         except OSError as e:
             raise Failed(f"cannot read the passphrase file {path}: {e.strerror or e}") from None
-        return line.rstrip(b"\r\n")
     if not sys.stdin.isatty():
         return None
     import getpass
@@ -247,8 +245,8 @@ def _connect(reactor, args, home: keys.Home, identity: keys.Identity, certificat
             reactor, endpoint, identity, contacts=home,
             timeout=args.connect_timeout,
             relay_check=lambda relay: home.pin_relay(pin_as, relay),
-            certificate=ca_cli.own_certificate(home) if certificate is None else certificate,
-            identity_roots=ca_cli.identity_roots(home), **kwargs,
+            certificate=home.certificate() if certificate is None else certificate,
+            identity_roots=home.identity_roots(), **kwargs,
         )
     except error.ConnectionRefusedError:
         raise Unreachable(f"cannot reach the relay at {server}: connection refused "
@@ -360,7 +358,7 @@ def cmd_trust(reactor, args):
     client = yield _connect(reactor, args, home, identity)
     try:
         der = yield client.lookup(name)
-        roots = ca_cli.identity_roots(home)
+        roots = home.identity_roots()
         if roots is not None:
             # A CA's word comes first: its certificate must vouch for the key.
             try:
@@ -441,7 +439,7 @@ def _install_certificate(home: keys.Home, certificate: bytes) -> None:
     if certificate:
         from mailrelay.files import write_durably
 
-        write_durably(home.path / ca_cli.CERTIFICATE_FILE, ca.certificate_pem(certificate),
+        write_durably(home.path / keys.CERTIFICATE_FILE, ca.certificate_pem(certificate),
                       0o644)
 
 

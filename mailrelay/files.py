@@ -31,7 +31,12 @@ def write_durably(path: Path, data: bytes, mode: int, tmp: Path | None = None) -
         except FileNotFoundError:
             pass
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
+    sync_directory(path.parent)
+
+
+def sync_directory(path: Path) -> None:
+    """Flush a directory, so a rename in it survives a power cut."""
+    directory = os.open(path, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:

@@ -23,7 +23,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from mailrelay.encoding import valid_identity
-from mailrelay.files import write_durably
+from mailrelay.files import sync_directory, write_durably
+
+CERTIFICATE_FILE = "certificate.pem"
+"""In a home: the CA's certificate for this identity's key, presented to the relay."""
+IDENTITY_ROOTS_FILE = "identity-ca.pem"
+"""In a home: the CA roots every contact's key must be certified by."""
 
 KEY_BITS = 3072
 MIN_KEY_BITS = 2048
@@ -84,15 +89,6 @@ class KeyConflict(IdentityError):
             f"with them through another channel before trusting the new key "
             f"(`mailrelay trust {identity} --fingerprint '{offered}'`)."
         )
-
-
-def _sync_directory(path: Path) -> None:
-    """Flush a directory, so a rename in it survives a power cut."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_identity(identity: str) -> str:
@@ -164,6 +160,49 @@ def _same_as_pinned(name: str, pinned: rsa.RSAPublicKey, offered: rsa.RSAPublicK
     """Raise L{KeyConflict} unless C{offered} is the key pinned for C{name}."""
     if public_der(pinned) != public_der(offered):
         raise KeyConflict(name, key_fingerprint(pinned), key_fingerprint(offered))
+
+
+def is_protected_pem(pem: bytes) -> bool:
+    """Whether a PEM private key is encrypted (PKCS#8 with a passphrase)."""
+    return b"ENCRYPTED PRIVATE KEY" in pem
+
+
+def private_pem(key: rsa.RSAPrivateKey, passphrase: bytes | None) -> bytes:
+    """PKCS#8 PEM, encrypted with C{passphrase} when one is given."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase) if passphrase
+        else serialization.NoEncryption(),
+    )
+
+
+def load_private_pem(pem: bytes, passphrase: bytes | None, where: Path) -> rsa.RSAPrivateKey:
+    """
+    The RSA private key in C{pem} (from C{where}), opened with C{passphrase}
+    if it is protected: L{PassphraseNeeded} without one, L{BadPassphrase}
+    if it does not open it, L{BadKey} for anything else.
+    """
+    protected = is_protected_pem(pem)
+    if protected and passphrase is None:
+        raise PassphraseNeeded(
+            f"{where} is protected by a passphrase: give it with --passphrase-file FILE "
+            f"(or $MAILRELAY_PASSPHRASE_FILE), or at the prompt"
+        )
+    try:
+        key = serialization.load_pem_private_key(pem, password=passphrase if protected else None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        if protected:
+            raise BadPassphrase(f"the passphrase does not open {where}") from None
+        raise BadKey(f"cannot read {where}: {e}") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise BadKey(f"{where} is not an RSA private key")
+    return key
+
+
+def read_passphrase_file(path: str) -> bytes:
+    """A passphrase kept in a file: its first line.  Raises C{OSError}."""
+    with open(path, "rb") as f:
+        return f.readline().rstrip(b"\r\n")
 
 
 def follow_rotations(name: str, pinned_der: bytes, current_der: bytes, rotations) -> int:
@@ -331,13 +370,7 @@ class Home:
             )
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         identity = Identity.generate(name, bits)
-        private_pem = identity.private_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(passphrase) if passphrase
-            else serialization.NoEncryption(),
-        )
-        write_durably(self.private_key_file, private_pem, 0o600)
+        write_durably(self.private_key_file, private_pem(identity.private_key, passphrase), 0o600)
         write_durably(self.public_key_file, public_pem(identity.public_key), 0o644)
         # Written last: an identity exists only once both keys do.
         write_durably(self._id_file, name.encode("ascii") + b"\n", 0o644)
@@ -359,27 +392,12 @@ class Home:
     def next_key_file(self) -> Path:
         return self.path / "private_key.next.pem"
 
-    def _private_pem(self, key: rsa.RSAPrivateKey, passphrase: bytes | None) -> bytes:
-        return key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(passphrase) if passphrase
-            else serialization.NoEncryption(),
-        )
-
     def stage_rotation(self, new: Identity, passphrase: bytes | None) -> None:
         """Keep the next key on disk before the relay is told: a crash loses nothing."""
-        write_durably(self.next_key_file, self._private_pem(new.private_key, passphrase), 0o600)
+        write_durably(self.next_key_file, private_pem(new.private_key, passphrase), 0o600)
 
     def _load_next(self, passphrase: bytes | None) -> rsa.RSAPrivateKey:
-        pem = self.next_key_file.read_bytes()
-        try:
-            key = serialization.load_pem_private_key(
-                pem, password=passphrase if b"ENCRYPTED" in pem else None)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
-            raise BadKey(f"cannot read {self.next_key_file}: {e}") from None
-        if not isinstance(key, rsa.RSAPrivateKey):
-            raise BadKey(f"{self.next_key_file} is not an RSA private key")
-        return key
+        return load_private_pem(self.next_key_file.read_bytes(), passphrase, self.next_key_file)
 
     def finish_rotation(self, old: Identity, new: Identity) -> Path:
         """
@@ -393,27 +411,48 @@ class Home:
         kept = self.previous_dir / f"private_key-{tag}.pem"
         if not kept.exists():
             write_durably(kept, self.private_key_file.read_bytes(), 0o600)
-        stale = self.path / "certificate.pem"  # it certified the old key
+        stale = self.path / CERTIFICATE_FILE  # it certified the old key
         if stale.exists():
             os.replace(stale, self.previous_dir / f"certificate-{tag}.pem")
         write_durably(self.public_key_file, public_pem(new.public_key), 0o644)
         os.replace(self.next_key_file, self.private_key_file)
-        _sync_directory(self.path)
+        sync_directory(self.path)
         return kept
 
     def _previous(self, name: str, passphrase: bytes | None) -> tuple:
         found = []
         if self.previous_dir.is_dir():
             for path in sorted(self.previous_dir.glob("private_key-*.pem")):
-                pem = path.read_bytes()
                 try:
-                    key = serialization.load_pem_private_key(
-                        pem, password=passphrase if b"ENCRYPTED" in pem else None)
-                except (ValueError, TypeError, UnsupportedAlgorithm):
+                    key = load_private_pem(path.read_bytes(), passphrase, path)
+                except IdentityError:
                     continue  # an old key this passphrase does not open: not needed now
-                if isinstance(key, rsa.RSAPrivateKey):
-                    found.append(Identity(name, key))
+                found.append(Identity(name, key))
         return tuple(found)
+
+    def certificate(self) -> bytes:
+        """This identity's certificate (DER) to present to the relay, or empty bytes."""
+        from mailrelay import ca
+
+        path = self.path / CERTIFICATE_FILE
+        try:
+            return ca.certificate_der(path.read_bytes())
+        except FileNotFoundError:
+            return b""
+        except (OSError, ca.CAError) as e:
+            raise IdentityError(f"cannot read {path}: {e}") from None
+
+    def identity_roots(self):
+        """The CA roots contacts must be certified by, or None (trust on first use)."""
+        from mailrelay import ca
+
+        path = self.path / IDENTITY_ROOTS_FILE
+        try:
+            return ca.load_roots(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ca.CAError) as e:
+            raise IdentityError(f"cannot read {path}: {e}") from None
 
     def accept_rotation(self, name: str, der: bytes) -> rsa.RSAPublicKey:
         """Pin C{der} in place of the key before it (checked by L{follow_rotations})."""
@@ -429,7 +468,7 @@ class Home:
     def protected(self) -> bool:
         """Whether the private key is encrypted with a passphrase."""
         try:
-            return b"ENCRYPTED PRIVATE KEY" in self.private_key_file.read_bytes()[:100]
+            return is_protected_pem(self.private_key_file.read_bytes()[:100])
         except OSError:
             return False
 
@@ -448,24 +487,9 @@ class Home:
             pem = self.private_key_file.read_bytes()
         except FileNotFoundError:
             raise NoIdentity(f"{self.private_key_file} is missing") from None
-        protected = b"ENCRYPTED PRIVATE KEY" in pem
-        if protected and passphrase is None:
-            raise PassphraseNeeded(
-                f"{self.private_key_file} is protected by a passphrase: give it with "
-                f"--passphrase-file FILE (or $MAILRELAY_PASSPHRASE_FILE), or at the prompt"
-            )
-        try:
-            key = serialization.load_pem_private_key(
-                pem, password=passphrase if protected else None
-            )
-        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
-            if protected:
-                raise BadPassphrase(
-                    f"the passphrase does not open {self.private_key_file}") from None
-            raise BadKey(f"cannot read {self.private_key_file}: {e}") from None
-        if not isinstance(key, rsa.RSAPrivateKey):
-            raise BadKey(f"{self.private_key_file} is not an RSA private key")
+        key = load_private_pem(pem, passphrase, self.private_key_file)
         _check_rsa(key.public_key())
+        protected = is_protected_pem(pem)
         return Identity(name, key, self._previous(name, passphrase if protected else None))
 
     def _relay_file(self, server: str) -> Path:

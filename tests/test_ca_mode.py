@@ -128,8 +128,8 @@ class ClientVerifiesContactsTests(SynchronousTestCase):
     def test_uncertified_sender_rejected_on_receipt(self):
         """A message from a sender without a certificate is dropped, not shown."""
         received, rejected = [], []
-        bob = self.relay.client(BOB, identity_roots=self.roots, on_message=received.append,
-                                on_rejected=rejected.append)
+        self.relay.client(BOB, identity_roots=self.roots, on_message=received.append,
+                          on_rejected=rejected.append)
         carol = self.relay.client(CAROL)
         self.relay.flush()
         d = carol.send("bob", b"trust me")

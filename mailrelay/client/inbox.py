@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailrelay import wire
+from mailrelay.client.localdb import open_home_db
 from mailrelay.envelope import Opened, parse_header
 
 SCHEMA = """
@@ -155,17 +156,10 @@ class Inbox:
 
     def __init__(self, path: str | os.PathLike[str], legacy_seen: str | None = None) -> None:
         self.path = os.fspath(path)
-        db = None
         try:
-            db = sqlite3.connect(self.path, isolation_level=None)
-            os.chmod(self.path, 0o600)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.executescript(SCHEMA)
-            db.execute("SELECT sender, message_id, seq FROM messages LIMIT 1").fetchall()
+            db = open_home_db(self.path, SCHEMA,
+                              "SELECT sender, message_id, seq FROM messages LIMIT 1")
         except (sqlite3.Error, OSError) as e:
-            if db is not None:
-                db.close()
             raise InboxError(
                 f"cannot read {self.path}: {e}; move it aside to start afresh "
                 f"(messages already shown may then be shown again)"

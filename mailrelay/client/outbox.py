@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 
 from mailrelay import wire
+from mailrelay.client.localdb import open_home_db
 
 E = wire.ErrorCode
 
@@ -111,25 +112,14 @@ class FlushResult:
     deferred_by_relay: set[bytes] = field(default_factory=set)
     """Ids of held messages the relay itself refused for now (full mailbox, rate limit)."""
 
-    @property
-    def remaining(self) -> int:
-        return len(self.held)
-
 
 class Outbox:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        db = None
         try:
-            db = sqlite3.connect(self.path, isolation_level=None)
-            os.chmod(self.path, 0o600)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.executescript(SCHEMA)
-            db.execute("SELECT position, message_id, envelope FROM outbox LIMIT 1").fetchall()
+            db = open_home_db(self.path, SCHEMA,
+                              "SELECT position, message_id, envelope FROM outbox LIMIT 1")
         except (sqlite3.Error, OSError) as e:
-            if db is not None:
-                db.close()
             raise OutboxError(
                 f"cannot read {self.path}: {e}; move it aside to start afresh "
                 f"(messages queued in it would not be sent, and your messages would be "
@@ -327,15 +317,13 @@ def queue_message(outbox: Outbox, identity, recipient: str, data: bytes,
         key = yield client.contact_key(recipient)
         max_envelope = client.max_envelope
     else:
-        if getattr(contacts, "path", None) is not None:
-            from mailrelay import ca_cli
-
-            if ca_cli.identity_roots(contacts) is not None:
-                # With a CA, a key is used only with its certificate checked,
-                # and the certificate comes from the relay with the key.
-                raise keys.IdentityError(
-                    f"this home checks contacts' keys against a CA, which needs the relay "
-                    f"to answer for {recipient!r}'s key and certificate; nothing was queued")
+        roots = getattr(contacts, "identity_roots", None)
+        if roots is not None and roots() is not None:
+            # With a CA, a key is used only with its certificate checked, and
+            # the certificate comes from the relay with the key.
+            raise keys.IdentityError(
+                f"this home checks contacts' keys against a CA, which needs the relay "
+                f"to answer for {recipient!r}'s key and certificate; nothing was queued")
         key = contacts.pinned(recipient) if contacts is not None else None
         if key is None:
             raise keys.IdentityError(

@@ -13,7 +13,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.logger import Logger
 from twisted.python import usage
 
-from mailrelay import ca_cli, keys
+from mailrelay import keys
 from mailrelay.client.defaults import default_home, default_server
 from mailrelay.client.maildir import Maildir
 from mailrelay.client.protocol import ClientFactory
@@ -52,8 +52,7 @@ class Options(usage.Options):
         if not home.protected() or not path:
             return None
         try:
-            with open(path, "rb") as f:
-                return f.readline().rstrip(b"\r\n")
+            return keys.read_passphrase_file(path)
         except OSError as e:
             raise usage.UsageError(f"--passphrase-file {path}: {e.strerror or e}")
 
@@ -74,8 +73,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--server {self['server']!r} is not a valid endpoint: {e}")
         try:
             self["identity"] = home.load(self._passphrase(home))
-            self["certificate"] = ca_cli.own_certificate(home)
-            self["identity-roots"] = ca_cli.identity_roots(home)
+            self["certificate"] = home.certificate()
+            self["identity-roots"] = home.identity_roots()
         except keys.IdentityError as e:
             raise usage.UsageError(str(e))
         try:

@@ -23,6 +23,7 @@ class Directory:
         self._clock = clock
         self._known: dict[str, bytes] = {}
         self._certificates: dict[str, bytes] = {}
+        self._rotations: dict[str, list] = {}
 
     def lookup(self, identity: str) -> Deferred[bytes | None]:
         known = self._known.get(identity)
@@ -30,9 +31,8 @@ class Directory:
             return succeed(known)
 
         def remember(key: bytes | None) -> bytes | None:
-            if key is not None:
-                self._known[identity] = key
-            return key
+            # A read that finishes after a rotation must not bring back the old key.
+            return key if key is None else self._known.setdefault(identity, key)
 
         return self._store.get_key(identity).addCallback(remember)
 
@@ -43,8 +43,7 @@ class Directory:
             return succeed(known)
 
         def remember(certificate: bytes) -> bytes:
-            self._certificates[identity] = certificate
-            return certificate
+            return self._certificates.setdefault(identity, certificate)
 
         return self._store.get_certificate(identity).addCallback(remember)
 
@@ -74,10 +73,21 @@ class Directory:
         if done:
             self._known[identity] = new_key
             self._certificates[identity] = certificate
+            # Read after the rotation's commit; an older read finishing later
+            # only fills an empty entry (setdefault above), never this one.
+            self._rotations[identity] = yield self._store.get_rotations(identity)
         return done
 
-    def rotations(self, identity: str):
-        return self._store.get_rotations(identity)
+    def rotations(self, identity: str) -> Deferred[list]:
+        """The identity's rotations, oldest first; read from the store once, like keys."""
+        known = self._rotations.get(identity)
+        if known is not None:
+            return succeed(known)
+
+        def remember(rotations: list) -> list:
+            return self._rotations.setdefault(identity, rotations)
+
+        return self._store.get_rotations(identity).addCallback(remember)
 
     @inlineCallbacks
     def _claim(self, identity: str, public_key: bytes):
