@@ -128,6 +128,30 @@ class Reader:
             raise self._error(f"{what} is {length} bytes, more than {maximum}")
         return self._take(length, what)
 
+    def skip(self, count: int, what: str) -> None:
+        """Pass over C{count} bytes, as L{raw} would read them, without copying them."""
+        end = self._offset + count
+        if end > len(self._data):
+            raise self._error(
+                f"truncated {what}: needed {count} bytes, "
+                f"{len(self._data) - self._offset} left"
+            )
+        self._offset = end
+
+    def skip_blob16(self, what: str, maximum: int = 0xFFFF) -> None:
+        """Pass over what L{blob16} would read, checked the same way."""
+        length = self.u16(what)
+        if length > maximum:
+            raise self._error(f"{what} is {length} bytes, more than {maximum}")
+        self.skip(length, what)
+
+    def skip_blob32(self, what: str, maximum: int) -> None:
+        """Pass over what L{blob32} would read, checked the same way."""
+        length = self.u32(what)
+        if length > maximum:
+            raise self._error(f"{what} is {length} bytes, more than {maximum}")
+        self.skip(length, what)
+
     def text(self, what: str, maximum: int = 0xFFFF) -> str:
         data = self.blob16(what, maximum)
         try:

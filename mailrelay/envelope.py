@@ -18,7 +18,7 @@ The sequence number counts the sender's messages to this recipient (1, 2,
 3...; 0 for a message sent outside any sequence): being signed, it lets the
 recipient notice a message the relay withheld or reordered.  Version 1
 envelopes, without it, are still opened (as sequence 0).
-The relay reads the header (L{parse}) to route an envelope; only the
+The relay reads the header (L{read_header}) to route an envelope; only the
 recipient can open it (L{open_envelope}), and only after the signature checks
 out against the sender key the recipient already trusts.
 """
@@ -209,6 +209,24 @@ def parse_header(data: bytes) -> Header:
     r = Reader(data, EnvelopeError)
     header = _read_header(r)
     r.end("header")
+    return header
+
+
+def read_header(data: bytes, max_envelope: int = MAX_ENVELOPE) -> Header:
+    """
+    The header of a whole envelope, which must be as well formed as for
+    L{parse} (the same errors), without copying its other parts: what the
+    relay needs to route an envelope it cannot open.
+    """
+    if len(data) > max_envelope:
+        raise EnvelopeTooLarge(f"envelope of {len(data)} bytes is over {max_envelope}")
+    r = Reader(data, EnvelopeError)
+    header = _read_header(r)
+    r.skip_blob16("wrapped key", MAX_WRAPPED_KEY)
+    r.skip(NONCE_SIZE, "nonce")
+    r.skip_blob32("ciphertext", max_envelope)
+    r.skip_blob16("signature", MAX_SIGNATURE)
+    r.end("envelope")
     return header
 
 

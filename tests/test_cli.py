@@ -968,7 +968,7 @@ class RecvTests(OnlineTestCase):
         d = self.run_online("recv", "--home", self.home, "--count", "2", "--timeout", "5")
         self.accept()
         self.queue(BOB, ALICE, b"one", 1)
-        self.relay.factory.mailboxes.wake("alice")
+        self.relay.factory.mailboxes.wake("alice", reread=True)
         self.relay.flush()
         self.reactor.advance(5)
         self.relay.flush()

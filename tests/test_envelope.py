@@ -524,14 +524,30 @@ class RejectionTests(SynchronousTestCase):
         self.assertParsesOrEnvelopeError(sealed[:start] + replacement + sealed[stop:])
 
     def assertParsesOrEnvelopeError(self, data: bytes) -> None:
+        """
+        C{data} parses, or raises EnvelopeError; and L{envelope.read_header},
+        the relay's reading, agrees: the same header, or the same error.
+        """
         try:
             parsed = envelope.parse(data)
-        except EnvelopeError:
+        except EnvelopeError as e:
+            with self.assertRaises(EnvelopeError) as caught:
+                envelope.read_header(data)
+            self.assertEqual(str(caught.exception), str(e))
             return
+        self.assertEqual(envelope.read_header(data), parsed.header)
         self.assertIsInstance(parsed, envelope.Envelope)
         self.assertEqual(parsed.signed + Writer().blob16(parsed.signature).getvalue(), data)
         self.assertTrue(data.startswith(parsed.header_bytes))
         self.assertEqual(parsed.header.encode(), parsed.header_bytes)
+
+
+    def test_read_header_limit(self):
+        """The relay's reading refuses an envelope over its limit, as parse does."""
+        sealed = _small_envelope()
+        self.assertEqual(envelope.read_header(sealed, len(sealed)).recipient, "dave")
+        with self.assertRaises(envelope.EnvelopeTooLarge):
+            envelope.read_header(sealed, len(sealed) - 1)
 
 
 _small: list[bytes] = []

@@ -28,7 +28,7 @@ from twisted.logger import Logger
 
 from mailrelay import envelope, keys, wire
 from mailrelay.client.inbox import Gap, MemoryInbox
-from mailrelay.channel import channel_binding
+from mailrelay.channel import channel_binding, no_delay
 
 E = wire.ErrorCode
 PING_INTERVAL = 60.0
@@ -170,6 +170,7 @@ class ClientProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self._state = "handshake"
+        no_delay(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self._state == "closed":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 
+from mailrelay import keys
 from mailrelay.relay.store import MailboxStore
 
 
@@ -24,6 +25,21 @@ class Directory:
         self._known: dict[str, bytes] = {}
         self._certificates: dict[str, bytes] = {}
         self._rotations: dict[str, list] = {}
+        self._fingerprints: dict[bytes, bytes] = {}
+
+    def known_fingerprint(self, identity: str) -> bytes | None:
+        """
+        The fingerprint of C{identity}'s key when the key is in memory
+        (every send to it after the first), without a Deferred; None when
+        L{lookup} has to ask the store.
+        """
+        key = self._known.get(identity)
+        if key is None:
+            return None
+        fingerprint = self._fingerprints.get(key)
+        if fingerprint is None:
+            fingerprint = self._fingerprints[key] = keys.fingerprint(key)
+        return fingerprint
 
     def lookup(self, identity: str) -> Deferred[bytes | None]:
         known = self._known.get(identity)

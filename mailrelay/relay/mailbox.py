@@ -10,10 +10,20 @@ at most C{window} of them unacknowledged, and deletes a message from the
 store only when the recipient acknowledges its id.  Messages still
 unacknowledged when a session ends stay in the store and go again on the
 next session.
+
+A connected recipient that has caught up (the last read of its mailbox
+found nothing more) gets what is committed for it afterwards straight from
+the commit, in its outbox's C{tail}, without the store being read again.
+Nothing falls between the read and the tail: a read sees every commit whose
+Deferred fired before it was asked, and the commits that fire while it is
+outstanding go to the tail too (those the read also saw are skipped by
+C{seq}).  The tail is bounded; past that, or when the relay itself adds to
+a mailbox (a notice of expiry), the loop goes back to reading the store.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks, succeed
@@ -28,6 +38,8 @@ DEFAULT_TTL = 30 * 86400
 """Seconds a message waits for its recipient before it expires."""
 EXPIRE_BATCH = 500
 """Messages expired per transaction: a long backlog never holds the store for long."""
+TAIL_LIMIT = 256
+"""Messages committed for a connected recipient kept in memory for it, at most."""
 
 
 def describe_duration(seconds: float) -> str:
@@ -45,8 +57,13 @@ class Outbox:
 
     C{push} writes one message to the session.  C{in_flight} maps each
     pushed but unacknowledged message id to its C{seq}; C{cursor} is the
-    highest C{seq} pushed in this session.
+    highest C{seq} pushed in this session.  While C{live}, every message
+    of the mailbox after C{cursor} is in C{tail}, in seq order (some at or
+    before C{cursor}, already pushed, may linger there and are skipped).
     """
+
+    __slots__ = ("recipient", "push", "in_flight", "cursor", "paused", "delivered",
+                 "acknowledged", "live", "tail", "reading", "tail_whole")
 
     def __init__(self, recipient: str, push: Callable[[StoredMessage], None]) -> None:
         self.recipient = recipient
@@ -56,6 +73,20 @@ class Outbox:
         self.paused = False
         self.delivered = 0
         self.acknowledged = 0
+        self.live = False
+        self.tail: deque[StoredMessage] = deque()
+        self.reading = False
+        self.tail_whole = False
+
+    def keeps_tail(self) -> bool:
+        """Whether messages committed now belong in the tail."""
+        return self.live or self.reading
+
+    def forget_tail(self) -> None:
+        """Read the store again from C{cursor} on."""
+        self.live = False
+        self.tail_whole = False
+        self.tail.clear()
 
 
 class Mailboxes:
@@ -100,32 +131,69 @@ class Mailboxes:
     def connected(self, recipient: str) -> bool:
         return recipient in self._outboxes
 
-    @inlineCallbacks
-    def accept(self, recipient: str, sender: str, message_id: bytes, envelope: bytes):
+    def accept(self, recipient: str, sender: str, message_id: bytes,
+               envelope: bytes) -> Deferred[bool]:
         """
         Commit a message to C{recipient}'s mailbox and wake its delivery
         loop.  Fires (True for new, False for a retry of a stored message)
         only after the commit; store failures propagate to the caller.
         """
-        new = yield self.store.enqueue(
+        d = self.store.enqueue_message(
             recipient, sender, message_id, envelope, int(self.clock.seconds())
         )
-        if new:
-            self.accepted_total += 1
-        self.wake(recipient)
-        return new
+        return d.addCallback(self._stored, recipient)
 
-    def wake(self, recipient: str) -> None:
+    def _stored(self, message: StoredMessage | None, recipient: str) -> bool:
+        if message is not None:
+            self.accepted_total += 1
+            outbox = self._outboxes.get(recipient)
+            if outbox is not None and outbox.keeps_tail():
+                if len(outbox.tail) < TAIL_LIMIT:
+                    outbox.tail.append(message)
+                else:
+                    outbox.forget_tail()
+        self.wake(recipient)
+        return message is not None
+
+    def wake(self, recipient: str, reread: bool = False) -> None:
         """
         Run the recipient's delivery loop once more, if it is connected.
         Wakes that arrive while a run is already queued fold into it.
+        C{reread}: the mailbox changed other than by L{accept}; read it.
         """
-        if recipient not in self._outboxes or recipient in self._wanted:
+        outbox = self._outboxes.get(recipient)
+        if outbox is None:
+            return
+        if reread:
+            outbox.forget_tail()
+        if recipient in self._wanted:
+            return
+        lock = self._locks.get(recipient)
+        if outbox.live and (lock is None or (lock.tokens and not lock.waiting)):
+            # No run holds the lock, and this one would not wait on the
+            # store: run it now rather than through the semaphore's Deferreds.
+            self._pushTail(outbox)
             return
         self._wanted.add(recipient)
         self._lock(recipient).run(self._deliver, recipient).addErrback(
             self._failed, recipient
         )
+
+    def _pushTail(self, outbox: Outbox) -> None:
+        """Push what the tail holds, as the window and the transport allow."""
+        tail, in_flight = outbox.tail, outbox.in_flight
+        window = self.window
+        while tail and not outbox.paused and len(in_flight) < window:
+            message = tail.popleft()
+            if message.seq > outbox.cursor:
+                self._pushOne(outbox, message)
+
+    def _pushOne(self, outbox: Outbox, message: StoredMessage) -> None:
+        outbox.in_flight[message.message_id] = message.seq
+        outbox.cursor = message.seq
+        outbox.delivered += 1
+        self.delivered_total += 1
+        outbox.push(message)
 
     @inlineCallbacks
     def _deliver(self, recipient: str):
@@ -133,22 +201,37 @@ class Mailboxes:
         outbox = self._outboxes.get(recipient)
         if outbox is None or outbox.paused:
             return
+        if outbox.live:
+            self._pushTail(outbox)
+            return
         room = self.window - len(outbox.in_flight)
         if room <= 0:
             return
-        messages = yield self.store.pending(recipient, outbox.cursor, room)
+        outbox.tail.clear()
+        outbox.tail_whole = True
+        outbox.reading = True
+        try:
+            messages = yield self.store.pending(recipient, outbox.cursor, room)
+        finally:
+            outbox.reading = False
         for message in messages:
             # The session may have ended or paused while the store answered,
             # or pause from inside push (a full transport buffer): push only
             # while it can take more.  The cursor moves only past what was
             # pushed, so nothing is skipped.
             if self._outboxes.get(recipient) is not outbox or outbox.paused:
+                outbox.forget_tail()
                 return
-            outbox.in_flight[message.message_id] = message.seq
-            outbox.cursor = message.seq
-            outbox.delivered += 1
-            self.delivered_total += 1
-            outbox.push(message)
+            if message.seq > outbox.cursor:
+                self._pushOne(outbox, message)
+        if len(messages) < room and outbox.tail_whole:
+            # The mailbox held nothing more when read, and the tail holds
+            # every commit since: from now on, what is committed for this
+            # recipient comes to it from the commit (see accept).
+            outbox.live = True
+            self._pushTail(outbox)
+        else:
+            outbox.forget_tail()
 
     def _failed(self, failure, recipient: str) -> None:
         self.log.failure(
@@ -161,19 +244,15 @@ class Mailboxes:
         """
         Delete an acknowledged message.  Fires False, deleting nothing, when
         the id is not one this session was delivered and has not yet
-        acknowledged.
+        acknowledged.  The window has room again at once: the next message
+        goes out while the delete commits (with other writes).
         """
         if outbox.in_flight.pop(message_id, None) is None:
             return succeed(False)
         outbox.acknowledged += 1
         d = self.store.delete(outbox.recipient, message_id, int(self.clock.seconds()))
-
-        def deleted(result):
-            # Whether or not the delete committed, the window has room again.
-            self.wake(outbox.recipient)
-            return True if not isinstance(result, Failure) else result
-
-        return d.addBoth(deleted)
+        self.wake(outbox.recipient)
+        return d.addCallback(lambda deleted: True)
 
     @inlineCallbacks
     def expire(self, ttl: float):
@@ -196,7 +275,7 @@ class Mailboxes:
                     recipient=message.recipient,
                 )
             for recipient in {m.recipient for m in expired}:
-                self.wake(recipient)
+                self.wake(recipient, reread=True)
             total += len(expired)
             if len(expired) < EXPIRE_BATCH:
                 return total

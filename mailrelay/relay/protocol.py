@@ -34,15 +34,16 @@ import math
 import os
 from collections import OrderedDict, deque
 
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from mailrelay import ca, envelope, keys, wire
-from mailrelay.channel import channel_binding
+from mailrelay.channel import channel_binding, no_delay
 from mailrelay.relay.directory import Directory, KeyConflict
 from mailrelay.relay.mailbox import DEFAULT_WINDOW, Mailboxes, Outbox
 from mailrelay.relay.store import DuplicateId, MailboxFull, MailboxStore, StoredMessage
@@ -266,6 +267,7 @@ class RelaySession(Protocol, TimeoutMixin):
         self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         self.log.info("connection from {peer}", peer=self.peer)
         self.factory.sessions.add(self)
+        no_delay(self.transport)
         self._challenge = os.urandom(wire.CHALLENGE_SIZE)
         if ISSLTransport.providedBy(self.transport):
             # This relay terminates TLS: answers must be bound to this very
@@ -358,10 +360,17 @@ class RelaySession(Protocol, TimeoutMixin):
                 if frame is None:
                     incomplete = True
                     break
-                self._busy = True
-                d = maybeDeferred(self._handle, frame)
-                d.addErrback(self._failed, frame)
-                d.addBoth(self._handled)
+                # Most frames are handled at once; only a handler that waits
+                # (for the store, say) holds the frames behind it.
+                try:
+                    result = self._handle(frame)
+                except Exception:
+                    self._failed(Failure(), frame)
+                    continue
+                if isinstance(result, Deferred):
+                    self._busy = True
+                    result.addErrback(self._failed, frame)
+                    result.addBoth(self._handled)
         finally:
             self._draining = False
         # What is buffered is at most one partial frame once every complete
@@ -588,33 +597,35 @@ class RelaySession(Protocol, TimeoutMixin):
                 if session.outbox is previous:
                     session.fatal(E.SUPERSEDED, "another session of this identity connected")
 
-    @inlineCallbacks
     def _send(self, frame: wire.Send):
         try:
-            header = yield self._checkEnvelope(frame.envelope)
+            header = self._checkSender(frame.envelope)
         except Refused as refused:
             self._answer(self._refusal(refused))
-        else:
-            d = self.factory.mailboxes.accept(
-                header.recipient, header.sender, header.message_id, frame.envelope
-            )
-            d.addCallbacks(self._accepted, self._notAccepted,
-                           callbackArgs=(header,), errbackArgs=(header,))
-            self._answer(d)
-        yield self._roomForAnswers()
+            return self._roomForAnswers()
+        fingerprint = self.factory.directory.known_fingerprint(header.recipient)
+        if fingerprint is not None:
+            self._answer(self._store(header, fingerprint, frame.envelope))
+            return self._roomForAnswers()
+        # The recipient's key has to come from the store: the frames behind
+        # this one wait, so the store is asked to commit in arrival order.
 
-    @inlineCallbacks
-    def _checkEnvelope(self, data: bytes):
+        def found(key: bytes | None):
+            self._answer(self._store(header, key and keys.fingerprint(key), frame.envelope))
+            return self._roomForAnswers()
+
+        return self.factory.directory.lookup(header.recipient).addCallback(found)
+
+    def _checkSender(self, data: bytes) -> envelope.Header:
         """
         The envelope's header, once it is known to come from this session's
-        identity and key and to be sealed for the key the directory holds
-        for its recipient; L{Refused} otherwise.
+        identity and key and the sender is within its rate; L{Refused}
+        otherwise.
         """
         try:
-            env = envelope.parse(data, self.factory.max_envelope)
+            h = envelope.read_header(data, self.factory.max_envelope)
         except envelope.EnvelopeError as e:
             raise Refused(E.BAD_ENVELOPE, b"", f"envelope is malformed: {e}")
-        h = env.header
         ref = h.message_id
         # Every send that can be read counts, whatever becomes of it: each
         # costs the relay a directory lookup or a commit.
@@ -638,15 +649,28 @@ class RelaySession(Protocol, TimeoutMixin):
             )
         if h.sender_fingerprint != self._fingerprint:
             raise Refused(E.SENDER_MISMATCH, ref, "envelope names another key of the sender")
-        recipient_key = yield self.factory.directory.lookup(h.recipient)
-        if recipient_key is None:
-            raise Refused(E.UNKNOWN_IDENTITY, ref, f"no identity {h.recipient!r} on this relay")
-        if keys.fingerprint(recipient_key) != h.recipient_fingerprint:
-            raise Refused(
-                E.RECIPIENT_KEY_MISMATCH, ref,
-                f"envelope is sealed for a key of {h.recipient!r} that is not the one registered",
-            )
         return h
+
+    def _store(self, header: envelope.Header, recipient_fingerprint: bytes | None,
+               data: bytes):
+        """
+        Hand the envelope to its recipient's mailbox, if it is sealed for the
+        key the directory holds for the recipient: the answer to the send
+        (a L{Deferred} of ACCEPTED), or the refusal.
+        """
+        ref = header.message_id
+        if recipient_fingerprint is None:
+            return wire.Error(E.UNKNOWN_IDENTITY, ref,
+                              f"no identity {header.recipient!r} on this relay")
+        if recipient_fingerprint != header.recipient_fingerprint:
+            return wire.Error(
+                E.RECIPIENT_KEY_MISMATCH, ref,
+                f"envelope is sealed for a key of {header.recipient!r} that is not the one "
+                f"registered",
+            )
+        d = self.factory.mailboxes.accept(header.recipient, header.sender, ref, data)
+        return d.addCallbacks(self._accepted, self._notAccepted,
+                              callbackArgs=(header,), errbackArgs=(header,))
 
     def _accepted(self, new: bool, header) -> wire.Frame:
         if new:

@@ -140,6 +140,16 @@ class MailboxStore(Protocol):
         L{DuplicateId}.
         """
 
+    def enqueue_message(
+        self, recipient: str, sender: str, message_id: bytes, envelope: bytes, now: int
+    ) -> Deferred[StoredMessage | None]:
+        """
+        L{enqueue}, firing with the message as stored (its C{seq} included)
+        rather than True, and None rather than False: the relay hands a
+        message just committed for a connected recipient straight to its
+        session, without reading it back.
+        """
+
     def pending(self, recipient: str, after_seq: int, limit: int) -> Deferred[list[StoredMessage]]:
         """Up to C{limit} messages of the mailbox with C{seq > after_seq}, oldest first."""
 

@@ -28,7 +28,10 @@ class MemoryStore:
         self._keys: dict[str, bytes] = {}
         self._certificates: dict[str, bytes] = {}
         self._rotations: dict[str, list[tuple[bytes, bytes, int, bytes]]] = {}
+        # Each mailbox in seq order (dicts keep insertion order, and seq only
+        # grows), with its usage kept beside it so no call scans a mailbox.
         self._mailboxes: dict[str, dict[bytes, tuple[StoredMessage, bytes]]] = {}
+        self._usage: dict[str, int] = {}
         self._acked: dict[tuple[str, bytes], tuple[str, bytes, int]] = {}
         self._seq = 0
 
@@ -65,38 +68,53 @@ class MemoryStore:
     def enqueue(
         self, recipient: str, sender: str, message_id: bytes, envelope: bytes, now: int
     ) -> Deferred[bool]:
+        return self.enqueue_message(recipient, sender, message_id, envelope, now).addCallback(
+            lambda message: message is not None
+        )
+
+    def enqueue_message(
+        self, recipient: str, sender: str, message_id: bytes, envelope: bytes, now: int
+    ) -> Deferred[StoredMessage | None]:
         box = self._mailboxes.setdefault(recipient, {})
         d = digest(envelope)
         previous = box.get(message_id)
         if previous is not None:
             same = previous[0].sender == sender and previous[1] == d
-            return succeed(False) if same else fail(DuplicateId(message_id.hex()))
+            return succeed(None) if same else fail(DuplicateId(message_id.hex()))
         if (recipient, message_id) in self._acked:
             if self._acked[recipient, message_id][:2] == (sender, d):
-                return succeed(False)
+                return succeed(None)
             return fail(DuplicateId(message_id.hex()))
         if self.quota.messages and len(box) >= self.quota.messages:
             return fail(MailboxFull(f"{len(box)} messages"))
-        used = sum(len(m.envelope) for m, _ in box.values())
+        used = self._usage.get(recipient, 0)
         if self.quota.bytes and used + len(envelope) > self.quota.bytes:
             return fail(MailboxFull(f"{used} bytes"))
         self._seq += 1
-        box[message_id] = (
-            StoredMessage(self._seq, recipient, sender, message_id, envelope, now),
-            d,
-        )
-        return succeed(True)
+        message = StoredMessage(self._seq, recipient, sender, message_id, envelope, now)
+        box[message_id] = (message, d)
+        self._usage[recipient] = used + len(envelope)
+        return succeed(message)
 
     def pending(self, recipient: str, after_seq: int, limit: int) -> Deferred[list[StoredMessage]]:
-        box = self._mailboxes.get(recipient, {})
-        found = sorted((m for m, _ in box.values() if m.seq > after_seq), key=lambda m: m.seq)
-        return succeed(found[:limit])
+        found = []
+        if limit > 0:
+            for message, _ in self._mailboxes.get(recipient, {}).values():
+                if message.seq > after_seq:
+                    found.append(message)
+                    if len(found) == limit:
+                        break
+        return succeed(found)
 
     def delete(self, recipient: str, message_id: bytes, now: int) -> Deferred[bool]:
         box = self._mailboxes.get(recipient, {})
         entry = box.pop(message_id, None)
         if entry is None:
             return succeed(False)
+        self._usage[recipient] -= len(entry[0].envelope)
+        if not box:
+            del self._mailboxes[recipient]
+            del self._usage[recipient]
         self._acked[recipient, message_id] = (entry[0].sender, entry[1], now)
         return succeed(True)
 
@@ -114,12 +132,14 @@ class MemoryStore:
         for m in old:
             box = self._mailboxes[m.recipient]
             _, d = box.pop(m.message_id)
+            self._usage[m.recipient] -= len(m.envelope)
             self._acked[m.recipient, m.message_id] = (m.sender, d, now)
             body = notice_body(m.message_id, m.accepted_at, text)
             self._seq += 1
             notice = StoredMessage(self._seq, m.recipient, m.sender, new_notice_id(), body, now,
                                    wire.NOTICE_EXPIRED)
             box[notice.message_id] = (notice, digest(body))
+            self._usage[m.recipient] += len(body)
         return succeed([replace(m, envelope=b"") for m in old])
 
     def forget_acknowledged(self, before: int) -> Deferred[int]:

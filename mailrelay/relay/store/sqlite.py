@@ -111,7 +111,7 @@ MIGRATIONS: dict[int, str] = {
     """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
-MAX_GROUP = 256
+MAX_GROUP = 1024
 """The most writes one transaction carries."""
 
 
@@ -140,26 +140,64 @@ def _migrate(txn) -> int:
     return version
 
 
-def _run_group(txn, writes):
+class _Group:
     """
-    Run C{writes} in one transaction, each in a savepoint.  A write that
-    raises L{StoreError} is rolled back alone and its error returned in its
-    place; any other error aborts the whole transaction.
+    One group commit's view of mailbox usage: what is committed (cached by
+    the store, read from the C{mailboxes} table on first use) plus what this
+    group changed so far.  The group writes each touched mailbox's row once,
+    at its end, rather than once per message.
+    """
+
+    def __init__(self, txn, committed: dict[str, tuple[int, int]]) -> None:
+        self.txn = txn
+        self._committed = committed
+        self.changed: dict[str, tuple[int, int]] = {}
+
+    def usage(self, recipient: str) -> tuple[int, int]:
+        """(messages, bytes) in C{recipient}'s mailbox, this group's writes included."""
+        current = self.changed.get(recipient)
+        if current is None:
+            current = self._committed.get(recipient)
+        if current is None:
+            row = self.txn.execute(
+                "SELECT messages, bytes FROM mailboxes WHERE recipient = ?", (recipient,)
+            ).fetchone()
+            current = self._committed[recipient] = (row[0], row[1]) if row else (0, 0)
+        return current
+
+    def change(self, recipient: str, messages: int, size: int) -> None:
+        count, used = self.usage(recipient)
+        self.changed[recipient] = (count + messages, used + size)
+
+    def flush(self) -> None:
+        for recipient, (count, used) in self.changed.items():
+            self.txn.execute(
+                "INSERT INTO mailboxes (recipient, messages, bytes) VALUES (?, ?, ?)"
+                " ON CONFLICT (recipient) DO UPDATE SET messages = excluded.messages,"
+                " bytes = excluded.bytes",
+                (recipient, count, used),
+            )
+
+
+def _run_group(txn, writes, usage: dict[str, tuple[int, int]]):
+    """
+    Run C{writes} in one transaction.  A write that raises L{StoreError}
+    must do so before it changes anything (each checks first, then writes),
+    so a refused write needs no rollback and the others go on; its error is
+    returned in its place.  Any other error aborts the whole transaction.
+    Returns the outcomes and the usage of the mailboxes the group changed,
+    which the store caches once the transaction has committed.
     """
     txn.execute("BEGIN IMMEDIATE")
+    group = _Group(txn, usage)
     outcomes = []
     for write in writes:
-        txn.execute("SAVEPOINT write")
         try:
-            result = write(txn)
+            outcomes.append((True, write(group)))
         except StoreError as e:
-            txn.execute("ROLLBACK TO write")
-            txn.execute("RELEASE write")
             outcomes.append((False, e))
-        else:
-            txn.execute("RELEASE write")
-            outcomes.append((True, result))
-    return outcomes
+    group.flush()
+    return outcomes, group.changed
 
 
 MARKER_SUFFIX = ".id"
@@ -261,6 +299,10 @@ class SQLiteStore:
         self._stopping: Deferred | None = None
         self._closed = False
         self.groups = 0
+        # Committed usage (messages, bytes) of the mailboxes written since
+        # start.  Only the pool's thread reads it, while a group runs; only
+        # the reactor thread updates it, after a commit, between groups.
+        self._usage: dict[str, tuple[int, int]] = {}
         kwargs = {}
         if reactor is not None:
             kwargs["cp_reactor"] = reactor
@@ -336,20 +378,24 @@ class SQLiteStore:
         group, self._queued = self._queued[:MAX_GROUP], self._queued[MAX_GROUP:]
         self._committing = True
         self.groups += 1
-        d = self._pool.runInteraction(_run_group, [write for write, _ in group])
+        d = self._pool.runInteraction(_run_group, [write for write, _ in group], self._usage)
         d.addBoth(self._committed, group)
 
     def _committed(self, outcome, group) -> None:
         self._committing = False
-        if isinstance(outcome, list):
-            for (ok, value), (_, d) in zip(outcome, group):
+        if isinstance(outcome, tuple):
+            outcomes, usage = outcome
+            self._usage.update(usage)
+            for (ok, value), (_, d) in zip(outcomes, group):
                 if ok:
                     d.callback(value)
                 else:
                     d.errback(value)
         else:
             # The transaction as a whole failed (disk full, I/O error): none
-            # of the group was committed, and each caller hears so.
+            # of the group was committed, and each caller hears so.  Usage
+            # read during it may be cached already: it is what was committed
+            # before, so it stays true.
             error = StoreError(f"commit failed: {outcome.getErrorMessage()}")
             for _, d in group:
                 d.errback(error)
@@ -369,7 +415,8 @@ class SQLiteStore:
         return self._pool.runInteraction(run)
 
     def register_key(self, identity: str, public_key: bytes, now: int) -> Deferred[bytes]:
-        def run(txn):
+        def run(group):
+            txn = group.txn
             txn.execute(
                 "INSERT OR IGNORE INTO directory (identity, public_key, registered_at) "
                 "VALUES (?, ?, ?)",
@@ -383,7 +430,8 @@ class SQLiteStore:
         return self._write(run)
 
     def rotate_key(self, identity, old_key, new_key, timestamp, signature, certificate):
-        def run(txn):
+        def run(group):
+            txn = group.txn
             txn.execute(
                 "UPDATE directory SET public_key = ?, certificate = ?"
                 " WHERE identity = ? AND public_key = ?",
@@ -420,8 +468,8 @@ class SQLiteStore:
         return self._pool.runInteraction(run)
 
     def set_certificate(self, identity: str, certificate: bytes) -> Deferred[None]:
-        def run(txn):
-            txn.execute("UPDATE directory SET certificate = ? WHERE identity = ?",
+        def run(group):
+            group.txn.execute("UPDATE directory SET certificate = ? WHERE identity = ?",
                         (certificate, identity))
 
         return self._write(run)
@@ -429,40 +477,58 @@ class SQLiteStore:
     def enqueue(
         self, recipient: str, sender: str, message_id: bytes, envelope: bytes, now: int
     ) -> Deferred[bool]:
-        d = digest(envelope)
+        return self.enqueue_message(recipient, sender, message_id, envelope, now).addCallback(
+            lambda message: message is not None
+        )
 
-        def run(txn):
-            for table in ("messages", "acked"):
-                row = txn.execute(
-                    f"SELECT sender, digest FROM {table} WHERE recipient = ? AND message_id = ?",
-                    (recipient, message_id),
-                ).fetchone()
-                if row is not None:
-                    if row[0] == sender and bytes(row[1]) == d:
-                        return False
-                    raise DuplicateId(message_id.hex())
-            # Usage is kept per mailbox, in the same transactions as the
-            # messages, so the quota check costs one row, not a scan.
+    def enqueue_message(
+        self, recipient: str, sender: str, message_id: bytes, envelope: bytes, now: int
+    ) -> Deferred[StoredMessage | None]:
+        d = digest(envelope)
+        size = len(envelope)
+
+        def settled(txn, table: str) -> bool:
+            """True for a retry of what C{table} holds; DuplicateId for another envelope."""
             row = txn.execute(
-                "SELECT messages, bytes FROM mailboxes WHERE recipient = ?", (recipient,)
+                f"SELECT sender, digest FROM {table} WHERE recipient = ? AND message_id = ?",
+                (recipient, message_id),
             ).fetchone()
-            count, used = row if row is not None else (0, 0)
+            if row is None:
+                return False
+            if row[0] == sender and bytes(row[1]) == d:
+                return True
+            raise DuplicateId(message_id.hex())
+
+        def run(group):
+            txn = group.txn
+            # Everything is checked before anything is written (see _run_group).
+            if settled(txn, "acked"):
+                return None
+            count, used = group.usage(recipient)
+            full = None
             if self.quota.messages and count >= self.quota.messages:
-                raise MailboxFull(f"{count} messages")
-            if self.quota.bytes and used + len(envelope) > self.quota.bytes:
-                raise MailboxFull(f"{used} bytes")
-            txn.execute(
-                "INSERT INTO messages (recipient, sender, message_id, digest, envelope, size,"
-                " accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (recipient, sender, message_id, d, envelope, len(envelope), now),
-            )
-            txn.execute(
-                "INSERT INTO mailboxes (recipient, messages, bytes) VALUES (?, 1, ?)"
-                " ON CONFLICT (recipient) DO UPDATE SET messages = messages + 1,"
-                " bytes = bytes + excluded.bytes",
-                (recipient, len(envelope)),
-            )
-            return True
+                full = f"{count} messages"
+            elif self.quota.bytes and used + size > self.quota.bytes:
+                full = f"{used} bytes"
+            if full is not None:
+                # A retry of a stored message is still recognised when full.
+                if settled(txn, "messages"):
+                    return None
+                raise MailboxFull(full)
+            try:
+                cursor = txn.execute(
+                    "INSERT INTO messages (recipient, sender, message_id, digest, envelope, size,"
+                    " accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (recipient, sender, message_id, d, envelope, size, now),
+                )
+            except sqlite3.IntegrityError:
+                # The id is stored in this mailbox already (the statement alone
+                # is undone): a retry, or another envelope under a used id.
+                if settled(txn, "messages"):
+                    return None
+                raise
+            group.change(recipient, 1, size)
+            return StoredMessage(cursor.lastrowid, recipient, sender, message_id, envelope, now)
 
         return self._write(run)
 
@@ -481,28 +547,22 @@ class SQLiteStore:
         return self._pool.runInteraction(run)
 
     def delete(self, recipient: str, message_id: bytes, now: int) -> Deferred[bool]:
-        def run(txn):
+        def run(group):
+            txn = group.txn
             row = txn.execute(
-                "SELECT sender, digest, size FROM messages"
+                "SELECT seq, sender, digest, size FROM messages"
                 " WHERE recipient = ? AND message_id = ?",
                 (recipient, message_id),
             ).fetchone()
             if row is None:
                 return False
-            txn.execute(
-                "DELETE FROM messages WHERE recipient = ? AND message_id = ?",
-                (recipient, message_id),
-            )
-            txn.execute(
-                "UPDATE mailboxes SET messages = messages - 1, bytes = bytes - ?"
-                " WHERE recipient = ?",
-                (row[2], recipient),
-            )
+            txn.execute("DELETE FROM messages WHERE seq = ?", (row[0],))
             txn.execute(
                 "INSERT OR REPLACE INTO acked (recipient, message_id, sender, digest, acked_at)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (recipient, message_id, row[0], row[1], now),
+                (recipient, message_id, row[1], row[2], now),
             )
+            group.change(recipient, -1, -row[3])
             return True
 
         return self._write(run)
@@ -517,7 +577,8 @@ class SQLiteStore:
         return self._pool.runInteraction(run)
 
     def expire(self, before: int, now: int, text: str, limit: int) -> Deferred[list[StoredMessage]]:
-        def run(txn):
+        def run(group):
+            txn = group.txn
             # Oldest first by seq, which follows acceptance; the scan stops at
             # the first message young enough.  (Should the clock have stepped
             # back, a message accepted before the step waits for the next
@@ -548,10 +609,7 @@ class SQLiteStore:
                      wire.NOTICE_EXPIRED),
                 )
                 # The notice takes the message's place in the usage count.
-                txn.execute(
-                    "UPDATE mailboxes SET bytes = bytes - ? WHERE recipient = ?",
-                    (size - len(body), recipient),
-                )
+                group.change(recipient, 0, len(body) - size)
                 expired.append(StoredMessage(seq, recipient, sender, bytes(message_id), b"",
                                              accepted_at))
             return expired
@@ -559,7 +617,7 @@ class SQLiteStore:
         return self._write(run)
 
     def forget_acknowledged(self, before: int) -> Deferred[int]:
-        def run(txn):
-            return txn.execute("DELETE FROM acked WHERE acked_at < ?", (before,)).rowcount
+        def run(group):
+            return group.txn.execute("DELETE FROM acked WHERE acked_at < ?", (before,)).rowcount
 
         return self._write(run)
