@@ -1,19 +1,27 @@
 """
-Authentication bound to its connection: the TLS channel binding, and the
-relay id a client pins per server.  Together they stop a relay (or anyone a
-client was induced to connect to) from passing another relay's challenge to
-the client and logging in there with the answer.
+What a session needs of its connection.  Authentication bound to it: the
+TLS channel binding, and the relay id a client pins per server, which
+together stop a relay (or anyone a client was induced to connect to) from
+passing another relay's challenge to the client and logging in there with
+the answer.  And no delay for small frames.
 """
 
 from __future__ import annotations
 
+import socket
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import ISSLTransport
-from twisted.internet.task import Clock
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransportWithDisconnection
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from mailrelay import keys, wire
+from mailrelay.channel import no_delay
 from mailrelay.client.protocol import ClientProtocol, RelayError, UntrustedRelay
 from mailrelay.relay.protocol import RelayFactory
 from mailrelay.relay.store.memory import MemoryStore
@@ -172,3 +180,45 @@ class ClientHandshakeLimitTests(SynchronousTestCase):
             wire.PROTOCOL_VERSION, "relay-x", CHALLENGE, wire.BINDING_TLS_EXPORTER)))
         self.assertFalse(home.path.joinpath("relays").exists())
         self.failureResultOf(client.ready, UntrustedRelay)
+
+
+class RecordingTransport(StringTransportWithDisconnection):
+    """A transport that remembers what was asked of TCP_NODELAY."""
+
+    no_delay = None
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+
+class NoDelayTests(TestCase):
+    """
+    Frames are small (ACCEPTED, ACK): neither end holds them back for the
+    peer's delayed acknowledgement (Nagle's algorithm), which would add tens
+    of milliseconds to a message's way through the relay.
+    """
+
+    @inlineCallbacks
+    def test_relay_sessions_on_real_tcp(self):
+        factory = RelayFactory(MemoryStore(), reactor, name="relay")
+        factory.storeReady()
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        peer = yield endpoint.connect(Factory.forProtocol(Protocol))
+        self.addCleanup(peer.transport.loseConnection)
+        while not factory.sessions:
+            yield deferLater(reactor, 0.01, lambda: None)
+        (session,) = factory.sessions
+        handle = session.transport.getHandle()
+        self.assertEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+        session.transport.loseConnection()
+
+    def test_client(self):
+        transport = RecordingTransport()
+        ClientProtocol(ALICE).makeConnection(transport)
+        self.assertIs(transport.no_delay, True)
+
+    def test_transport_without_tcp(self):
+        """A transport with no such setting (a pipe, a test) is left alone."""
+        no_delay(StringTransportWithDisconnection())

@@ -47,6 +47,7 @@ from mailrelay.channel import channel_binding, no_delay
 from mailrelay.relay.directory import Directory, KeyConflict
 from mailrelay.relay.mailbox import DEFAULT_WINDOW, Mailboxes, Outbox
 from mailrelay.relay.store import DuplicateId, MailboxFull, MailboxStore, StoredMessage
+from mailrelay.relay.store.base import KIND_MESSAGE
 
 E = wire.ErrorCode
 
@@ -406,24 +407,29 @@ class RelaySession(Protocol, TimeoutMixin):
         answer), or a Deferred of either that may fail with L{Refused}.  It
         is written once it and every answer queued before it are final.
         """
+        if not isinstance(outcome, Deferred):
+            if self._answers:
+                self._answers.append([True, outcome])
+            elif outcome is not None and self.state != "closed":
+                self._write(outcome)
+            return
         slot = [False, None]
         self._answers.append(slot)
+        outcome.addCallbacks(self._settle, self._settleFailed,
+                             callbackArgs=(slot,), errbackArgs=(slot,))
 
-        def settle(frame) -> None:
-            slot[0], slot[1] = True, frame
-            self._flushAnswers()
+    def _settle(self, frame, slot: list) -> None:
+        slot[0], slot[1] = True, frame
+        self._flushAnswers()
 
-        def failed(failure) -> None:
-            if failure.check(Refused):
-                settle(self._refusal(failure.value))
-                return
-            self.log.failure("unexpected error answering {identity}", failure,
-                             identity=self.identity)
-            settle(None)
-            self.fatal(E.INTERNAL_ERROR, "internal relay error")
-
-        d = outcome if isinstance(outcome, Deferred) else succeed(outcome)
-        d.addCallbacks(settle, failed)
+    def _settleFailed(self, failure, slot: list) -> None:
+        if failure.check(Refused):
+            self._settle(self._refusal(failure.value), slot)
+            return
+        self.log.failure("unexpected error answering {identity}", failure,
+                         identity=self.identity)
+        self._settle(None, slot)
+        self.fatal(E.INTERNAL_ERROR, "internal relay error")
 
     def _flushAnswers(self) -> None:
         while self._answers and self._answers[0][0]:
@@ -777,7 +783,10 @@ class RelaySession(Protocol, TimeoutMixin):
         return wire.Key(self.identity, new_der, certificate, _chain(rotations))
 
     def _push(self, message: StoredMessage) -> None:
-        self._write(message.frame())
+        if message.kind == KIND_MESSAGE:
+            self.transport.write(wire.encode_deliver(message.message_id, message.envelope))
+        else:
+            self._write(message.frame())
 
     # Timers
 
