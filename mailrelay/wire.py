@@ -604,7 +604,12 @@ class FrameBuffer:
             return None
         self._offset = start + length
         frame = decode(bytes(buf[start : start + length]), self.max_envelope)
-        if self._offset >= COMPACT_AFTER and self._offset * 2 >= len(buf):
+        if self._offset == len(buf):
+            # All consumed: let the storage go now, not at the next read (an
+            # idle session would otherwise keep its last frame's bytes).
+            buf.clear()
+            self._offset = 0
+        elif self._offset >= COMPACT_AFTER and self._offset * 2 >= len(buf):
             # A reader that keeps falling behind never empties the buffer:
             # drop what is consumed once it is most of it (amortised linear).
             del buf[: self._offset]

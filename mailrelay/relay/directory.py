@@ -27,6 +27,10 @@ class Directory:
         self._rotations: dict[str, list] = {}
         self._fingerprints: dict[bytes, bytes] = {}
 
+    def known_key(self, identity: str) -> bytes | None:
+        """C{identity}'s key if it is in memory; None if L{lookup} has to ask the store."""
+        return self._known.get(identity)
+
     def known_fingerprint(self, identity: str) -> bytes | None:
         """
         The fingerprint of C{identity}'s key when the key is in memory

@@ -28,7 +28,6 @@ from typing import Callable
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks, succeed
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from mailrelay.relay.store import MailboxStore, StoredMessage
 

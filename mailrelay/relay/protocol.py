@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
@@ -245,7 +245,9 @@ class RelaySession(Protocol, TimeoutMixin):
         self._frameClock = FrameClock()
         self._frameTimer = None
         self._rateLogged = False
-        self._answers: deque[list] = deque()
+        # A list, not a deque: it holds at most MAX_PENDING_ANSWERS, and an
+        # empty deque costs every idle session most of a kilobyte.
+        self._answers: list[list] = []
         self._waitingForRoom: list[Deferred] = []
         self._readingPaused = False
         self._outputPaused = False
@@ -433,7 +435,7 @@ class RelaySession(Protocol, TimeoutMixin):
 
     def _flushAnswers(self) -> None:
         while self._answers and self._answers[0][0]:
-            frame = self._answers.popleft()[1]
+            frame = self._answers.pop(0)[1]
             if frame is not None and self.state != "closed":
                 self._write(frame)
         if len(self._answers) < MAX_PENDING_ANSWERS:
@@ -581,7 +583,8 @@ class RelaySession(Protocol, TimeoutMixin):
             return
         self._cancelDeadline()
         self.identity = frame.identity
-        self.public_key = public_key
+        # The directory's copy: sessions of one identity share the bytes.
+        self.public_key = self.factory.directory.known_key(frame.identity) or public_key
         self._fingerprint = keys.fingerprint(public_key)
         self.state = "ready"
         self._frames.set_limit(self.factory.max_envelope)

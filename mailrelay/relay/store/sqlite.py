@@ -113,6 +113,8 @@ MIGRATIONS: dict[int, str] = {
 SCHEMA_VERSION = max(MIGRATIONS)
 MAX_GROUP = 1024
 """The most writes one transaction carries."""
+_FIND_ACKED = "SELECT sender, digest FROM acked WHERE recipient = ? AND message_id = ?"
+_FIND_STORED = "SELECT sender, digest FROM messages WHERE recipient = ? AND message_id = ?"
 
 
 def _configure(connection: sqlite3.Connection) -> None:
@@ -487,12 +489,9 @@ class SQLiteStore:
         d = digest(envelope)
         size = len(envelope)
 
-        def settled(txn, table: str) -> bool:
-            """True for a retry of what C{table} holds; DuplicateId for another envelope."""
-            row = txn.execute(
-                f"SELECT sender, digest FROM {table} WHERE recipient = ? AND message_id = ?",
-                (recipient, message_id),
-            ).fetchone()
+        def settled(txn, query: str) -> bool:
+            """True for a retry of what C{query} finds; DuplicateId for another envelope."""
+            row = txn.execute(query, (recipient, message_id)).fetchone()
             if row is None:
                 return False
             if row[0] == sender and bytes(row[1]) == d:
@@ -502,7 +501,7 @@ class SQLiteStore:
         def run(group):
             txn = group.txn
             # Everything is checked before anything is written (see _run_group).
-            if settled(txn, "acked"):
+            if settled(txn, _FIND_ACKED):
                 return None
             count, used = group.usage(recipient)
             full = None
@@ -512,7 +511,7 @@ class SQLiteStore:
                 full = f"{used} bytes"
             if full is not None:
                 # A retry of a stored message is still recognised when full.
-                if settled(txn, "messages"):
+                if settled(txn, _FIND_STORED):
                     return None
                 raise MailboxFull(full)
             try:
@@ -524,7 +523,7 @@ class SQLiteStore:
             except sqlite3.IntegrityError:
                 # The id is stored in this mailbox already (the statement alone
                 # is undone): a retry, or another envelope under a used id.
-                if settled(txn, "messages"):
+                if settled(txn, _FIND_STORED):
                     return None
                 raise
             group.change(recipient, 1, size)
