@@ -308,6 +308,48 @@ class StoreTestsMixin:
         self.assertEqual((yield store.get_key("alice")), KEY_1)
 
     @inlineCallbacks
+    def test_enqueue_and_delete_together(self):
+        """
+        A message stored and deleted by writes asked for at once (one group
+        commit, for SQLite) ends as if they were done one after another.
+        """
+        store = yield self.makeStore()
+        results = yield DeferredList([
+            store.enqueue("bob", "alice", mid(1), env(1), NOW),
+            store.delete("bob", mid(1), NOW),
+            store.delete("bob", mid(1), NOW),  # already gone
+            store.enqueue("bob", "alice", mid(1), env(1), NOW),  # a retry: recognised
+            store.enqueue("bob", "alice", mid(1), env(2), NOW),  # another envelope
+            store.enqueue("bob", "alice", mid(2), env(2), NOW),
+        ], consumeErrors=True)
+        outcomes = [value if ok else value.type for ok, value in results]
+        self.assertEqual(outcomes, [True, True, False, False, DuplicateId, True])
+        self.assertEqual([m.message_id for m in (yield store.pending("bob", 0, 10))], [mid(2)])
+        self.assertEqual((yield store.count("bob")), 1)
+
+    @inlineCallbacks
+    def test_many_writes_at_once(self):
+        """
+        Hundreds of writes asked for at once (more than one statement's worth
+        for SQLite, L{sqlite_store.BATCH_ROWS}) keep their order and outcomes.
+        """
+        store = yield self.makeStore()
+        for n in range(150):
+            yield store.enqueue(f"r{n % 3}", "alice", mid(n), env(n), NOW)
+        writes = [store.delete(f"r{n % 3}", mid(n), NOW) for n in range(150)]
+        writes += [store.enqueue(f"r{n % 3}", "alice", mid(n), env(n), NOW)
+                   for n in range(100, 400)]
+        results = yield gatherResults(writes)
+        self.assertEqual(results, [True] * 150 + [False] * 50 + [True] * 250)
+        for r in range(3):
+            messages = yield store.pending(f"r{r}", 0, 1000)
+            self.assertEqual([m.message_id for m in messages],
+                             [mid(n) for n in range(150, 400) if n % 3 == r])
+            seqs = [m.seq for m in messages]
+            self.assertEqual(seqs, sorted(set(seqs)))
+            self.assertEqual((yield store.count(f"r{r}")), len(messages))
+
+    @inlineCallbacks
     def test_count(self):
         store = yield self.makeStore()
         self.assertEqual((yield store.count("bob")), 0)
@@ -423,6 +465,26 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
         messages = yield again.pending("bob", 0, 10)
         self.assertEqual([m.message_id for m in messages], [mid(2), mid(3)])
         self.assertGreater(messages[1].seq, messages[0].seq)
+
+    @inlineCallbacks
+    def test_seq_not_reused_after_restart(self):
+        """
+        The store numbers messages itself: after a restart it goes on past
+        the highest number ever given, even one whose message is gone.
+        """
+        store = SQLiteStore(self.path)
+        yield store.start()
+        first = yield store.enqueue_message("bob", "alice", mid(1), env(1), NOW)
+        last = yield store.enqueue_message("bob", "alice", mid(2), env(2), NOW)
+        yield store.delete("bob", mid(2), NOW)
+        yield store.stop()
+        again = yield self.makeStore()
+        latest = yield again.enqueue_message("bob", "alice", mid(3), env(3), NOW)
+        self.assertGreater(last.seq, first.seq)
+        self.assertGreater(latest.seq, last.seq)
+        # A session whose cursor is at the deleted message still gets the new one.
+        self.assertEqual([m.message_id for m in (yield again.pending("bob", last.seq, 10))],
+                         [mid(3)])
 
     @inlineCallbacks
     def test_file_format(self):

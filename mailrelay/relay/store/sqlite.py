@@ -6,13 +6,19 @@ the order they were asked for: the order of C{enqueue} calls is the order
 of C{seq}.  A read sees every write whose Deferred has fired (callers that
 need to read their own write wait for it, as the relay does).
 
-Writes (C{enqueue}, C{delete}, C{register_key}) are committed in groups:
+Writes (C{enqueue}, C{delete}, C{register_key}...) are committed in groups:
 while one transaction is being committed, the writes asked for meanwhile
-queue up, and the next transaction carries them all, each inside its own
-savepoint so that one refused write (a full mailbox, a reused id) rolls
-back alone.  C{synchronous=FULL} makes each commit reach the disk before
-any of its writes' Deferreds fire, which is what lets the relay answer a
-sender "accepted"; grouping shares one disk flush among many senders.
+queue up, and the next transaction carries them all (up to L{MAX_GROUP}).
+Every write checks before it changes anything, so one refused write (a full
+mailbox, a reused id) needs no rollback and the others go on.  The writes
+of every message, enqueues and deletes, are done a batch at a time: their
+outcomes are decided in Python, in order, against two lookups for the whole
+batch, and the rows go in and out with a few multi-row statements, so the
+cost per message is a few rows of SQL rather than several statements (see
+L{_write_batch}).  C{synchronous=FULL} makes each commit reach the disk
+before any of its writes' Deferreds fire, which is what lets the relay
+answer a sender "accepted"; grouping shares one disk flush among many
+senders.
 
 The schema is versioned with C{PRAGMA user_version}; L{MIGRATIONS} holds the
 steps from each version to the next, applied in one transaction at start.
@@ -32,6 +38,7 @@ import os
 import secrets
 import sqlite3
 from pathlib import Path
+from typing import NamedTuple
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
@@ -113,8 +120,6 @@ MIGRATIONS: dict[int, str] = {
 SCHEMA_VERSION = max(MIGRATIONS)
 MAX_GROUP = 1024
 """The most writes one transaction carries."""
-_FIND_ACKED = "SELECT sender, digest FROM acked WHERE recipient = ? AND message_id = ?"
-_FIND_STORED = "SELECT sender, digest FROM messages WHERE recipient = ? AND message_id = ?"
 
 
 def _configure(connection: sqlite3.Connection) -> None:
@@ -150,10 +155,22 @@ class _Group:
     at its end, rather than once per message.
     """
 
-    def __init__(self, txn, committed: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, txn, committed: dict[str, tuple[int, int]], seq: list[int]) -> None:
         self.txn = txn
         self._committed = committed
+        self._seq = seq
         self.changed: dict[str, tuple[int, int]] = {}
+
+    def next_seq(self) -> int:
+        """
+        The C{seq} of the next message stored.  The store numbers messages
+        itself (so a batch can be inserted in one statement), from the
+        highest number the table ever gave; numbers given to a group that
+        did not commit are not used again, which leaves a gap, never a
+        repeat.
+        """
+        self._seq[0] += 1
+        return self._seq[0]
 
     def usage(self, recipient: str) -> tuple[int, int]:
         """(messages, bytes) in C{recipient}'s mailbox, this group's writes included."""
@@ -181,23 +198,165 @@ class _Group:
             )
 
 
-def _run_group(txn, writes, usage: dict[str, tuple[int, int]]):
+class _Enqueue(NamedTuple):
+    recipient: str
+    sender: str
+    message_id: bytes
+    digest: bytes
+    envelope: bytes
+    now: int
+
+
+class _Delete(NamedTuple):
+    recipient: str
+    message_id: bytes
+    now: int
+
+
+BATCH_ROWS = 100
+"""Rows per multi-row statement: 8 parameters each stays under SQLite's oldest limit of 999."""
+
+
+def _chunks(items: list, size: int = BATCH_ROWS):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _values(rows: int, columns: int) -> str:
+    one = "(" + ", ".join("?" * columns) + ")"
+    return ", ".join([one] * rows)
+
+
+def _find(txn, query: str, keys: list[tuple[str, bytes]]) -> dict:
     """
-    Run C{writes} in one transaction.  A write that raises L{StoreError}
-    must do so before it changes anything (each checks first, then writes),
-    so a refused write needs no rollback and the others go on; its error is
-    returned in its place.  Any other error aborts the whole transaction.
+    The rows C{query} finds for C{keys} (recipient, message id), by key:
+    C{query} selects recipient, message id and more from a table C{t}
+    joined to the keys as C{k}.
+    """
+    found = {}
+    for chunk in _chunks(keys):
+        rows = txn.execute(
+            query.format(keys=f"(VALUES {_values(len(chunk), 2)}) k"),
+            [value for key in chunk for value in key],
+        ).fetchall()
+        for recipient, message_id, *rest in rows:
+            found[recipient, bytes(message_id)] = tuple(
+                bytes(value) if isinstance(value, memoryview) else value for value in rest)
+    return found
+
+
+_FIND_ACKED = ("SELECT t.recipient, t.message_id, t.sender, t.digest FROM acked t JOIN {keys}"
+               " ON t.recipient = k.column1 AND t.message_id = k.column2")
+_FIND_STORED = ("SELECT t.recipient, t.message_id, t.seq, t.sender, t.digest, t.size"
+                " FROM messages t JOIN {keys} ON t.recipient = k.column1"
+                " AND t.message_id = k.column2")
+
+
+def _write_batch(group: _Group, items: list, outcomes: list, quota: Quota) -> None:
+    """
+    Do the L{_Enqueue} and L{_Delete} records of C{items} (index, record)
+    with the outcome each would have had alone, in order (as
+    L{SQLiteStore.enqueue_message} and L{SQLiteStore.delete} define them):
+    two lookups for the whole batch, the decisions in Python, then one
+    statement per L{BATCH_ROWS} rows for each of the deletes, the ids kept
+    in C{acked} and the inserts.
+    """
+    txn = group.txn
+    keys = list(dict.fromkeys((op.recipient, op.message_id) for _, op in items))
+    enqueued = [(op.recipient, op.message_id) for _, op in items if type(op) is _Enqueue]
+    acked = _find(txn, _FIND_ACKED, list(dict.fromkeys(enqueued)))
+    stored = _find(txn, _FIND_STORED, keys)
+    inserts: dict[tuple[str, bytes], tuple] = {}
+    doomed: list[int] = []
+    settled: list[tuple] = []
+    for index, op in items:
+        key = (op.recipient, op.message_id)
+        if type(op) is _Delete:
+            entry = stored.pop(key, None)
+            if entry is None:
+                outcomes[index] = (True, False)
+                continue
+            seq, sender, message_digest, size = entry
+            acked[key] = (sender, message_digest)
+            group.change(op.recipient, -1, -size)
+            if inserts.pop(key, None) is None:
+                doomed.append(seq)
+            settled.append((op.recipient, op.message_id, sender, message_digest, op.now))
+            outcomes[index] = (True, True)
+            continue
+        previous = acked.get(key)
+        if previous is None and key in stored:
+            previous = stored[key][1:3]
+        if previous is not None:
+            if previous == (op.sender, op.digest):
+                outcomes[index] = (True, None)  # a retry: nothing new
+            else:
+                outcomes[index] = (False, DuplicateId(op.message_id.hex()))
+            continue
+        size = len(op.envelope)
+        count, used = group.usage(op.recipient)
+        if quota.messages and count >= quota.messages:
+            outcomes[index] = (False, MailboxFull(f"{count} messages"))
+            continue
+        if quota.bytes and used + size > quota.bytes:
+            outcomes[index] = (False, MailboxFull(f"{used} bytes"))
+            continue
+        seq = group.next_seq()
+        inserts[key] = (seq, op.recipient, op.sender, op.message_id, op.digest, op.envelope,
+                        size, op.now)
+        stored[key] = (seq, op.sender, op.digest, size)
+        group.change(op.recipient, 1, size)
+        outcomes[index] = (True, StoredMessage(seq, op.recipient, op.sender, op.message_id,
+                                               op.envelope, op.now))
+    for chunk in _chunks(doomed):
+        txn.execute(f"DELETE FROM messages WHERE seq IN ({', '.join('?' * len(chunk))})", chunk)
+    for chunk in _chunks(settled):
+        txn.execute(
+            "INSERT OR REPLACE INTO acked (recipient, message_id, sender, digest, acked_at)"
+            f" VALUES {_values(len(chunk), 5)}",
+            [value for row in chunk for value in row],
+        )
+    for chunk in _chunks(list(inserts.values())):
+        txn.execute(
+            "INSERT INTO messages (seq, recipient, sender, message_id, digest, envelope, size,"
+            f" accepted_at) VALUES {_values(len(chunk), 8)}",
+            [value for row in chunk for value in row],
+        )
+
+
+def _run_group(txn, writes: list, usage: dict[str, tuple[int, int]], seq: list[int],
+               quota: Quota):
+    """
+    Run C{writes} in one transaction: L{_Enqueue} and L{_Delete} records,
+    done in batches (L{_write_batch}), and functions of the L{_Group} (the
+    rarer writes), each done alone, in turn.  A write refused with
+    L{StoreError} changes nothing (every write checks first, then writes),
+    so it needs no rollback and the others go on; its error is returned in
+    its place.  Any other error aborts the whole transaction.
+
     Returns the outcomes and the usage of the mailboxes the group changed,
     which the store caches once the transaction has committed.
     """
     txn.execute("BEGIN IMMEDIATE")
-    group = _Group(txn, usage)
-    outcomes = []
-    for write in writes:
-        try:
-            outcomes.append((True, write(group)))
-        except StoreError as e:
-            outcomes.append((False, e))
+    group = _Group(txn, usage, seq)
+    outcomes: list = [None] * len(writes)
+    batch: list = []
+
+    def run_batches() -> None:
+        if batch:
+            _write_batch(group, batch, outcomes, quota)
+            batch.clear()
+
+    for index, write in enumerate(writes):
+        if type(write) is _Enqueue or type(write) is _Delete:
+            batch.append((index, write))
+        else:
+            run_batches()
+            try:
+                outcomes[index] = (True, write(group))
+            except StoreError as e:
+                outcomes[index] = (False, e)
+    run_batches()
     group.flush()
     return outcomes, group.changed
 
@@ -305,6 +464,9 @@ class SQLiteStore:
         # start.  Only the pool's thread reads it, while a group runs; only
         # the reactor thread updates it, after a commit, between groups.
         self._usage: dict[str, tuple[int, int]] = {}
+        # The last seq given (see _Group.next_seq); only the pool's thread
+        # uses it, at start and in groups.
+        self._seq = [0]
         kwargs = {}
         if reactor is not None:
             kwargs["cp_reactor"] = reactor
@@ -325,6 +487,7 @@ class SQLiteStore:
         try:
             before = yield self._pool.runInteraction(_migrate)
             store_id = yield self._pool.runInteraction(_claim_store_id)
+            yield self._pool.runInteraction(self._read_seq)
         except sqlite3.Error as e:
             self._close()
             raise StoreError(f"cannot open {self.path}: {e}") from None
@@ -347,6 +510,12 @@ class SQLiteStore:
                 path=self.path, old=before, new=SCHEMA_VERSION,
             )
 
+    def _read_seq(self, txn) -> None:
+        """Go on numbering from the highest seq the table ever gave."""
+        (highest,) = txn.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()
+        row = txn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        self._seq[0] = max(highest, row[0] if row is not None else 0)
+
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -368,7 +537,10 @@ class SQLiteStore:
         return d
 
     def _write(self, write) -> Deferred:
-        """Queue C{write(txn)} for the next group commit; fires after that commit."""
+        """
+        Queue C{write} (an L{_Enqueue}, a L{_Delete}, or a function of the
+        L{_Group}) for the next group commit; fires after that commit.
+        """
         d: Deferred = Deferred()
         self._queued.append((write, d))
         self._commitQueued()
@@ -380,7 +552,8 @@ class SQLiteStore:
         group, self._queued = self._queued[:MAX_GROUP], self._queued[MAX_GROUP:]
         self._committing = True
         self.groups += 1
-        d = self._pool.runInteraction(_run_group, [write for write, _ in group], self._usage)
+        d = self._pool.runInteraction(_run_group, [write for write, _ in group], self._usage,
+                                      self._seq, self.quota)
         d.addBoth(self._committed, group)
 
     def _committed(self, outcome, group) -> None:
@@ -486,50 +659,8 @@ class SQLiteStore:
     def enqueue_message(
         self, recipient: str, sender: str, message_id: bytes, envelope: bytes, now: int
     ) -> Deferred[StoredMessage | None]:
-        d = digest(envelope)
-        size = len(envelope)
-
-        def settled(txn, query: str) -> bool:
-            """True for a retry of what C{query} finds; DuplicateId for another envelope."""
-            row = txn.execute(query, (recipient, message_id)).fetchone()
-            if row is None:
-                return False
-            if row[0] == sender and bytes(row[1]) == d:
-                return True
-            raise DuplicateId(message_id.hex())
-
-        def run(group):
-            txn = group.txn
-            # Everything is checked before anything is written (see _run_group).
-            if settled(txn, _FIND_ACKED):
-                return None
-            count, used = group.usage(recipient)
-            full = None
-            if self.quota.messages and count >= self.quota.messages:
-                full = f"{count} messages"
-            elif self.quota.bytes and used + size > self.quota.bytes:
-                full = f"{used} bytes"
-            if full is not None:
-                # A retry of a stored message is still recognised when full.
-                if settled(txn, _FIND_STORED):
-                    return None
-                raise MailboxFull(full)
-            try:
-                cursor = txn.execute(
-                    "INSERT INTO messages (recipient, sender, message_id, digest, envelope, size,"
-                    " accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (recipient, sender, message_id, d, envelope, size, now),
-                )
-            except sqlite3.IntegrityError:
-                # The id is stored in this mailbox already (the statement alone
-                # is undone): a retry, or another envelope under a used id.
-                if settled(txn, _FIND_STORED):
-                    return None
-                raise
-            group.change(recipient, 1, size)
-            return StoredMessage(cursor.lastrowid, recipient, sender, message_id, envelope, now)
-
-        return self._write(run)
+        return self._write(_Enqueue(recipient, sender, message_id, digest(envelope), envelope,
+                                    now))
 
     def pending(self, recipient: str, after_seq: int, limit: int) -> Deferred[list[StoredMessage]]:
         def run(txn):
@@ -546,25 +677,7 @@ class SQLiteStore:
         return self._pool.runInteraction(run)
 
     def delete(self, recipient: str, message_id: bytes, now: int) -> Deferred[bool]:
-        def run(group):
-            txn = group.txn
-            row = txn.execute(
-                "SELECT seq, sender, digest, size FROM messages"
-                " WHERE recipient = ? AND message_id = ?",
-                (recipient, message_id),
-            ).fetchone()
-            if row is None:
-                return False
-            txn.execute("DELETE FROM messages WHERE seq = ?", (row[0],))
-            txn.execute(
-                "INSERT OR REPLACE INTO acked (recipient, message_id, sender, digest, acked_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (recipient, message_id, row[1], row[2], now),
-            )
-            group.change(recipient, -1, -row[3])
-            return True
-
-        return self._write(run)
+        return self._write(_Delete(recipient, message_id, now))
 
     def count(self, recipient: str) -> Deferred[int]:
         def run(txn):
@@ -602,10 +715,10 @@ class SQLiteStore:
                 )
                 notice_id = new_notice_id()
                 txn.execute(
-                    "INSERT INTO messages (recipient, sender, message_id, digest, envelope, size,"
-                    " accepted_at, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (recipient, sender, notice_id, digest(body), body, len(body), now,
-                     wire.NOTICE_EXPIRED),
+                    "INSERT INTO messages (seq, recipient, sender, message_id, digest, envelope,"
+                    " size, accepted_at, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (group.next_seq(), recipient, sender, notice_id, digest(body), body,
+                     len(body), now, wire.NOTICE_EXPIRED),
                 )
                 # The notice takes the message's place in the usage count.
                 group.change(recipient, 0, len(body) - size)
