@@ -239,9 +239,8 @@ def _find(txn, query: str, keys: list[tuple[str, bytes]]) -> dict:
             query.format(keys=f"(VALUES {_values(len(chunk), 2)}) k"),
             [value for key in chunk for value in key],
         ).fetchall()
-        for recipient, message_id, *rest in rows:
-            found[recipient, bytes(message_id)] = tuple(
-                bytes(value) if isinstance(value, memoryview) else value for value in rest)
+        for row in rows:
+            found[row[0], row[1]] = row[2:]  # BLOBs come back as bytes
     return found
 
 
