@@ -614,13 +614,13 @@ class RelaySession(Protocol, TimeoutMixin):
             return self._roomForAnswers()
         fingerprint = self.factory.directory.known_fingerprint(header.recipient)
         if fingerprint is not None:
-            self._answer(self._store(header, fingerprint, frame.envelope))
+            self._store(header, fingerprint, frame.envelope)
             return self._roomForAnswers()
         # The recipient's key has to come from the store: the frames behind
         # this one wait, so the store is asked to commit in arrival order.
 
         def found(key: bytes | None):
-            self._answer(self._store(header, key and keys.fingerprint(key), frame.envelope))
+            self._store(header, key and keys.fingerprint(key), frame.envelope)
             return self._roomForAnswers()
 
         return self.factory.directory.lookup(header.recipient).addCallback(found)
@@ -661,41 +661,54 @@ class RelaySession(Protocol, TimeoutMixin):
         return h
 
     def _store(self, header: envelope.Header, recipient_fingerprint: bytes | None,
-               data: bytes):
+               data: bytes) -> None:
         """
         Hand the envelope to its recipient's mailbox, if it is sealed for the
-        key the directory holds for the recipient: the answer to the send
-        (a L{Deferred} of ACCEPTED), or the refusal.
+        key the directory holds for the recipient, and queue the answer to
+        the send: ACCEPTED once committed, or the refusal.
         """
         ref = header.message_id
         if recipient_fingerprint is None:
-            return wire.Error(E.UNKNOWN_IDENTITY, ref,
-                              f"no identity {header.recipient!r} on this relay")
+            self._answer(wire.Error(E.UNKNOWN_IDENTITY, ref,
+                                    f"no identity {header.recipient!r} on this relay"))
+            return
         if recipient_fingerprint != header.recipient_fingerprint:
-            return wire.Error(
+            self._answer(wire.Error(
                 E.RECIPIENT_KEY_MISMATCH, ref,
                 f"envelope is sealed for a key of {header.recipient!r} that is not the one "
                 f"registered",
-            )
+            ))
+            return
         d = self.factory.mailboxes.accept(header.recipient, header.sender, ref, data)
-        return d.addCallbacks(self._accepted, self._notAccepted,
-                              callbackArgs=(header,), errbackArgs=(header,))
+        # One callback pair settles the answer: this runs once per message.
+        slot = [False, None]
+        self._answers.append(slot)
+        d.addCallbacks(self._settleAccepted, self._notAccepted,
+                       callbackArgs=(header, slot), errbackArgs=(header, slot))
 
-    def _accepted(self, new: bool, header) -> wire.Frame:
+    def _settleAccepted(self, new: bool, header, slot: list) -> None:
+        self._settle(self._accepted(new, header), slot)
+
+    def _accepted(self, new: bool, header) -> wire.Frame | None:
+        """The answer to a send once committed (new, or a retry of a stored one)."""
         if new:
             self.accepted += 1
         return wire.Accepted(header.message_id)
 
-    def _notAccepted(self, failure, header) -> None:
+    def _notAccepted(self, failure, header, slot: list) -> None:
         ref = header.message_id
         if failure.check(MailboxFull):
-            raise Refused(E.MAILBOX_FULL, ref,
-                          f"mailbox of {header.recipient!r} is full ({failure.value})")
-        if failure.check(DuplicateId):
-            raise Refused(E.DUPLICATE_ID, ref, "message id already used for another message")
-        self.log.failure("store failed to accept a message for {recipient}", failure,
-                         recipient=header.recipient)
-        raise Refused(E.STORE_FAILED, ref, "the relay could not store the message; retry")
+            refusal = wire.Error(E.MAILBOX_FULL, ref,
+                                 f"mailbox of {header.recipient!r} is full ({failure.value})")
+        elif failure.check(DuplicateId):
+            refusal = wire.Error(E.DUPLICATE_ID, ref,
+                                 "message id already used for another message")
+        else:
+            self.log.failure("store failed to accept a message for {recipient}", failure,
+                             recipient=header.recipient)
+            refusal = wire.Error(E.STORE_FAILED, ref,
+                                 "the relay could not store the message; retry")
+        self._settle(refusal, slot)
 
     def _ack(self, frame: wire.Ack):
         if self.outbox is None or frame.message_id not in self.outbox.in_flight:
@@ -708,10 +721,12 @@ class RelaySession(Protocol, TimeoutMixin):
         # writes); should it fail, the message stays stored and comes again
         # next session.
         d = self.factory.mailboxes.acknowledge(self.outbox, frame.message_id)
-        d.addErrback(lambda f: self.log.failure(
-            "deleting acknowledged message {id} of {identity} failed", f,
-            id=frame.message_id.hex(), identity=self.identity))
+        d.addErrback(self._deleteFailed, frame.message_id)
         return None
+
+    def _deleteFailed(self, failure, message_id: bytes) -> None:
+        self.log.failure("deleting acknowledged message {id} of {identity} failed", failure,
+                         id=message_id.hex(), identity=self.identity)
 
     def _lookup(self, frame: wire.Lookup):
         directory = self.factory.directory
