@@ -213,13 +213,23 @@ class _Delete(NamedTuple):
     now: int
 
 
-BATCH_ROWS = 100
-"""Rows per multi-row statement: 8 parameters each stays under SQLite's oldest limit of 999."""
+BATCH_ROWS = 64
+"""Rows per multi-row statement, at most: 8 parameters each stays under SQLite's oldest limit of 999."""
 
 
-def _chunks(items: list, size: int = BATCH_ROWS):
-    for start in range(0, len(items), size):
+def _chunks(items: list):
+    """
+    C{items} in runs of L{BATCH_ROWS}, 32, 16... 1 (64 + 32 + 4 for 100):
+    the multi-row statements come in a few lengths only, so SQLite's
+    statement cache keeps each prepared rather than compiling a new one for
+    every batch.
+    """
+    start, size = 0, BATCH_ROWS
+    while start < len(items):
+        while size > len(items) - start:
+            size //= 2
         yield items[start:start + size]
+        start += size
 
 
 def _values(rows: int, columns: int) -> str:
