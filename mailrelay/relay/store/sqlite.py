@@ -189,12 +189,13 @@ class _Group:
         self.changed[recipient] = (count + messages, used + size)
 
     def flush(self) -> None:
-        for recipient, (count, used) in self.changed.items():
+        """Write the usage rows this group changed: one statement per L{BATCH_ROWS} rows."""
+        for chunk in _chunks(list(self.changed.items())):
             self.txn.execute(
-                "INSERT INTO mailboxes (recipient, messages, bytes) VALUES (?, ?, ?)"
-                " ON CONFLICT (recipient) DO UPDATE SET messages = excluded.messages,"
-                " bytes = excluded.bytes",
-                (recipient, count, used),
+                f"INSERT INTO mailboxes (recipient, messages, bytes) VALUES"
+                f" {_values(len(chunk), 3)} ON CONFLICT (recipient) DO UPDATE SET"
+                " messages = excluded.messages, bytes = excluded.bytes",
+                [value for recipient, (count, used) in chunk for value in (recipient, count, used)],
             )
 
 
