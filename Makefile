@@ -23,8 +23,14 @@ test: $(BIN)/twistd
 demo: $(BIN)/twistd
 	$(BIN)/python -m mailrelay.demo
 
-bench: $(BIN)/twistd
-	$(BIN)/python bench/load.py
+# Throughput and latency of the relay against a bare forwarder and Mosquitto
+# (bench/README.md); results in bench/results/.  CI passes BENCH_FLAGS=--quick.
+$(VENV)/.bench-installed: $(BIN)/twistd pyproject.toml
+	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[bench]'
+	@touch $@
+
+bench: $(VENV)/.bench-installed
+	$(BIN)/python bench/run.py $(BENCH_FLAGS)
 
 # The delivery promises under SIGKILL (docs/operations.md): 10,000 messages and
 # 20 relay crashes by default; CI passes a smaller CRASH_FLAGS.
