@@ -91,15 +91,9 @@ class Reader:
         self._error = error
 
     def _take(self, count: int, what: str) -> bytes:
-        end = self._offset + count
-        if end > len(self._data):
-            raise self._error(
-                f"truncated {what}: needed {count} bytes, "
-                f"{len(self._data) - self._offset} left"
-            )
-        chunk = self._data[self._offset : end].tobytes()
-        self._offset = end
-        return chunk
+        start = self._offset
+        self.skip(count, what)
+        return self._data[start : self._offset].tobytes()
 
     def u8(self, what: str) -> int:
         return self._take(1, what)[0]
