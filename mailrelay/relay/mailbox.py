@@ -39,6 +39,8 @@ EXPIRE_BATCH = 500
 """Messages expired per transaction: a long backlog never holds the store for long."""
 TAIL_LIMIT = 256
 """Messages committed for a connected recipient kept in memory for it, at most."""
+TAIL_BYTES = 1024 * 1024
+"""Envelope bytes kept in one recipient's tail, at most (beyond: read the store)."""
 
 
 def describe_duration(seconds: float) -> str:
@@ -67,7 +69,7 @@ class Outbox:
     """
 
     __slots__ = ("recipient", "push", "in_flight", "cursor", "paused", "delivered",
-                 "acknowledged", "live", "tail", "reading", "tail_whole")
+                 "acknowledged", "live", "tail", "reading", "tail_whole", "tail_bytes")
 
     def __init__(self, recipient: str, push: Callable[[StoredMessage], None]) -> None:
         self.recipient = recipient
@@ -81,6 +83,7 @@ class Outbox:
         self.tail: deque[StoredMessage] = deque()
         self.reading = False
         self.tail_whole = False
+        self.tail_bytes = 0
 
     def keeps_tail(self) -> bool:
         """Whether messages committed now belong in the tail."""
@@ -91,6 +94,7 @@ class Outbox:
         self.live = False
         self.tail_whole = False
         self.tail.clear()
+        self.tail_bytes = 0
 
 
 class Mailboxes:
@@ -152,8 +156,11 @@ class Mailboxes:
             self.accepted_total += 1
             outbox = self._outboxes.get(recipient)
             if outbox is not None and outbox.keeps_tail():
-                if len(outbox.tail) < TAIL_LIMIT:
+                size = len(message.envelope)
+                if (len(outbox.tail) < TAIL_LIMIT
+                        and outbox.tail_bytes + size <= TAIL_BYTES):
                     outbox.tail.append(message)
+                    outbox.tail_bytes += size
                 else:
                     outbox.forget_tail()
         self.wake(recipient)
@@ -189,6 +196,7 @@ class Mailboxes:
         window = self.window
         while tail and not outbox.paused and len(in_flight) < window:
             message = tail.popleft()
+            outbox.tail_bytes -= len(message.envelope)
             if message.seq > outbox.cursor:
                 self._pushOne(outbox, message)
 
@@ -212,22 +220,27 @@ class Mailboxes:
         if room <= 0:
             return
         outbox.tail.clear()
+        outbox.tail_bytes = 0
         outbox.tail_whole = True
         outbox.reading = True
         try:
             messages = yield self.store.pending(recipient, outbox.cursor, room)
+            for message in messages:
+                # The session may have ended or paused while the store answered,
+                # or pause from inside push (a full transport buffer): push only
+                # while it can take more.  The cursor moves only past what was
+                # pushed, so nothing is skipped.  Commits that fire meanwhile
+                # (a push may lead to one) still go to the tail.
+                if self._outboxes.get(recipient) is not outbox or outbox.paused:
+                    outbox.forget_tail()
+                    return
+                if message.seq > outbox.cursor:
+                    self._pushOne(outbox, message)
         finally:
             outbox.reading = False
-        for message in messages:
-            # The session may have ended or paused while the store answered,
-            # or pause from inside push (a full transport buffer): push only
-            # while it can take more.  The cursor moves only past what was
-            # pushed, so nothing is skipped.
-            if self._outboxes.get(recipient) is not outbox or outbox.paused:
-                outbox.forget_tail()
-                return
-            if message.seq > outbox.cursor:
-                self._pushOne(outbox, message)
+        if self._outboxes.get(recipient) is not outbox:
+            outbox.forget_tail()
+            return
         if len(messages) < room and outbox.tail_whole:
             # The mailbox held nothing more when read, and the tail holds
             # every commit since: from now on, what is committed for this
