@@ -101,3 +101,26 @@ class TailBoundTests(SynchronousTestCase):
             if len(pushed) == before:
                 break
         self.assertEqual([m.message_id for m in pushed], [mid(n) for n in range(count)])
+
+
+class PushFailureTests(SynchronousTestCase):
+    def test_failing_push_is_the_loops_not_the_senders(self):
+        """
+        A push that raises (a transport gone wrong) is logged and retried by
+        the delivery loop; the sender, whose message did commit, still hears
+        that it was accepted.
+        """
+        clock = Clock()
+        boxes = Mailboxes(MemoryStore(), clock, window=4)
+        pushed: list = []
+        failing = [True]
+
+        def push(message):
+            if failing[0]:
+                raise OSError("transport went away")
+            pushed.append(message)
+
+        boxes.attach(Outbox("bob", push))  # an empty mailbox: live
+        d = boxes.accept("bob", "alice", mid(1), b"envelope")
+        self.assertIs(self.successResultOf(d), True)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)

@@ -487,6 +487,19 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
                          [mid(3)])
 
     @inlineCallbacks
+    def test_one_relay_per_store(self):
+        """A second store on the same file is refused while the first is open."""
+        first = yield self.makeStore()
+        second = SQLiteStore(self.path)
+        error = yield self.assertFailure(second.start(), StoreError)
+        self.assertIn("in use by another mailrelay process", str(error))
+        yield second.stop()
+        yield first.enqueue("bob", "alice", mid(1), env(1), NOW)
+        yield first.stop()
+        third = yield self.makeStore()  # free again once the first is closed
+        self.assertEqual((yield third.count("bob")), 1)
+
+    @inlineCallbacks
     def test_file_format(self):
         store = SQLiteStore(self.path)
         yield store.start()

@@ -28,6 +28,7 @@ from typing import Callable
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailrelay.relay.store import MailboxStore, StoredMessage
 
@@ -183,7 +184,12 @@ class Mailboxes:
         if outbox.live and (lock is None or (lock.tokens and not lock.waiting)):
             # No run holds the lock, and this one would not wait on the
             # store: run it now rather than through the semaphore's Deferreds.
-            self._pushTail(outbox)
+            # A push that fails is the delivery loop's failure, as in a run,
+            # not the caller's (a sender whose message did commit, say).
+            try:
+                self._pushTail(outbox)
+            except Exception:
+                self._failed(Failure(), recipient)
             return
         self._wanted.add(recipient)
         self._lock(recipient).run(self._deliver, recipient).addErrback(

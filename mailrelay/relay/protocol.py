@@ -583,8 +583,10 @@ class RelaySession(Protocol, TimeoutMixin):
             return
         self._cancelDeadline()
         self.identity = frame.identity
-        # The directory's copy: sessions of one identity share the bytes.
-        self.public_key = self.factory.directory.known_key(frame.identity) or public_key
+        # The directory's copy, when it is this very key (a rotation may have
+        # committed meanwhile): sessions of one identity share the bytes.
+        known = self.factory.directory.known_key(frame.identity)
+        self.public_key = known if known == public_key else public_key
         self._fingerprint = keys.fingerprint(public_key)
         self.state = "ready"
         self._frames.set_limit(self.factory.max_envelope)

@@ -34,6 +34,7 @@ or a backup restored without it), a database whose id is not the marker's
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import sqlite3
@@ -477,6 +478,7 @@ class SQLiteStore:
         # The last seq given (see _Group.next_seq); only the pool's thread
         # uses it, at start and in groups.
         self._seq = [0]
+        self._lockfd: int | None = None
         kwargs = {}
         if reactor is not None:
             kwargs["cp_reactor"] = reactor
@@ -491,8 +493,27 @@ class SQLiteStore:
             **kwargs,
         )
 
+    def _lock(self) -> None:
+        """
+        Hold C{PATH.lock} exclusively while the store is open: one relay per
+        store.  This store numbers messages and keeps mailbox usage in
+        memory, so a second writer on the same file would collide with it.
+        The kernel lets go of the lock when the process dies, however it dies.
+        """
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreError(
+                f"{self.path} is in use by another mailrelay process: one relay per "
+                f"--data directory (stop the other one first)"
+            ) from None
+        self._lockfd = fd
+
     @inlineCallbacks
     def start(self):
+        self._lock()
         self._pool.start()
         try:
             before = yield self._pool.runInteraction(_migrate)
@@ -530,6 +551,9 @@ class SQLiteStore:
         if not self._closed:
             self._closed = True
             self._pool.close()
+            if self._lockfd is not None:
+                os.close(self._lockfd)  # and with it the lock
+                self._lockfd = None
 
     def stop(self) -> Deferred[None]:
         """
