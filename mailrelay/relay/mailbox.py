@@ -225,8 +225,7 @@ class Mailboxes:
         room = self.window - len(outbox.in_flight)
         if room <= 0:
             return
-        outbox.tail.clear()
-        outbox.tail_bytes = 0
+        outbox.forget_tail()  # empty already: the outbox was not live
         outbox.tail_whole = True
         outbox.reading = True
         try:

@@ -415,10 +415,15 @@ class RelaySession(Protocol, TimeoutMixin):
             elif outcome is not None and self.state != "closed":
                 self._write(outcome)
             return
-        slot = [False, None]
-        self._answers.append(slot)
+        slot = self._slot()
         outcome.addCallbacks(self._settle, self._settleFailed,
                              callbackArgs=(slot,), errbackArgs=(slot,))
+
+    def _slot(self) -> list:
+        """A place for an answer not final yet, after every answer queued before it."""
+        slot = [False, None]
+        self._answers.append(slot)
+        return slot
 
     def _settle(self, frame, slot: list) -> None:
         slot[0], slot[1] = True, frame
@@ -683,8 +688,7 @@ class RelaySession(Protocol, TimeoutMixin):
             return
         d = self.factory.mailboxes.accept(header.recipient, header.sender, ref, data)
         # One callback pair settles the answer: this runs once per message.
-        slot = [False, None]
-        self._answers.append(slot)
+        slot = self._slot()
         d.addCallbacks(self._settleAccepted, self._notAccepted,
                        callbackArgs=(header, slot), errbackArgs=(header, slot))
 

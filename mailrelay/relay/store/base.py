@@ -96,6 +96,24 @@ def digest(envelope: bytes) -> bytes:
     return hashlib.sha256(envelope).digest()
 
 
+class Engine:
+    """
+    What every engine shares: L{MailboxStore.enqueue} is
+    L{MailboxStore.enqueue_message} answering True or False.
+    """
+
+    def enqueue(
+        self, recipient: str, sender: str, message_id: bytes, envelope: bytes, now: int
+    ) -> Deferred[bool]:
+        return self.enqueue_message(recipient, sender, message_id, envelope, now).addCallback(
+            _is_new
+        )
+
+
+def _is_new(message: StoredMessage | None) -> bool:
+    return message is not None
+
+
 class MailboxStore(Protocol):
     def start(self) -> Deferred[None]:
         """Open the store (create or upgrade its schema)."""

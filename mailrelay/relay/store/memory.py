@@ -13,6 +13,7 @@ from mailrelay import wire
 from mailrelay.relay.store.base import (
     KIND_MESSAGE,
     DuplicateId,
+    Engine,
     MailboxFull,
     Quota,
     StoredMessage,
@@ -22,7 +23,7 @@ from mailrelay.relay.store.base import (
 )
 
 
-class MemoryStore:
+class MemoryStore(Engine):
     def __init__(self, quota: Quota = Quota()) -> None:
         self.quota = quota
         self._keys: dict[str, bytes] = {}
@@ -64,13 +65,6 @@ class MemoryStore:
     def set_certificate(self, identity: str, certificate: bytes) -> Deferred[None]:
         self._certificates[identity] = certificate
         return succeed(None)
-
-    def enqueue(
-        self, recipient: str, sender: str, message_id: bytes, envelope: bytes, now: int
-    ) -> Deferred[bool]:
-        return self.enqueue_message(recipient, sender, message_id, envelope, now).addCallback(
-            lambda message: message is not None
-        )
 
     def enqueue_message(
         self, recipient: str, sender: str, message_id: bytes, envelope: bytes, now: int

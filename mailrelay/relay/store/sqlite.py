@@ -49,6 +49,7 @@ from mailrelay import wire
 from mailrelay.files import write_durably
 from mailrelay.relay.store.base import (
     DuplicateId,
+    Engine,
     MailboxFull,
     Quota,
     StoredMessage,
@@ -460,7 +461,7 @@ def _claim_store_id(txn) -> str:
     return store_id
 
 
-class SQLiteStore:
+class SQLiteStore(Engine):
     log = Logger()
 
     def __init__(self, path: str, quota: Quota = Quota(), reactor=None) -> None:
@@ -682,13 +683,6 @@ class SQLiteStore:
                         (certificate, identity))
 
         return self._write(run)
-
-    def enqueue(
-        self, recipient: str, sender: str, message_id: bytes, envelope: bytes, now: int
-    ) -> Deferred[bool]:
-        return self.enqueue_message(recipient, sender, message_id, envelope, now).addCallback(
-            lambda message: message is not None
-        )
 
     def enqueue_message(
         self, recipient: str, sender: str, message_id: bytes, envelope: bytes, now: int
