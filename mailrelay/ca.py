@@ -9,10 +9,13 @@ id.  The CA checks the request and issues a certificate for that id and key
 (L{issue_identity}); it never sees a private key.  A certificate names the
 id in its subject common name and, as a URI, C{mailrelay:ID}, in its subject
 alternative names; its extended key usage is the mailrelay identity purpose
-(L{IDENTITY_EKU}), so no such certificate can pass for a TLS server's.
+(L{IDENTITY_EKU}), so no such certificate can pass for a TLS server's; it is
+C{CA:FALSE}, with a critical key usage of C{digitalSignature} alone.
 
 L{verify_identity} is what a relay in CA mode and a client that knows the
-root check: signed by that root, currently valid, for that id and that key.
+root check: signed by that root, currently valid, an identity certificate
+(the mailrelay purpose, C{CA:FALSE}, C{digitalSignature}) naming exactly one
+id, that id, and for that key.
 """
 
 from __future__ import annotations
@@ -196,7 +199,9 @@ def issue_identity(authority: Authority, request_pem: bytes, days: int = DEFAULT
     A certificate (PEM) binding the id and key of the request, valid for
     C{days}.  The request's signature must verify with its own key (proof
     of possession), its key must meet mailrelay's limits, and its id must be
-    C{expected} when given.
+    C{expected} when given.  The certificate has every extension
+    L{verify_identity} requires, the critical key usage C{digitalSignature}
+    among them (certificates issued before it was required lack it).
     """
     try:
         csr = x509.load_pem_x509_csr(request_pem)
@@ -229,6 +234,14 @@ def issue_identity(authority: Authority, request_pem: bytes, days: int = DEFAULT
             critical=False,
         )
         .add_extension(x509.ExtendedKeyUsage([IDENTITY_EKU]), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.key.public_key()),
             critical=False,
@@ -289,6 +302,12 @@ def verify_identity(certificate_data: bytes, roots: list[x509.Certificate], iden
     Raise L{CAError}, saying which check failed, unless C{certificate_data}
     (PEM or DER) is an identity certificate signed by one of C{roots}, valid at C{now},
     for C{identity} and for the key C{public_key_der}.
+
+    An identity certificate has the mailrelay purpose (L{IDENTITY_EKU}),
+    basic constraints saying C{CA:FALSE}, a key usage allowing
+    C{digitalSignature}, and exactly one C{mailrelay:} URI among its subject
+    alternative names: a certificate naming several ids would be good for
+    each, so whoever holds its key could sign as all of them.
     """
     try:
         _verify_identity(certificate_data, roots, identity, public_key_der, now)
@@ -328,13 +347,34 @@ def _verify_identity(certificate_data, roots, identity, public_key_der, now) -> 
     if IDENTITY_EKU not in usage:
         raise CAError("the certificate is not a mailrelay identity certificate")
     try:
+        constraints = certificate.extensions.get_extension_for_class(
+            x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        raise CAError("the certificate has no basic constraints: an identity certificate "
+                      "says CA:FALSE") from None
+    if constraints.ca:
+        raise CAError("the certificate is a CA certificate (CA:TRUE), not an identity's")
+    try:
+        key_usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        raise CAError("the certificate has no key usage (digitalSignature): mailrelay "
+                      "issued such certificates before it required one; have it issued "
+                      "again (mailrelay ca sign)") from None
+    if not key_usage.digital_signature:
+        raise CAError("the certificate's key usage does not allow digitalSignature")
+    try:
         names = certificate.extensions.get_extension_for_class(
             x509.SubjectAlternativeName).value.get_values_for_type(x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
         names = []
-    if URI_PREFIX + identity not in names:
-        certified = ", ".join(n[len(URI_PREFIX):] for n in names if n.startswith(URI_PREFIX))
-        raise CAError(f"the certificate is for {certified or 'no identity'!r}, "
+    # A URI's scheme is case-insensitive (RFC 3986): MAILRELAY:bob names bob too.
+    certified = [n[len(URI_PREFIX):] for n in names if n.lower().startswith(URI_PREFIX)]
+    if len(certified) > 1:
+        listed = ", ".join(repr(c) for c in certified)
+        raise CAError(f"the certificate names {len(certified)} identities ({listed}): an "
+                      f"identity certificate names exactly one")
+    if certified != [identity]:
+        raise CAError(f"the certificate is for {', '.join(certified) or 'no identity'!r}, "
                       f"not for {identity!r}")
     if keys.public_der(certificate.public_key()) != public_key_der:
         raise CAError(f"the certificate is for another key of {identity!r}")

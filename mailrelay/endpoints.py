@@ -7,11 +7,18 @@ C{tcp:host:9000} and C{--server tls://host:9443} C{tls:host:9443}.
 Anything else is a Twisted endpoint string, passed on unchanged
 (C{tcp:9000:interface=127.0.0.1}, C{tls:relay.example.org:9443}).
 
-The relay serves TLS with L{load_server_tls} and L{server_endpoint}: TLS 1.2
-at least, TLS 1.3 offered and preferred.  Clients reach a C{tls:} server
-through L{client_endpoint}, which checks the relay's certificate against the
-CAs the client was given (C{--ca}, else C{HOME/ca.pem}, else the system's)
-and against the host name, and says in one line what did not match.
+The relay serves TLS with L{load_server_tls} and L{server_endpoint}, and
+clients reach a C{tls:} server through L{client_endpoint}, which checks the
+relay's certificate against the CAs the client was given (C{--ca}, else
+C{HOME/ca.pem}, else the system's) and against the host name, and says in
+one line what did not match.
+
+Both ends speak TLS 1.3 and nothing older.  Authentication is bound to the
+TLS exporter of the connection (L{mailrelay.channel}), and only TLS 1.3
+promises that no other connection has the same exporter: a TLS 1.2
+connection without the extended master secret (RFC 7627) can be given the
+master secret of another one by a malicious server (the triple handshake),
+which could then pass a client's bound answer on to the real relay.
 """
 
 from __future__ import annotations
@@ -116,13 +123,14 @@ class TLSSetupError(ValueError):
     """A certificate, key or CA file that cannot be used; the message says which and why."""
 
 
-MINIMUM_TLS = "TLS 1.2"
+MINIMUM_TLS = "TLS 1.3"
+"""The oldest TLS either end speaks: the first whose exporter is unique to a connection."""
 
 
 def _min_version():
     from twisted.internet.ssl import TLSVersion
 
-    return TLSVersion.TLSv1_2
+    return TLSVersion.TLSv1_3
 
 
 def _name(label: str, path: str) -> str:
@@ -179,8 +187,7 @@ class ServerTLS:
     """
     The relay's certificate (with the chain after it) and its key, checked
     to belong together, and the L{CertificateOptions} that serve them: TLS
-    1.2 at least, TLS 1.3 offered and preferred (OpenSSL picks the highest
-    version both ends speak).
+    1.3 only, so that the channel binding is unique to each connection.
     """
 
     def __init__(self, certificate, chain, key, cert_file: str, dh_file: str | None = None):
@@ -283,14 +290,14 @@ def ssl_server_files(description: str) -> dict[str, str | None]:
     """
     The files named in an C{ssl:} server endpoint string, as Twisted reads
     them (C{privateKey} defaults to C{server.pem}, C{certKey} to the
-    private key's file).  C{sslmethod} is refused: the relay always offers
-    TLS 1.2 and 1.3, and nothing older.
+    private key's file).  C{sslmethod} is refused: the relay always serves
+    TLS 1.3, and nothing older.
     """
     positional, named = _split(description)
     unknown = sorted(set(named) - set(_SSL_FILES) - set(_TCP_SERVER_ARGS))
     if "sslmethod" in unknown:
-        raise ValueError(f"sslmethod= is not supported: the relay serves {MINIMUM_TLS} or "
-                         f"later, TLS 1.3 preferred")
+        raise ValueError(f"sslmethod= is not supported: the relay serves {MINIMUM_TLS}, "
+                         f"nothing older")
     if unknown:
         raise ValueError(f"unknown argument {unknown[0]}=")
     key = named.get("privateKey", "server.pem")
@@ -363,7 +370,8 @@ class VerifyingClientCreator:
     """
     A client connection creator (L{IOpenSSLClientConnectionCreator}) like
     Twisted's C{optionsForClientTLS}: it requires a certificate chained to
-    C{trust_root} and made out to C{hostname}, and offers TLS 1.2 and 1.3.
+    C{trust_root} and made out to C{hostname}, and speaks TLS 1.3 only (the
+    channel binding is unique to a connection only there).
     It also remembers, in L{problem}, what was wrong with the certificate of
     the last connection it refused, in words.
     """
@@ -584,6 +592,9 @@ def tls_refusal(endpoint, message: str) -> str | None:
         return problem
     if isinstance(endpoint, TLSClientEndpoint) and message.startswith("TLS failed: "):
         detail = message[len("TLS failed: "):].split(" (check the relay's certificate")[0]
+        if "protocol version" in detail or "unsupported protocol" in detail:
+            return (f"the TLS handshake failed: {detail} (the relay must speak "
+                    f"{MINIMUM_TLS}; this client speaks nothing older)")
         return (f"the TLS handshake failed: {detail} (does the relay serve TLS on that "
                 f"port?)")
     return None

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from mailrelay import ca, keys
@@ -27,6 +27,56 @@ def authority(name: str = "Test Root") -> ca.Authority:
 
 def certificate_for(who: keys.Identity, root: ca.Authority | None = None, days: int = 30) -> bytes:
     return ca.issue_identity(root or authority(), ca.make_request(who), days=days)
+
+
+LEAF = x509.BasicConstraints(ca=False, path_length=None)
+SIGNING = x509.KeyUsage(
+    digital_signature=True, content_commitment=False, key_encipherment=False,
+    data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+    encipher_only=False, decipher_only=False)
+
+
+def crafted_certificate(holder: keys.Identity, ids: list[str],
+                        constraints: x509.BasicConstraints | None = LEAF,
+                        usage: x509.KeyUsage | None = SIGNING,
+                        root: ca.Authority | None = None) -> bytes:
+    """
+    An identity certificate (PEM) for C{holder}'s key, built by hand and
+    signed by the test CA, as a careless or compromised CA might sign it: for
+    the ids C{ids} (each a C{mailrelay:} URI; an id with a colon is taken as
+    the whole URI), with C{constraints} and
+    C{usage} (None: without that extension).  With the defaults it is what
+    L{ca.issue_identity} issues.
+    """
+    root = root or authority()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME,
+                                                    (ids or ["nobody"])[0])]))
+        .issuer_name(root.certificate.subject)
+        .public_key(holder.public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.UniformResourceIdentifier(i if ":" in i else ca.URI_PREFIX + i)
+             for i in ids]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ca.IDENTITY_EKU]), critical=True)
+    )
+    if constraints is not None:
+        builder = builder.add_extension(constraints, critical=True)
+    if usage is not None:
+        builder = builder.add_extension(usage, critical=True)
+    return builder.sign(root.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def without_digital_signature() -> x509.KeyUsage:
+    """A key usage for encryption only: the key may not sign."""
+    return x509.KeyUsage(
+        digital_signature=False, content_commitment=False, key_encipherment=True,
+        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+        encipher_only=False, decipher_only=False)
 
 
 class IssueAndVerifyTests(SynchronousTestCase):
@@ -77,6 +127,21 @@ class IssueAndVerifyTests(SynchronousTestCase):
                                   keys.public_der(x509.load_pem_x509_certificate(
                                       server_pem).public_key()))
         self.assertIn("not a mailrelay identity certificate", str(error))
+
+    def test_issued_certificate_shape(self):
+        """
+        What the CA issues passes the checks of L{ca.verify_identity}: one
+        id, CA:FALSE, and a critical key usage of digitalSignature alone.
+        """
+        certificate = x509.load_pem_x509_certificate(certificate_for(identity("alice")))
+        usage = certificate.extensions.get_extension_for_class(x509.KeyUsage)
+        self.assertTrue(usage.critical)
+        self.assertEqual(usage.value, SIGNING)
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+        self.assertEqual(constraints.value, LEAF)
+        self.assertEqual(certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier), ["mailrelay:alice"])
 
     def test_request_checked(self):
         request = ca.make_request(identity("alice"))
@@ -137,6 +202,72 @@ def poisoned_certificate(who: keys.Identity) -> bytes:
         .public_bytes(serialization.Encoding.DER)
     )
     return der.replace(b"zzzzzzzzzzzz", b"\xff\xfe" + b"z" * 10)
+
+
+class CertificateShapeTests(SynchronousTestCase):
+    """
+    Certificates signed by the trusted CA that are still not one identity's
+    certificate for one key: each is refused, saying which check failed.
+    """
+
+    def refusal(self, pem: bytes, who: str, holder: keys.Identity) -> str:
+        error = self.assertRaises(ca.CAError, ca.verify_identity, pem,
+                                  [authority().certificate], who, holder.public_der)
+        self.assertNotIn("\n", str(error))
+        return str(error)
+
+    def test_hand_built_certificate_is_valid(self):
+        """The hand-built certificate passes when nothing is wrong with it."""
+        alice = identity("alice")
+        ca.verify_identity(crafted_certificate(alice, ["alice"]), [authority().certificate],
+                           "alice", alice.public_der)
+
+    def test_certificate_for_two_ids(self):
+        """
+        mallory got the CA to sign a certificate naming her and bob: it is not
+        bob's certificate (nor hers: a certificate is for exactly one id).
+        """
+        mallory = identity("mallory")
+        pem = crafted_certificate(mallory, ["mallory", "bob"])
+        for who in ("bob", "mallory"):
+            self.assertEqual(
+                self.refusal(pem, who, mallory),
+                "the certificate names 2 identities ('mallory', 'bob'): an identity "
+                "certificate names exactly one")
+
+    def test_second_id_in_another_case(self):
+        """A URI's scheme is case-insensitive: MAILRELAY:bob names a second id too."""
+        mallory = identity("mallory")
+        pem = crafted_certificate(mallory, ["mallory", "MAILRELAY:bob"])
+        self.assertIn("names 2 identities", self.refusal(pem, "mallory", mallory))
+
+    def test_ca_true_leaf(self):
+        alice = identity("alice")
+        pem = crafted_certificate(alice, ["alice"],
+                                  constraints=x509.BasicConstraints(ca=True, path_length=None))
+        self.assertEqual(self.refusal(pem, "alice", alice),
+                         "the certificate is a CA certificate (CA:TRUE), not an identity's")
+
+    def test_no_basic_constraints(self):
+        alice = identity("alice")
+        pem = crafted_certificate(alice, ["alice"], constraints=None)
+        self.assertEqual(self.refusal(pem, "alice", alice),
+                         "the certificate has no basic constraints: an identity certificate "
+                         "says CA:FALSE")
+
+    def test_key_usage_without_digital_signature(self):
+        alice = identity("alice")
+        pem = crafted_certificate(alice, ["alice"], usage=without_digital_signature())
+        self.assertEqual(self.refusal(pem, "alice", alice),
+                         "the certificate's key usage does not allow digitalSignature")
+
+    def test_no_key_usage(self):
+        """As certificates issued by earlier versions of mailrelay: issue them again."""
+        alice = identity("alice")
+        message = self.refusal(crafted_certificate(alice, ["alice"], usage=None), "alice",
+                               alice)
+        self.assertIn("the certificate has no key usage (digitalSignature)", message)
+        self.assertIn("mailrelay ca sign", message)
 
 
 class HostileCertificateTests(SynchronousTestCase):

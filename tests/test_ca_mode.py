@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailrelay.client.contacts import MemoryContacts
 from mailrelay import ca, keys, wire
 from mailrelay.client.protocol import RelayError, UncertifiedKey
-from tests.test_ca import authority, certificate_for
+from tests.test_ca import (
+    authority,
+    certificate_for,
+    crafted_certificate,
+    without_digital_signature,
+)
 from tests.test_client import ALICE, BOB, CAROL, MALLORY_BOB, MemoryRelay
 
 E = wire.ErrorCode
@@ -88,6 +94,33 @@ class RelayCAModeTests(SynchronousTestCase):
         text = self.refusal(self.connect(ALICE, expired.public_bytes(serialization.Encoding.DER)))
         self.assertIn("not now", text)
 
+    def test_certificate_for_two_ids_refused(self):
+        """
+        mallory holds a CA-signed certificate naming her and bob: with it she
+        cannot register bob's id for her key.
+        """
+        pem = crafted_certificate(MALLORY_BOB, ["mallory", "bob"])
+        text = self.refusal(self.connect(MALLORY_BOB, der(pem)))
+        self.assertIn("the certificate names 2 identities ('mallory', 'bob')", text)
+        self.assertNotIn("bob", self.relay.store._keys)
+
+    def test_certificates_not_for_an_identity_refused(self):
+        """A CA:TRUE leaf, no basic constraints, no key usage, or no digitalSignature."""
+        from cryptography import x509
+
+        for settings, says in [
+            ({"constraints": x509.BasicConstraints(ca=True, path_length=None)}, "CA:TRUE"),
+            ({"constraints": None}, "no basic constraints"),
+            ({"usage": None}, "no key usage"),
+            ({"usage": without_digital_signature()}, "does not allow digitalSignature"),
+        ]:
+            text = self.refusal(self.connect(ALICE, der(crafted_certificate(
+                ALICE, ["alice"], **settings))))
+            self.assertIn(says, text)
+            self.assertNotIn("alice", self.relay.store._keys)
+        self.connect(ALICE, der(crafted_certificate(ALICE, ["alice"])))
+        self.assertEqual(self.relay.store._keys["alice"], ALICE.public_der)
+
     def test_lookup_carries_the_certificate(self):
         certificate = der(certificate_for(BOB))
         self.connect(BOB, certificate)
@@ -125,6 +158,22 @@ class ClientVerifiesContactsTests(SynchronousTestCase):
         self.assertIn("another key of 'bob'", str(failure.value))
         self.assertEqual(self.relay.count("bob"), 0)
 
+    def test_certificate_for_two_ids_caught(self):
+        """
+        On a relay that is not in CA mode, mallory registered bob's id with a
+        CA-signed certificate naming her and bob: a client that knows the root
+        does not seal to that key.
+        """
+        self.relay.client(MALLORY_BOB, certificate=der(crafted_certificate(
+            MALLORY_BOB, ["mallory", "bob"])))
+        alice = self.relay.client(ALICE, identity_roots=self.roots)
+        self.relay.flush()
+        d = alice.send("bob", b"for bob only")
+        self.relay.flush()
+        failure = self.failureResultOf(d, UncertifiedKey)
+        self.assertIn("the certificate names 2 identities", str(failure.value))
+        self.assertEqual(self.relay.count("bob"), 0)
+
     def test_uncertified_sender_rejected_on_receipt(self):
         """A message from a sender without a certificate is dropped, not shown."""
         received, rejected = [], []
@@ -141,7 +190,7 @@ class ClientVerifiesContactsTests(SynchronousTestCase):
         self.assertEqual(self.relay.count("bob"), 0)  # acknowledged and dropped
 
     def test_keys_not_pinned_when_uncertified(self):
-        contacts = keys.MemoryContacts()
+        contacts = MemoryContacts()
         self.relay.client(CAROL)
         alice = self.relay.client(ALICE, identity_roots=self.roots, contacts=contacts)
         self.relay.flush()

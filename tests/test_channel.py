@@ -32,21 +32,25 @@ CHALLENGE = bytes(range(32))
 
 
 class FakeTLSConnection:
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, version: str = "TLSv1.3") -> None:
         self.secret = secret
+        self.version = version
 
     def export_keying_material(self, label, olen, context=None):
         assert label == wire.TLS_EXPORTER_LABEL
         return (self.secret * olen)[:olen]
 
+    def get_protocol_version_name(self) -> str:
+        return self.version
+
 
 @implementer(ISSLTransport)
 class FakeTLSTransport(StringTransportWithDisconnection):
-    """A transport that says it is TLS, with a given exporter secret."""
+    """A transport that says it is TLS, with a given exporter secret and TLS version."""
 
-    def __init__(self, secret: bytes = b"\x42") -> None:
+    def __init__(self, secret: bytes = b"\x42", version: str = "TLSv1.3") -> None:
         super().__init__()
-        self.connection = FakeTLSConnection(secret)
+        self.connection = FakeTLSConnection(secret, version)
 
     def getHandle(self):
         return self.connection
@@ -140,6 +144,26 @@ class ClientBindingTests(SynchronousTestCase):
         self.assertEqual(error.code, E.AUTH_FAILED)
         self.assertFalse(transport.connected)
         self.assertIsInstance(self.failureResultOf(client.ready).value, UntrustedRelay)
+
+    def test_binding_asked_on_tls_older_than_1_3_refused(self):
+        """
+        The exporter of a TLS 1.2 connection is not unique to it (without the
+        extended master secret, a server can give two connections one master
+        secret): a binding from anything but TLS 1.3 binds nothing, and no
+        answer is given.
+        """
+        for version in ("TLSv1.2", "TLSv1.1", "TLSv1.3x", ""):
+            transport = FakeTLSTransport(b"\x42", version)
+            client = self.connect(transport)
+            client.dataReceived(wire.encode(wire.Hello(
+                wire.PROTOCOL_VERSION, "relay", CHALLENGE, wire.BINDING_TLS_EXPORTER)))
+            [error] = frames(transport)
+            self.assertIsInstance(error, wire.Error, version)  # not an Auth
+            self.assertEqual(error.code, E.AUTH_FAILED)
+            self.assertIn("TLS 1.3", error.text)
+            self.assertFalse(transport.connected)
+            refusal = self.failureResultOf(client.ready, UntrustedRelay).value
+            self.assertIn(repr(version), str(refusal))
 
     def test_relay_with_another_id_refused(self):
         home = keys.Home(self.mktemp())

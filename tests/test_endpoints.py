@@ -2,7 +2,7 @@
 Tests for the TLS ends in L{mailrelay.endpoints}: the relay's certificate
 and key, its listening endpoint, and the client's endpoint with its
 certificate check, through real TLS handshakes in memory (pyOpenSSL over
-memory BIOs), no sockets.
+memory BIOs), and the TLS versions both ends speak over real loopback TCP.
 
 L{PKI} makes throwaway CAs and certificates with C{cryptography}; the
 integration tests use it too.
@@ -20,11 +20,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet import endpoints as twisted_endpoints
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
+from mailrelay import wire
+from mailrelay.client.protocol import describe_disconnect
 from mailrelay.endpoints import (
     ServerTLS,
     TLSClientEndpoint,
@@ -38,6 +45,8 @@ from mailrelay.endpoints import (
     ssl_server_files,
     tls_refusal,
 )
+from mailrelay.relay.protocol import RelayFactory
+from mailrelay.relay.store.memory import MemoryStore
 
 NOW = datetime.datetime.now(datetime.timezone.utc)
 DAY = datetime.timedelta(days=1)
@@ -265,9 +274,9 @@ class ServerTLSTests(TempDir, SynchronousTestCase):
 
     def test_tls_versions(self):
         """
-        TLS 1.3 is chosen when the client offers it, 1.2 is accepted, and
-        1.1 is refused by the relay (a permissive server would accept the
-        same client, so the refusal is the relay's).
+        TLS 1.3 is chosen when the client offers it; 1.2 and 1.1 are
+        refused by the relay (a permissive server accepts the same clients,
+        so the refusal is the relay's).
         """
         tls = load_server_tls(str(self.cert), str(self.key))
 
@@ -282,8 +291,12 @@ class ServerTLSTests(TempDir, SynchronousTestCase):
         best = client()
         self.assertIsNone(handshake(server_connection(tls), best))
         self.assertEqual(best.get_protocol_version_name(), "TLSv1.3")
+        self.assertIsInstance(handshake(server_connection(tls), client(SSL.TLS1_2_VERSION)),
+                              SSL.Error)
+        permissive12 = CertificateOptions(privateKey=tls.options.privateKey,
+                                          certificate=tls.options.certificate)
         tls12 = client(SSL.TLS1_2_VERSION)
-        self.assertIsNone(handshake(server_connection(tls), tls12))
+        self.assertIsNone(handshake(SSL.Connection(permissive12.getContext(), None), tls12))
         self.assertEqual(tls12.get_protocol_version_name(), "TLSv1.2")
 
         # Even at security level 0, which would let OpenSSL speak TLS 1.1, the
@@ -431,25 +444,202 @@ class ClientEndpointTests(TempDir, SynchronousTestCase):
             self.assertRaises(ValueError, client_endpoint, MemoryReactor(), description,
                               ca=str(self.pki.ca_file))
 
-    def test_client_offers_tls_1_2_and_up(self):
-        """The client's own minimum is TLS 1.2: it refuses a server stuck at TLS 1.1."""
+    def test_client_speaks_tls_1_3_only(self):
+        """The client's own minimum is TLS 1.3: it refuses a server stuck at 1.2 or 1.1."""
         key, cert, _ = self.pki.issue()
         tls = load_server_tls(str(cert), str(key))
-        old = CertificateOptions(privateKey=tls.options.privateKey,
-                                 certificate=tls.options.certificate,
-                                 insecurelyLowerMinimumTo=TLSVersion.TLSv1_0,
-                                 lowerMaximumSecurityTo=TLSVersion.TLSv1_1)
-        context = old.getContext()
-        context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
         endpoint = client_endpoint(MemoryReactor(), "tls:localhost:1",
                                    ca=str(self.pki.ca_file))
-        # Even at security level 0, the client's minimum version refuses TLS 1.1.
+        # Even at security level 0, the client's minimum version refuses them.
         endpoint.creator.options.getContext().set_cipher_list(b"DEFAULT:@SECLEVEL=0")
-        self.assertIsInstance(handshake(SSL.Connection(context, None),
-                                        client_connection(endpoint.creator)), SSL.Error)
+        for highest in (TLSVersion.TLSv1_2, TLSVersion.TLSv1_1):
+            old = CertificateOptions(privateKey=tls.options.privateKey,
+                                     certificate=tls.options.certificate,
+                                     insecurelyLowerMinimumTo=TLSVersion.TLSv1_0,
+                                     lowerMaximumSecurityTo=highest)
+            context = old.getContext()
+            context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+            self.assertIsInstance(handshake(SSL.Connection(context, None),
+                                            client_connection(endpoint.creator)), SSL.Error,
+                                  highest.name)
         fine = client_connection(endpoint.creator)
         self.assertIsNone(handshake(server_connection(tls), fine))
         self.assertEqual(fine.get_protocol_version_name(), "TLSv1.3")
+
+
+@implementer(IHandshakeListener)
+class _Peer(Protocol):
+    """
+    One end of a loopback TLS connection: the TLS version it agreed on (None
+    without a handshake), what it received, and why it ended (C{lost}
+    fires then).  A client end closes once something arrives; a server end
+    greets with C{greeting}.
+    """
+
+    def __init__(self, greeting: bytes = b"") -> None:
+        self.greeting = greeting
+        self.version: str | None = None
+        self.received = b""
+        self.reason = None
+        self.lost: Deferred = Deferred()
+
+    def connectionMade(self) -> None:
+        if self.greeting:
+            self.transport.write(self.greeting)
+
+    def handshakeCompleted(self) -> None:
+        self.version = self.transport.getHandle().get_protocol_version_name()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if not self.greeting:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.reason = reason
+        self.lost.callback(None)
+
+
+class _Peers(Factory):
+    """Builds L{_Peer}s and keeps them, so a test waits for every end to close."""
+
+    def __init__(self, greeting: bytes = b"") -> None:
+        self.greeting = greeting
+        self.peers: list[_Peer] = []
+
+    def buildProtocol(self, addr) -> _Peer:
+        peer = _Peer(self.greeting)
+        self.peers.append(peer)
+        return peer
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _PlainTLSClient:
+    """
+    A TLS client with OpenSSL's defaults, up to C{maximum} (a pyOpenSSL
+    version constant) when given; it checks no certificate: only the
+    versions matter here.
+    """
+
+    def __init__(self, maximum: int | None = None) -> None:
+        self.context = SSL.Context(SSL.TLS_METHOD)
+        if maximum is not None:
+            self.context.set_max_proto_version(maximum)
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        connection = SSL.Connection(self.context, None)
+        connection.set_app_data(tlsProtocol)
+        return connection
+
+
+class LoopbackTLSVersionTests(TempDir, TestCase):
+    """
+    Real TLS handshakes over real loopback TCP: the relay and the client
+    both speak TLS 1.3 and nothing older, so the TLS exporter that binds
+    an authentication (L{mailrelay.channel}) is unique to its connection.
+    A TLS 1.2 connection without the extended master secret can share its
+    master secret, and so its exporter, with another connection (the
+    triple handshake).
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.pki = PKI(self.dir / "pki")
+        key, cert, _ = self.pki.issue(dns=(), ips=("127.0.0.1",))
+        self.tls = load_server_tls(str(cert), str(key))
+
+    @inlineCallbacks
+    def listen_relay(self):
+        """A relay (in memory) served with the relay's own TLS options; its port number."""
+        factory = RelayFactory(MemoryStore(), Clock(), name="relay")
+        factory.storeReady()
+        self.relay_ends: list[Deferred] = []
+        build = factory.buildProtocol
+
+        def buildProtocol(addr):
+            session, ended = build(addr), Deferred()
+            lost = session.connectionLost
+
+            def connectionLost(reason):
+                lost(reason)
+                ended.callback(None)
+
+            session.connectionLost = connectionLost
+            self.relay_ends.append(ended)
+            return session
+
+        factory.buildProtocol = buildProtocol
+        port = yield server_endpoint(reactor, "tcp:0:interface=127.0.0.1",
+                                     self.tls).listen(factory)
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @inlineCallbacks
+    def listen(self, options):
+        """A server greeting each client in TLS with C{options}: its port number."""
+        self.server = _Peers(b"hello")
+        port = yield twisted_endpoints.SSL4ServerEndpoint(
+            reactor, 0, options, interface="127.0.0.1").listen(self.server)
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @inlineCallbacks
+    def exchange(self, endpoint):
+        """Connect through C{endpoint}; the client's end, once the connection has ended."""
+        peer = _Peer()
+        factory = Factory()
+        factory.buildProtocol = lambda addr: peer
+        yield endpoint.connect(factory)
+        yield peer.lost
+        return peer
+
+    def tls_client(self, port, maximum=None):
+        return twisted_endpoints.wrapClientTLS(
+            _PlainTLSClient(maximum),
+            twisted_endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port))
+
+    @inlineCallbacks
+    def test_relay_refuses_tls_1_2(self):
+        """
+        A client that offers TLS 1.2 at most gets no handshake and no HELLO;
+        the same client offering 1.3 gets both.
+        """
+        port = yield self.listen_relay()
+        modern = yield self.exchange(self.tls_client(port))
+        self.assertEqual(modern.version, "TLSv1.3")
+        [hello] = wire.FrameBuffer().feed(modern.received)
+        self.assertIsInstance(hello, wire.Hello)
+        self.assertEqual(hello.binding, wire.BINDING_TLS_EXPORTER)
+        old = yield self.exchange(self.tls_client(port, SSL.TLS1_2_VERSION))
+        self.assertIsNone(old.version)
+        self.assertEqual(old.received, b"")
+        self.assertTrue(old.reason.check(SSL.Error), old.reason)
+        yield gatherResults(self.relay_ends)
+
+    @inlineCallbacks
+    def test_client_refuses_a_tls_1_2_server(self):
+        """
+        The client's endpoint refuses a server with a certificate it trusts
+        that speaks TLS 1.2 at most; the same server allowed 1.3 is fine.
+        """
+        for highest, version in ((TLSVersion.TLSv1_2, None), (None, "TLSv1.3")):
+            extra = {} if highest is None else {"lowerMaximumSecurityTo": highest}
+            port = yield self.listen(CertificateOptions(
+                privateKey=self.tls.options.privateKey,
+                certificate=self.tls.options.certificate, **extra))
+            endpoint = client_endpoint(reactor, f"tls:127.0.0.1:{port}",
+                                       ca=str(self.pki.ca_file))
+            peer = yield self.exchange(endpoint)
+            self.assertEqual(peer.version, version, highest and highest.name)
+            self.assertIsNone(endpoint.problem)  # the certificate was fine
+            if version is None:
+                self.assertEqual(peer.received, b"")
+                self.assertTrue(peer.reason.check(SSL.Error), peer.reason)
+                self.assertIn("(the relay must speak TLS 1.3; this client speaks nothing "
+                              "older)", tls_refusal(endpoint, describe_disconnect(peer.reason)))
+            else:
+                self.assertEqual(peer.received, b"hello")
+            yield gatherResults([p.lost for p in self.server.peers])
 
 
 class VerificationTests(TempDir, SynchronousTestCase):
@@ -534,6 +724,12 @@ class RefusalTests(SynchronousTestCase):
                                   "certificate against the host name and trustRoots)"),
             "the TLS handshake failed: wrong version number (does the relay serve TLS on "
             "that port?)")
+        for detail in ("tlsv1 alert protocol version", "unsupported protocol"):
+            self.assertEqual(
+                tls_refusal(endpoint, f"TLS failed: {detail} (check the relay's certificate "
+                                      f"against the host name and trustRoots)"),
+                f"the TLS handshake failed: {detail} (the relay must speak TLS 1.3; this "
+                f"client speaks nothing older)")
         endpoint.creator.problem = "the relay's TLS certificate is for x, not h"
         self.assertEqual(tls_refusal(endpoint, "TLS failed: whatever"),
                          "the relay's TLS certificate is for x, not h")

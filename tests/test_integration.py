@@ -377,7 +377,7 @@ class TLSTests(SynchronousTestCase):
         """
         relay = self.start_relay()
         log = "".join(relay.log.lines)
-        self.assertIn("serving TLS (1.2 or later, 1.3 preferred) with the certificate for "
+        self.assertIn("serving TLS 1.3 with the certificate for "
                       "CN=localhost (localhost), valid until", log)
         self.assertNotIn("WARNING", log)
         url = f"tls://localhost:{relay.port}"
@@ -465,7 +465,10 @@ class TLSTests(SynchronousTestCase):
             "(expired)")
 
     def test_tls_versions(self) -> None:
-        """openssl s_client: TLS 1.3 and 1.2 complete a handshake; TLS 1.1 does not."""
+        """
+        openssl s_client: TLS 1.3 completes a handshake; TLS 1.2 does not (its
+        exporter need not be unique to the connection), nor does TLS 1.1.
+        """
         if shutil.which("openssl") is None:
             raise self.skipTest("no openssl command")
         relay = self.start_relay()
@@ -473,8 +476,8 @@ class TLSTests(SynchronousTestCase):
         self.assertEqual(tls13.returncode, 0, tls13.stdout + tls13.stderr)
         self.assertRegex(tls13.stdout, r"(New|Protocol *:), TLSv1\.3")
         tls12 = _openssl(relay.port, "-tls1_2")
-        self.assertEqual(tls12.returncode, 0, tls12.stdout + tls12.stderr)
-        self.assertRegex(tls12.stdout, r"Protocol *: TLSv1\.2")
+        self.assertNotEqual(tls12.returncode, 0, tls12.stdout)
+        self.assertRegex(tls12.stderr, r"alert protocol version|unsupported protocol")
         # SECLEVEL=0 lets this openssl offer TLS 1.1 at all: the refusal is the relay's.
         tls11 = _openssl(relay.port, "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0")
         self.assertNotEqual(tls11.returncode, 0, tls11.stdout)

@@ -789,7 +789,7 @@ class RelayTLSServiceTests(InTempDirectory, SynchronousTestCase):
         self.assertEqual((port, interface), (9443, "127.0.0.1"))
         self.assertIsInstance(factory, RelayFactory)
         expiry = self.certificate.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%S UTC")
-        self.assertIn(f"serving TLS (1.2 or later, 1.3 preferred) with the certificate for "
+        self.assertIn(f"serving TLS 1.3 with the certificate for "
                       f"CN=localhost (localhost), valid until {expiry}", self.lines())
         self.assertEqual(self.lines(LogLevel.warn), [])
 

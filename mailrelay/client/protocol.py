@@ -319,6 +319,16 @@ class ClientProtocol(Protocol):
                     "something between us may be passing on another connection's challenge"
                 ))
                 return
+            # Only TLS 1.3's exporter is unique to a connection: that of TLS 1.2
+            # without the extended master secret can be another connection's too.
+            version = self.transport.getHandle().get_protocol_version_name()
+            if version != "TLSv1.3":
+                self._refuseRelay(UntrustedRelay(
+                    f"it asks for a TLS channel binding, but this connection speaks "
+                    f"{version!r}, not TLS 1.3: only a TLS 1.3 binding is this "
+                    f"connection's alone"
+                ))
+                return
             binding = channel_binding(self.transport)
         # Pinned only once nothing else is wrong with this relay.
         if self.relay_check is not None:

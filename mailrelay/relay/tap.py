@@ -98,7 +98,7 @@ class Options(usage.Options):
          "(tcp:9000:interface=127.0.0.1). With --tls-cert and --tls-key, a port number "
          "or a tcp:/tcp6: string, served in TLS."],
         ["tls-cert", None, None,
-         "Serve TLS (1.2 or later, 1.3 preferred) with this certificate: a PEM file, "
+         "Serve TLS (1.3 only) with this certificate: a PEM file, "
          "the relay's certificate first, then any intermediate CA certificates. "
          "Needs --tls-key."],
         ["tls-key", None, None,
@@ -309,7 +309,7 @@ class Listener(service.Service):
         """Say whether this relay serves TLS, and warn when plain TCP leaves the host."""
         tls = self.tls
         if tls is not None:
-            log.info("serving TLS (1.2 or later, 1.3 preferred) with the certificate "
+            log.info("serving TLS 1.3 with the certificate "
                      "for {certificate}", certificate=tls.describe())
             if getattr(tls, "key_exposed", False):
                 log.warn("WARNING: the TLS key {file} is readable by other users: "
