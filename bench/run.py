@@ -832,15 +832,43 @@ def main(argv=None) -> int:
     base.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     markdown = render_markdown(doc)
     base.with_suffix(".md").write_text(markdown)
-    problem = render_png(doc, base.with_suffix(".png"))
+    problem = plot(doc, base.with_suffix(".png"))
     if problem:
         print(f"bench: {problem}", file=sys.stderr)
     for suffix in (".json", ".md", ".png"):
         if base.with_suffix(suffix).exists():
             shutil.copyfile(base.with_suffix(suffix), args.out / f"latest{suffix}")
+        else:
+            # No latest.png left over from an earlier run beside this run's figures.
+            (args.out / f"latest{suffix}").unlink(missing_ok=True)
     print(markdown)
-    print(f"bench: wrote {base}.json, .md, .png ({doc['duration_s']:.0f} s)", file=sys.stderr)
+    print(f"bench: wrote {base}.json, .md{'' if problem else ', .png'} "
+          f"({doc['duration_s']:.0f} s)", file=sys.stderr)
+    if problem and in_ci():
+        print("bench: under CI the plot must be written: failing", file=sys.stderr)
+        return 1
     return 0 if doc["ok"] else 1
+
+
+def in_ci() -> bool:
+    """Whether this run is CI's: C{CI} set to anything but empty, 0, false or no."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def plot(doc: dict, path: Path) -> str | None:
+    """
+    Write the plot to C{path} (L{render_png}); what went wrong, or None once
+    the file is there.  Without it a run still writes its JSON and table,
+    but under CI, which checks the plot, it fails.
+    """
+    try:
+        problem = render_png(doc, path)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        return f"plotting failed ({type(e).__name__}: {e}): no plot"
+    if problem is None and not path.exists():
+        return f"plotting wrote no {path}"
+    return problem
 
 
 if __name__ == "__main__":

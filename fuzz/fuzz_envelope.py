@@ -92,6 +92,16 @@ SOUND = {parsed.signed for parsed, (_, text) in zip(BASE_PARSED, BASES) if text 
 """The signed parts that may open, once signed by alice: nothing else ever may."""
 
 
+def expect(holds: bool, *context) -> None:
+    """
+    A property of the oracle: unless it holds, raise AssertionError with
+    C{context} (the fuzzer then reports a crash).  Not C{assert}, which
+    C{python -O} would remove.
+    """
+    if not holds:
+        raise AssertionError(*context)
+
+
 def open_(data) -> envelope.Opened | None:
     """
     Open as bob, trusting alice's key; None when refused.  Whatever opens
@@ -103,8 +113,8 @@ def open_(data) -> envelope.Opened | None:
     except envelope.EnvelopeError:
         return None
     parsed = data if isinstance(data, envelope.Envelope) else envelope.parse(data)
-    assert keys.verify(ALICE.public_key, parsed.signature, parsed.signed), (
-        "an envelope without a valid signature of the trusted key opened", parsed)
+    expect(keys.verify(ALICE.public_key, parsed.signature, parsed.signed),
+           "an envelope without a valid signature of the trusted key opened", parsed)
     return opened
 
 
@@ -114,7 +124,7 @@ def check_header(data: bytes) -> None:
         header = envelope.parse_header(data)
     except envelope.EnvelopeError:
         return
-    assert header.encode() == data, (header, data)
+    expect(header.encode() == data, (header, data))
 
 
 def check_as_is(data: bytes) -> None:
@@ -124,17 +134,19 @@ def check_as_is(data: bytes) -> None:
         parsed = envelope.parse(data)
     except envelope.EnvelopeError:
         return
-    assert parsed.header.encode() == parsed.header_bytes, parsed
-    assert parsed.signed.startswith(parsed.header_bytes)
+    expect(parsed.header.encode() == parsed.header_bytes, parsed)
+    expect(parsed.signed.startswith(parsed.header_bytes),
+           "the signed part does not start with the header", parsed)
     rebuilt = Writer().raw(parsed.signed).blob16(parsed.signature).getvalue()
-    assert rebuilt == data, (rebuilt, data)
+    expect(rebuilt == data, (rebuilt, data))
     signed_rebuilt = (
         Writer().raw(parsed.header_bytes).blob16(parsed.wrapped_key).raw(parsed.nonce)
         .blob32(parsed.ciphertext).getvalue()
     )
-    assert signed_rebuilt == parsed.signed
+    expect(signed_rebuilt == parsed.signed, (signed_rebuilt, parsed.signed))
     # The limit is on the whole envelope, exactly.
-    assert envelope.parse(data, len(data)) == parsed
+    expect(envelope.parse(data, len(data)) == parsed,
+           "parsed otherwise at its exact limit", data)
     if data:
         try:
             envelope.parse(data, len(data) - 1)
@@ -143,11 +155,11 @@ def check_as_is(data: bytes) -> None:
         else:
             raise AssertionError("an envelope over the limit was parsed")
     opened = open_(parsed)
-    assert open_(data) == opened
+    expect(open_(data) == opened, "opens otherwise from bytes and parsed", data)
     if opened is not None:
         # The recipe's envelopes are new each run: an input that opens
         # had to rebuild one of them.
-        assert parsed.signed in SOUND, parsed
+        expect(parsed.signed in SOUND, parsed)
 
 
 def mutate(fdp: atheris.FuzzedDataProvider, buf: bytearray) -> None:
@@ -212,10 +224,10 @@ def check_recipe(data: bytes) -> None:
     opened = open_(parsed)
     if opened is None:
         return
-    assert plaintext is not None, ("an envelope that must never open opened", index, candidate)
-    assert parsed.signed == base_parsed.signed, ("an altered envelope opened", index, candidate)
-    assert opened.plaintext == plaintext
-    assert opened.header == base_parsed.header
+    expect(plaintext is not None, ("an envelope that must never open opened", index, candidate))
+    expect(parsed.signed == base_parsed.signed, ("an altered envelope opened", index, candidate))
+    expect(opened.plaintext == plaintext, (opened.plaintext, plaintext))
+    expect(opened.header == base_parsed.header, (opened.header, base_parsed.header))
 
 
 def TestOneInput(data: bytes) -> None:
@@ -227,10 +239,11 @@ def main() -> None:
     # Every base behaves as intended before any input is tried: otherwise
     # the recipe would explore nothing.  As sealed, only the first two open;
     # signed by alice, the forgery opens too.
-    assert [open_(e) is not None for e, _ in BASES] == [True, True, False, False, False, False]
+    opens = [open_(e) is not None for e, _ in BASES]
+    expect(opens == [True, True, False, False, False, False], "the bases open as", opens)
     for (sealed, plaintext), parsed in zip(BASES, BASE_PARSED):
         opened = open_(resign(parsed, ALICE))
-        assert (None if opened is None else opened.plaintext) == plaintext, (sealed, opened)
+        expect((None if opened is None else opened.plaintext) == plaintext, (sealed, opened))
     atheris.Setup(sys.argv, TestOneInput)
     atheris.Fuzz()
 

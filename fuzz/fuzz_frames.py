@@ -49,6 +49,16 @@ COMPACT_AFTER = wire.COMPACT_AFTER
 """The real threshold, put back after every input."""
 
 
+def expect(holds: bool, *context) -> None:
+    """
+    A property of the oracle: unless it holds, raise AssertionError with
+    C{context} (the fuzzer then reports a crash).  Not C{assert}, which
+    C{python -O} would remove.
+    """
+    if not holds:
+        raise AssertionError(*context)
+
+
 def check_body(body: bytes, max_envelope: int) -> wire.Frame | None:
     """
     Decode C{body} directly; a frame must re-encode to exactly C{body}.
@@ -59,8 +69,8 @@ def check_body(body: bytes, max_envelope: int) -> wire.Frame | None:
     except wire.ProtocolError:
         return None
     encoded = wire.encode(frame)
-    assert encoded[:4] == wire.LENGTH_PREFIX.pack(len(body)), (frame, encoded[:4])
-    assert encoded[4:] == body, (frame, body, encoded)
+    expect(encoded[:4] == wire.LENGTH_PREFIX.pack(len(body)), (frame, encoded[:4]))
+    expect(encoded[4:] == body, (frame, body, encoded))
     return frame
 
 
@@ -131,12 +141,12 @@ def check_stream(stream: bytes, control: bytes) -> None:
                 got.append(frame)
     except wire.ProtocolError:
         error = True
-    assert got == [frame for frame, _ in want], (got, want)
-    assert error == (want_error is not None), (error, want_error)
+    expect(got == [frame for frame, _ in want], (got, want))
+    expect(error == (want_error is not None), (error, want_error))
     if not error:
-        assert buffer.buffered == want_left, (buffer.buffered, want_left)
+        expect(buffer.buffered == want_left, (buffer.buffered, want_left))
     for frame, raw in want:
-        assert wire.encode(frame) == raw, (frame, raw)
+        expect(wire.encode(frame) == raw, (frame, raw))
 
     # The same stream through feed(), all at once, with the default limit.
     if not control or all(c & 0x20 == 0 for c in control):
@@ -144,17 +154,18 @@ def check_stream(stream: bytes, control: bytes) -> None:
         try:
             fed = buffer.feed(stream)
         except wire.ProtocolError:
-            assert want_error is not None
+            expect(want_error is not None, "feed() refused a stream the parse accepted")
         else:
-            assert want_error is None
-            assert fed == [frame for frame, _ in want]
+            expect(want_error is None, "feed() accepted a stream the parse refused", want_error)
+            expect(fed == [frame for frame, _ in want], (fed, want))
 
 
 def TestOneInput(data: bytes) -> None:
     frame = check_body(data, wire.MAX_ENVELOPE)
     if frame is not None:
         # A frame within a smaller limit is the same frame under any larger one.
-        assert check_body(data, wire.LARGEST_ENVELOPE) == frame
+        expect(check_body(data, wire.LARGEST_ENVELOPE) == frame,
+               "another frame under a larger limit", frame)
     if data:
         n = data[0] & 0x0F
         wire.COMPACT_AFTER = SMALL_COMPACT_AFTER if data[0] & 0x10 else COMPACT_AFTER

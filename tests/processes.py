@@ -10,6 +10,7 @@ import os
 import queue
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -107,6 +108,22 @@ class Relay:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait(timeout=30)
+
+
+def stored_messages(data: Path) -> int:
+    """
+    The messages (and notices) left in the store of a relay that has
+    stopped, counted in its SQLite file opened read-only, not through the
+    relay's code.
+    """
+    path = data / "mailrelay.sqlite"
+    if not path.exists():
+        raise AssertionError(f"no relay store at {path}")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return db.execute("SELECT count(*) FROM messages").fetchone()[0]
+    finally:
+        db.close()
 
 
 def cli(home: Path, server: str | None, *args: str, stdin: str | None = None,

@@ -6,14 +6,14 @@ relay's TLS certificate, and the checks a relay or client makes.
 from __future__ import annotations
 
 import datetime
-import shutil
 import subprocess
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from mailrelay import ca, keys
+from tests import skips
 from tests.test_keys import identity
 
 _authorities: dict[str, ca.Authority] = {}
@@ -171,9 +171,7 @@ class IssueAndVerifyTests(SynchronousTestCase):
         self.assertIn("do not belong together", str(error))
 
     def test_openssl_verifies_the_chain(self):
-        executable = shutil.which("openssl")
-        if executable is None:
-            raise SkipTest("openssl is not on PATH")
+        executable = skips.openssl()
         root_path = self.mktemp()
         with open(root_path, "wb") as f:
             f.write(authority().certificate_pem)

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import pwd
+import shutil
+import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -47,6 +50,7 @@ from mailrelay.endpoints import (
 )
 from mailrelay.relay.protocol import RelayFactory
 from mailrelay.relay.store.memory import MemoryStore
+from tests.skips import unavailable
 
 NOW = datetime.datetime.now(datetime.timezone.utc)
 DAY = datetime.timedelta(days=1)
@@ -171,6 +175,38 @@ def client_connection(creator: VerifyingClientCreator) -> SSL.Connection:
     return creator.clientConnectionForTLS(_App())
 
 
+def _load_as_nobody(cert: Path, key: Path) -> str:
+    """
+    What C{load_server_tls(cert, key)} does in a child process that dropped
+    root for nobody: "loaded", or the exception it raised.
+    """
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        unavailable("there is no user nobody to drop root for")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: it never returns into the test runner
+        outcome = "loaded"
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            load_server_tls(str(cert), str(key))
+        except BaseException as e:
+            outcome = f"{type(e).__name__}: {e}"
+        try:
+            os.write(write, outcome.encode("utf-8"))
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        outcome = f.read().decode("utf-8")
+    os.waitpid(pid, 0)
+    return outcome
+
+
 class TempDir:
     def setUp(self):
         super().setUp()
@@ -242,10 +278,28 @@ class ServerTLSTests(TempDir, SynchronousTestCase):
         self.assertRefused(self.cert, self.dir, f"--tls-key {self.dir}: Is a directory")
 
     def test_unreadable_key(self):
-        if os.geteuid() == 0:
-            raise self.skipTest("root reads any file")
-        self.key.chmod(0)
-        self.assertRefused(self.cert, self.key, "--tls-key", "Permission denied")
+        """
+        A key file the relay's user cannot read is refused, saying so.  Root
+        reads any file: as root, the files are loaded in a child process that
+        has become nobody, once with the key unreadable and once, as the
+        control, readable.
+        """
+        if os.geteuid() != 0:
+            self.key.chmod(0)
+            self.assertRefused(self.cert, self.key, "--tls-key", "Permission denied")
+            return
+        shared = Path(tempfile.mkdtemp(prefix="mailrelay-nobody-"))  # nobody may enter it
+        self.addCleanup(shutil.rmtree, shared)
+        shared.chmod(0o755)
+        cert, key = shared / "cert.pem", shared / "key.pem"
+        cert.write_bytes(self.cert.read_bytes())
+        key.write_bytes(self.key.read_bytes())
+        cert.chmod(0o644)
+        key.chmod(0o644)
+        self.assertEqual(_load_as_nobody(cert, key), "loaded")
+        key.chmod(0)
+        self.assertEqual(_load_as_nobody(cert, key),
+                         f"TLSSetupError: --tls-key {key}: Permission denied")
 
     def test_not_pem(self):
         junk = self.dir / "junk"
@@ -312,7 +366,7 @@ class ServerTLSTests(TempDir, SynchronousTestCase):
         context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
         old = client(SSL.TLS1_1_VERSION)
         if handshake(SSL.Connection(context, None), old) is not None:
-            raise self.skipTest("this OpenSSL cannot speak TLS 1.1 at all")
+            unavailable("this OpenSSL cannot speak TLS 1.1 at all")
         self.assertEqual(old.get_protocol_version_name(), "TLSv1.1")
 
 

@@ -122,10 +122,12 @@ class Session:
         self.ack_inside_push = False
 
     def push(self, message) -> None:
-        assert not self.ended, f"pushed {message.message_id.hex()} to an ended session"
-        assert not self.paused, f"pushed {message.message_id.hex()} to a paused session"
+        case = self.machine.case
+        case.assertFalse(self.ended, f"pushed {message.message_id.hex()} to an ended session")
+        case.assertFalse(self.paused, f"pushed {message.message_id.hex()} to a paused session")
         if self.received:
-            assert message.seq > self.received[-1].seq, (
+            case.assertGreater(
+                message.seq, self.received[-1].seq,
                 f"{self.recipient}: pushed seq {message.seq} after seq {self.received[-1].seq}"
                 f" (received {[m.seq for m in self.received]})")
         self.received.append(message)
@@ -142,6 +144,9 @@ class Session:
 
 
 class AsyncMachine(RuleBasedStateMachine):
+    case: SynchronousTestCase
+    """The test running the machine, whose assertions it makes (they hold under python -O)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.directory = tempfile.mkdtemp(prefix="async-model-")
@@ -166,7 +171,7 @@ class AsyncMachine(RuleBasedStateMachine):
         store._pool.threadpool = self.ctl
         d = store.start()
         self.ctl.drain()
-        assert d.called
+        self.case.assertTrue(d.called, "the store did not start")
         return store
 
     def teardown(self):
@@ -209,7 +214,7 @@ class AsyncMachine(RuleBasedStateMachine):
 
         def ok(new):
             if new:
-                assert key not in self.accepted, f"{key} accepted twice as new"
+                self.case.assertNotIn(key, self.accepted, "accepted twice as new")
                 self.accepted.add(key)
 
         def bad(f):
@@ -226,7 +231,8 @@ class AsyncMachine(RuleBasedStateMachine):
         self.sessions[recipient] = session
         self.all_sessions.append(session)
         previous = self.mailboxes.attach(session.outbox)
-        assert previous is (old.outbox if old else None)
+        self.case.assertIs(previous, old.outbox if old else None,
+                           "attach gave back another session than the one connected")
         if old is not None:
             old.ended = True
             self.mailboxes.detach(old.outbox)
@@ -312,12 +318,14 @@ class AsyncMachine(RuleBasedStateMachine):
             got = {m.message_id for m in session.received}
             flags = [m.message_id in got for m in wanted]
             # what it got of the mailbox is a prefix of it...
-            assert flags == sorted(flags, reverse=True), (
+            self.case.assertEqual(
+                flags, sorted(flags, reverse=True),
                 f"{recipient}: a message skipped: mailbox seqs {[m.seq for m in wanted]}, "
                 f"pushes {[m.seq for m in session.received]}, flags {flags}")
             # ...and it got all of it, or its window is full
             if not all(flags):
-                assert len(session.outbox.in_flight) >= self.window, (
+                self.case.assertGreaterEqual(
+                    len(session.outbox.in_flight), self.window,
                     f"{recipient}: stalled: mailbox {[m.seq for m in wanted]}, pushed "
                     f"{[m.seq for m in session.received]}, in flight "
                     f"{len(session.outbox.in_flight)}, window {self.window}")
@@ -346,12 +354,12 @@ class AsyncMachine(RuleBasedStateMachine):
             for m in s.received:
                 key = (m.recipient, m.message_id)
                 prior = self.seqs.setdefault(m.seq, key)
-                assert prior == key, f"seq {m.seq} given to {prior} and {key}"
+                self.case.assertEqual(prior, key, f"seq {m.seq} given to two messages")
 
     @invariant()
     def windows_hold(self):
         for s in self.sessions.values():
-            assert len(s.outbox.in_flight) <= self.window
+            self.case.assertLessEqual(len(s.outbox.in_flight), self.window)
 
 
 class AsyncModelTests(SynchronousTestCase):
@@ -359,8 +367,9 @@ class AsyncModelTests(SynchronousTestCase):
         self.patch(mailbox_module, "TAIL_LIMIT", mailbox_module.TAIL_LIMIT)
 
     def test_sqlite_interleavings(self):
+        machine = type("AsyncMachine", (AsyncMachine,), {"case": self})
         try:
-            run_state_machine_as_test(AsyncMachine, settings=SETTINGS)
+            run_state_machine_as_test(machine, settings=SETTINGS)
         except Exception as e:
             raise self.failureException("".join(traceback.format_exception(e))) from None
         finally:
@@ -477,8 +486,9 @@ class AsyncMemoryModelTests(SynchronousTestCase):
         self.patch(mailbox_module, "TAIL_LIMIT", mailbox_module.TAIL_LIMIT)
 
     def check(self, machine):
+        checked = type(machine.__name__, (machine,), {"case": self})
         try:
-            run_state_machine_as_test(machine, settings=SETTINGS)
+            run_state_machine_as_test(checked, settings=SETTINGS)
         except Exception as e:
             raise self.failureException("".join(traceback.format_exception(e))) from None
         finally:

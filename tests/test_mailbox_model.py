@@ -87,7 +87,8 @@ def fired(d: Deferred):
     """
     results: list = []
     d.addBoth(results.append)
-    assert results, f"{d!r} has not fired"
+    if not results:
+        raise AssertionError(f"{d!r} has not fired")
     if isinstance(results[0], Failure):
         results[0].raiseException()
     return results[0]
@@ -97,8 +98,10 @@ def failure_of(d: Deferred) -> Failure:
     """The failure C{d} has already fired with."""
     results: list = []
     d.addBoth(results.append)
-    assert results, f"{d!r} has not fired"
-    assert isinstance(results[0], Failure), f"{d!r} fired with {results[0]!r}, not a failure"
+    if not results:
+        raise AssertionError(f"{d!r} has not fired")
+    if not isinstance(results[0], Failure):
+        raise AssertionError(f"{d!r} fired with {results[0]!r}, not a failure")
     return results[0]
 
 
@@ -177,8 +180,12 @@ class Session:
 class MailboxMachine(RuleBasedStateMachine):
     """
     The relay's mailboxes, driven rule by rule and compared with the model.
-    Subclasses say which store, and whether restarting reopens it.
+    Subclasses say which store, and whether restarting reopens it; C{case}
+    is the test running the machine, whose assertions it makes (they hold
+    under C{python -O} too, unlike C{assert}).
     """
+
+    case: SynchronousTestCase
 
     def open_store(self):
         raise NotImplementedError
@@ -243,7 +250,7 @@ class MailboxMachine(RuleBasedStateMachine):
         # often hold the same id; else any, so that ids are out of order.
         n = data.draw(st.sampled_from(free[:3]) | st.sampled_from(free), label="id")
         result = fired(self.mailboxes.accept(recipient, SENDER, mid(n), envelope(n)))
-        assert result is True, f"accepting new id {n} for {recipient} fired {result!r}"
+        self.case.assertIs(result, True, f"accepting new id {n} for {recipient}")
         self.accepted[recipient][n] = (SENDER, envelope(n))
         self.pending[recipient].append(n)
         self.accepted_since_start += 1
@@ -260,7 +267,7 @@ class MailboxMachine(RuleBasedStateMachine):
         n = data.draw(st.sampled_from(sorted(self.accepted[recipient])), label="id")
         sender, sealed = self.accepted[recipient][n]
         result = fired(self.mailboxes.accept(recipient, sender, mid(n), sealed))
-        assert result is False, f"a retry of id {n} for {recipient} fired {result!r}"
+        self.case.assertIs(result, False, f"a retry of id {n} for {recipient}")
 
     @precondition(lambda self: any(self.accepted.values()))
     @rule(data=st.data(), change=st.sampled_from(["envelope", "sender"]))
@@ -286,7 +293,8 @@ class MailboxMachine(RuleBasedStateMachine):
         session = Session(recipient)
         old = self.sessions.get(recipient)
         previous = self.mailboxes.attach(session.outbox)
-        assert previous is (old.outbox if old else None), (previous, old)
+        self.case.assertIs(previous, old.outbox if old else None,
+                           "attach gave back another session than the one connected")
         self.sessions[recipient] = session
         self.sessions_since_start.append(session)
         if old is not None:
@@ -310,7 +318,7 @@ class MailboxMachine(RuleBasedStateMachine):
         session = self.sessions[recipient]
         n = data.draw(st.sampled_from(session.in_flight()), label="id")
         result = fired(self.mailboxes.acknowledge(session.outbox, mid(n)))
-        assert result is True, f"acknowledging delivered id {n} fired {result!r}"
+        self.case.assertIs(result, True, f"acknowledging delivered id {n}")
         session.acked.add(n)
         self.pending[recipient].remove(n)
         self.acked[recipient].add(n)
@@ -329,7 +337,7 @@ class MailboxMachine(RuleBasedStateMachine):
         known = {n for r in RECIPIENTS for n in self.accepted[r]} | {ID_SPACE}
         n = data.draw(st.sampled_from(sorted(known - in_flight)), label="id")
         result = fired(self.mailboxes.acknowledge(session.outbox, mid(n)))
-        assert result is False, f"acknowledging id {n}, not in flight, fired {result!r}"
+        self.case.assertIs(result, False, f"acknowledging id {n}, not in flight")
 
     @rule(window=st.integers(1, MAX_WINDOW))
     def restart(self, window):
@@ -359,19 +367,22 @@ class MailboxMachine(RuleBasedStateMachine):
         for recipient, session in sorted(self.sessions.items()):
             self.settle(session)
             got = [number(m.message_id) for m in session.received]
-            assert got == session.expected, (
+            self.case.assertEqual(
+                got, session.expected,
                 f"{recipient}'s session was pushed {got}, expected {session.expected} "
                 f"(mailbox {self.pending[recipient]}, acknowledged {sorted(self.acked[recipient])}, "
                 f"window {self.window})"
             )
             for m in session.received:
                 n = number(m.message_id)
-                assert m.recipient == recipient, m
-                assert (m.sender, m.envelope) == self.accepted[recipient][n], m
-            assert len(session.in_flight()) <= self.window
-            assert sorted(map(number, session.outbox.in_flight)) == sorted(session.in_flight())
+                self.case.assertEqual(m.recipient, recipient, m)
+                self.case.assertEqual((m.sender, m.envelope), self.accepted[recipient][n], m)
+            self.case.assertLessEqual(len(session.in_flight()), self.window)
+            self.case.assertEqual(sorted(map(number, session.outbox.in_flight)),
+                                  sorted(session.in_flight()))
         for session in self.ended:
-            assert len(session.received) == session.ended_with, (
+            self.case.assertEqual(
+                len(session.received), session.ended_with,
                 f"a session of {session.recipient} that had ended was pushed "
                 f"{[number(m.message_id) for m in session.received[session.ended_with:]]}"
             )
@@ -380,23 +391,25 @@ class MailboxMachine(RuleBasedStateMachine):
     def store_matches_the_model(self):
         for recipient in RECIPIENTS:
             count = fired(self.store.count(recipient))
-            assert count == len(self.pending[recipient]), (
+            self.case.assertEqual(
+                count, len(self.pending[recipient]),
                 f"store counts {count} for {recipient}, model {self.pending[recipient]}")
             stored = fired(self.store.pending(recipient, 0, ID_SPACE + 1))
-            assert [number(m.message_id) for m in stored] == self.pending[recipient], (
+            self.case.assertEqual(
+                [number(m.message_id) for m in stored], self.pending[recipient],
                 f"store holds {[number(m.message_id) for m in stored]} for {recipient}, "
                 f"model {self.pending[recipient]}"
             )
             seqs = [m.seq for m in stored]
-            assert seqs == sorted(set(seqs)), seqs
+            self.case.assertEqual(seqs, sorted(set(seqs)), "seqs out of order or repeated")
 
     @invariant()
     def totals_add_up(self):
         if self.mailboxes is None:
             return
-        assert self.mailboxes.accepted_total == self.accepted_since_start
+        self.case.assertEqual(self.mailboxes.accepted_total, self.accepted_since_start)
         pushed = sum(len(s.received) for s in self.sessions_since_start)
-        assert self.mailboxes.delivered_total == pushed, (self.mailboxes.delivered_total, pushed)
+        self.case.assertEqual(self.mailboxes.delivered_total, pushed, "delivered total")
 
 
 class MemoryStoreMachine(MailboxMachine):
@@ -434,8 +447,9 @@ class MailboxModelTests(SynchronousTestCase):
         Hypothesis attaches those steps to the exception as notes, which
         trial does not print: the failure message carries them instead.
         """
+        checked = type(machine.__name__, (machine,), {"case": self})
         try:
-            run_state_machine_as_test(machine, settings=SETTINGS)
+            run_state_machine_as_test(checked, settings=SETTINGS)
         except Exception as e:
             raise self.failureException("".join(traceback.format_exception(e))) from None
 
