@@ -187,7 +187,8 @@ def start_server(config: str, work: Path, children: Children, args) -> tuple:
         argv = [BIN / "twistd", "--nodaemon", "--pidfile=", "--logfile", log, "mailrelay",
                 "--port", f"tcp:{port}:interface=127.0.0.1", "--store", config,
                 "--data", work / "var", "--rate", "0", "--quota-messages", "0",
-                "--quota-bytes", "0", "--max-per-peer", "0", "--max-sessions", "0",
+                "--quota-bytes", "0", "--quota-per-sender", "0",
+                "--quota-per-sender-bytes", "0", "--max-per-peer", "0", "--max-sessions", "0",
                 "--window", args.relay_window, "--idle-timeout", "3600",
                 "--auth-timeout", "120"]
         proc = children.start(argv, cwd=work, stdout=open(work / "server.err", "wb"),

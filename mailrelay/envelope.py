@@ -7,7 +7,8 @@ Suite C{rsa} (1), the only one so far::
                 sender id, sender key fingerprint (32),
                 recipient id, recipient key fingerprint (32),
                 message id (16), timestamp u64 (Unix seconds),
-                sequence u64 (version 2 only)
+                sequence u64 (version 2 only); timestamp and sequence
+                at most 2**63 - 1 (L{MAX_TIME_SEQ}), else malformed
     wrapped key u16 length + RSA-OAEP(SHA-256, MGF1-SHA-256) of a fresh AES-256 key
     nonce       12 random bytes
     ciphertext  u32 length + AES-256-GCM(plaintext, associated data = header)
@@ -48,6 +49,13 @@ NONCE_SIZE = 12
 AES_KEY_SIZE = 32
 MAX_WRAPPED_KEY = 1024
 MAX_SIGNATURE = 1024
+MAX_TIME_SEQ = 2**63 - 1
+"""
+The largest timestamp and sequence number an envelope may carry, though
+both are u64 on the wire: relay and client keep them as SQLite INTEGERs
+(signed 64 bits), so an envelope beyond this is malformed (refused by the
+relay, not opened by the client) rather than stored and never kept.
+"""
 
 OAEP = padding.OAEP(
     mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None
@@ -152,8 +160,10 @@ def seal(
         message_id = new_message_id()
     if len(message_id) != MESSAGE_ID_SIZE:
         raise ValueError("a message id is 16 bytes")
-    if not 0 <= seq < 2**64:
-        raise ValueError("a sequence number is an unsigned 64-bit number")
+    if not 0 <= seq <= MAX_TIME_SEQ:
+        raise ValueError(f"a sequence number is 0 to {MAX_TIME_SEQ}, not {seq}")
+    if timestamp is not None and not 0 <= timestamp <= MAX_TIME_SEQ:
+        raise ValueError(f"a timestamp is 0 to {MAX_TIME_SEQ}, not {timestamp}")
     limit = max_envelope - overhead(
         sender.name, recipient, max(sender.public_key.key_size, recipient_key.key_size) // 8
     )
@@ -192,7 +202,7 @@ def _read_header(r: Reader) -> Header:
     suite = r.u8("suite")
     if suite != SUITE_RSA:
         raise EnvelopeError(f"unsupported envelope suite {suite}")
-    return Header(
+    header = Header(
         version,
         suite,
         r.identity("sender"),
@@ -203,6 +213,13 @@ def _read_header(r: Reader) -> Header:
         r.u64("timestamp"),
         r.u64("sequence number") if version >= 2 else 0,
     )
+    if header.timestamp > MAX_TIME_SEQ:
+        raise EnvelopeError(
+            f"timestamp {header.timestamp} is out of range (at most {MAX_TIME_SEQ})")
+    if header.seq > MAX_TIME_SEQ:
+        raise EnvelopeError(
+            f"sequence number {header.seq} is out of range (at most {MAX_TIME_SEQ})")
+    return header
 
 
 def parse_header(data: bytes) -> Header:
@@ -261,6 +278,8 @@ def _route(data: bytes, max_envelope: int) -> Header | None:
     if recipient is None:
         return None
     timestamp, seq = _TIME_SEQ.unpack_from(data, id_end)
+    if (timestamp | seq) > MAX_TIME_SEQ:
+        return None
     (wrapped,) = _U16.unpack_from(data, offset)
     offset += 2 + wrapped + NONCE_SIZE
     if wrapped > MAX_WRAPPED_KEY or offset + 4 > size:

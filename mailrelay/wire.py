@@ -18,7 +18,7 @@ from typing import ClassVar, Union
 
 from mailrelay.encoding import Reader, Writer
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 MAX_ENVELOPE = 256 * 1024
 """The default largest envelope, in bytes, a relay accepts."""
@@ -129,6 +129,7 @@ class ErrorCode(enum.IntEnum):
     STORE_FAILED = 107
     RATE_LIMITED = 108
     ROTATION_REFUSED = 109
+    SENDER_QUOTA = 110
 
     @property
     def fatal(self) -> bool:
@@ -175,13 +176,16 @@ class Welcome:
     Relay to client: authentication succeeded.  C{registered} tells whether
     the key was registered by this session (first use of the identity),
     C{queued} how many messages wait in the mailbox, C{max_envelope} the
-    largest envelope this relay accepts.
+    largest envelope this relay accepts, C{ttl} how long it keeps a message
+    (clients bound how long a contact's retired key may still sign by it).
     """
 
     TYPE: ClassVar[int] = 0x03
     registered: bool
     queued: int
     max_envelope: int
+    ttl: int = 0
+    """Seconds a message waits in a mailbox before it expires (0: never)."""
 
 
 @dataclass(frozen=True)
@@ -195,15 +199,26 @@ class Lookup:
 @dataclass(frozen=True)
 class Rotation:
     """
-    One key rotation of an identity, as the relay keeps it: C{old_key} (DER)
-    signed, at C{timestamp}, the statement that C{new_key} follows it
-    (L{rotation_statement}).
+    One key rotation of an identity, as the relay keeps it: the statement
+    (L{rotation_statement}) that C{new_key} (DER) follows C{old_key} from
+    C{timestamp} on, signed by the old key (C{old_signature}: the old key
+    hands over) and by the new one (C{new_signature}: the new key vouches
+    for the old one as its predecessor).  C{old_certificate} is the
+    certificate the relay held for the old key when it took the rotation
+    (empty if none): clients that check keys against a CA need it to trust
+    a message signed by the old key.
+
+    The relay checks both signatures before it keeps a rotation, but
+    clients trust none of this on the relay's word: they check each step
+    they use, from a key they already trust.
     """
 
     old_key: bytes
     new_key: bytes
     timestamp: int
-    signature: bytes
+    old_signature: bytes
+    new_signature: bytes
+    old_certificate: bytes = b""
 
 
 ROTATION_CONTEXT = b"mailrelay key rotation v1"
@@ -412,6 +427,7 @@ def encode(frame: Frame) -> bytes:
         w.blob16(frame.certificate)
     elif isinstance(frame, Welcome):
         w.u8(1 if frame.registered else 0).u32(frame.queued).u32(frame.max_envelope)
+        w.u32(frame.ttl)
     elif isinstance(frame, Lookup):
         w.identity(frame.identity)
     elif isinstance(frame, Key):
@@ -424,8 +440,11 @@ def encode(frame: Frame) -> bytes:
         for r in frame.rotations:
             _check_max(r.old_key, MAX_KEY_SIZE, "rotated key")
             _check_max(r.new_key, MAX_KEY_SIZE, "rotated key")
-            _check_max(r.signature, MAX_SIGNATURE_SIZE, "rotation signature")
-            w.blob16(r.old_key).blob16(r.new_key).u64(r.timestamp).blob16(r.signature)
+            _check_max(r.old_signature, MAX_SIGNATURE_SIZE, "rotation signature")
+            _check_max(r.new_signature, MAX_SIGNATURE_SIZE, "rotation signature")
+            _check_max(r.old_certificate, MAX_CERTIFICATE_SIZE, "rotated key's certificate")
+            w.blob16(r.old_key).blob16(r.new_key).u64(r.timestamp)
+            w.blob16(r.old_signature).blob16(r.new_signature).blob16(r.old_certificate)
     elif isinstance(frame, Rotate):
         _check_max(frame.new_key, MAX_KEY_SIZE, "new key")
         _check_max(frame.old_signature, MAX_SIGNATURE_SIZE, "signature")
@@ -490,7 +509,7 @@ def decode(body: bytes, max_envelope: int = MAX_ENVELOPE) -> Frame:
                      r.blob16("certificate", MAX_CERTIFICATE_SIZE))
     elif kind == Welcome.TYPE:
         frame = Welcome(_flag(r, "registered flag"), r.u32("queued count"),
-                        r.u32("max envelope"))
+                        r.u32("max envelope"), r.u32("message ttl"))
     elif kind == Lookup.TYPE:
         frame = Lookup(r.identity("identity"))
     elif kind == Key.TYPE:
@@ -502,7 +521,9 @@ def decode(body: bytes, max_envelope: int = MAX_ENVELOPE) -> Frame:
             raise ProtocolError(f"{count} rotations, more than {MAX_ROTATIONS}")
         rotations = tuple(
             Rotation(r.blob16("rotated key", MAX_KEY_SIZE), r.blob16("rotated key", MAX_KEY_SIZE),
-                     r.u64("rotation time"), r.blob16("rotation signature", MAX_SIGNATURE_SIZE))
+                     r.u64("rotation time"), r.blob16("rotation signature", MAX_SIGNATURE_SIZE),
+                     r.blob16("rotation signature", MAX_SIGNATURE_SIZE),
+                     r.blob16("rotated key's certificate", MAX_CERTIFICATE_SIZE))
             for _ in range(count)
         )
         frame = Key(identity, public_key, certificate, rotations)

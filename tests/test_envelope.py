@@ -8,7 +8,7 @@ import os
 import time
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -88,7 +88,8 @@ def regions(data: bytes) -> dict[str, range]:
     take("ciphertext", len(parsed.ciphertext))
     take("signature length", 2)
     take("signature", len(parsed.signature))
-    assert pos == len(data), (pos, len(data))
+    if pos != len(data):
+        raise AssertionError((pos, len(data)))
     return out
 
 
@@ -252,9 +253,29 @@ class HeaderTests(SynchronousTestCase):
         self.assertEqual(len(parsed.header.sender_fingerprint), envelope.FINGERPRINT_SIZE)
 
     def test_extreme_timestamps(self):
-        for timestamp in (0, 2**64 - 1):
+        for timestamp in (0, 2**63 - 1):
             parsed = envelope.parse(seal(timestamp=timestamp))
             self.assertEqual(parsed.header.timestamp, timestamp)
+            self.assertEqual(envelope.read_header(seal(timestamp=timestamp)).timestamp,
+                             timestamp)
+
+    def test_largest_sequence_number(self):
+        sealed = seal(seq=2**63 - 1)
+        self.assertEqual(envelope.parse(sealed).header.seq, 2**63 - 1)
+        self.assertEqual(envelope.read_header(sealed).seq, 2**63 - 1)
+        self.assertEqual(open_(sealed).header.seq, 2**63 - 1)
+
+    def test_seal_refuses_out_of_range(self):
+        """
+        Timestamps and sequence numbers are kept as SQLite INTEGERs (signed
+        64 bits) by relay and client: seal makes no envelope beyond that.
+        """
+        for bad in (2**63, 2**64 - 1):
+            error = self.assertRaises(ValueError, seal, timestamp=bad)
+            self.assertIn("timestamp", str(error))
+            error = self.assertRaises(ValueError, seal, seq=bad)
+            self.assertIn("sequence number", str(error))
+        self.assertRaises(ValueError, seal, timestamp=-1)
 
     def test_default_timestamp_and_message_id(self):
         before = int(time.time())
@@ -282,7 +303,7 @@ class HeaderTests(SynchronousTestCase):
         self.assertEqual(envelope.parse(bytes(altered)).header.seq, 3)
         error = self.assertRaises(EnvelopeError, open_, bytes(altered))
         self.assertIn("signature", str(error))
-        for bad in (-1, 2**64):
+        for bad in (-1, 2**63, 2**64):
             self.assertRaises(ValueError, seal, seq=bad)
 
     def test_version_1_envelopes_still_open(self):
@@ -542,12 +563,68 @@ class RejectionTests(SynchronousTestCase):
         self.assertEqual(parsed.header.encode(), parsed.header_bytes)
 
 
+    def test_out_of_range_timestamp_or_sequence(self):
+        """
+        A validly signed envelope whose timestamp or sequence number is
+        2**63 or more is malformed: the relay refuses it (rather than
+        storing what no client could keep), and a client does not open it.
+        Both readers, the relay's fast one too, say why in the same words.
+        """
+        for version, timestamp, seq, field in (
+            (2, 2**63, 1, "timestamp"),
+            (2, 2**64 - 1, 1, "timestamp"),
+            (2, 1_700_000_000, 2**63, "sequence number"),
+            (2, 1_700_000_000, 2**64 - 1, "sequence number"),
+            (2, 2**64 - 1, 2**64 - 1, "timestamp"),
+            (1, 2**63, 0, "timestamp"),
+        ):
+            data = forged(timestamp=timestamp, seq=seq, version=version)
+            error = self.assertRaises(EnvelopeError, envelope.parse, data)
+            value = timestamp if field == "timestamp" else seq
+            self.assertIn(f"{field} {value} is out of range", str(error))
+            self.assertNotIsInstance(error, EnvelopeTooLarge)
+            self.assertIsNone(envelope._route(data, wire.MAX_ENVELOPE))
+            self.assertParsesOrEnvelopeError(data)
+            self.assertRaises(EnvelopeError, envelope.parse_header,
+                              _forged_header(timestamp, seq, version))
+            self.assertRejected(data, message=f"{field} {timestamp} {seq}")
+        # One below: the largest values, from the same forger, are fine.
+        data = forged(timestamp=2**63 - 1, seq=2**63 - 1)
+        self.assertIsNotNone(envelope._route(data, wire.MAX_ENVELOPE))
+        self.assertEqual(envelope.read_header(data).timestamp, 2**63 - 1)
+        self.assertEqual(open_(data).header.seq, 2**63 - 1)
+
     def test_read_header_limit(self):
         """The relay's reading refuses an envelope over its limit, as parse does."""
         sealed = _small_envelope()
         self.assertEqual(envelope.read_header(sealed, len(sealed)).recipient, "dave")
         with self.assertRaises(envelope.EnvelopeTooLarge):
             envelope.read_header(sealed, len(sealed) - 1)
+
+
+def _forged_header(timestamp: int, seq: int, version: int = 2) -> bytes:
+    return envelope.Header(
+        version=version, suite=envelope.SUITE_RSA, sender="alice",
+        sender_fingerprint=alice().fingerprint, recipient="bob",
+        recipient_fingerprint=bob().fingerprint, message_id=b"m" * 16,
+        timestamp=timestamp, seq=seq,
+    ).encode()
+
+
+def forged(timestamp: int, seq: int, version: int = 2) -> bytes:
+    """
+    An envelope from alice to bob, validly signed and encrypted, with any
+    u64 timestamp and sequence number: what a sender that skips L{seal}'s
+    checks can make.
+    """
+    header = _forged_header(timestamp, seq, version)
+    content_key = b"k" * 32
+    nonce = b"n" * 12
+    ciphertext = AESGCM(content_key).encrypt(nonce, b"out of range", header)
+    wrapped = bob().public_key.encrypt(content_key, envelope.OAEP)
+    signed = (Writer().raw(header).blob16(wrapped).raw(nonce).blob32(ciphertext)
+              .getvalue())
+    return Writer().raw(signed).blob16(alice().sign(signed)).getvalue()
 
 
 _small: list[bytes] = []
@@ -601,3 +678,118 @@ class PrimitiveTests(SynchronousTestCase):
             hashes.SHA256(),
         )
         self.assertTrue(keys.verify(alice().public_key, parsed.signature, parsed.signed))
+
+
+# Found by mutation testing (make mutation-test): checks no test above guarded.
+
+class FieldLimitTests(SynchronousTestCase):
+    """The wrapped key and the signature: up to 1,024 bytes each (an 8,192-bit RSA key's)."""
+
+    def shaped(self, wrapped: int, signature: int) -> bytes:
+        header = _forged_header(1_700_000_000, 1)
+        return (Writer().raw(header).blob16(b"w" * wrapped).raw(b"n" * envelope.NONCE_SIZE)
+                .blob32(b"c" * 32).blob16(b"s" * signature).getvalue())
+
+    def test_largest_fields_are_read(self):
+        data = self.shaped(1024, 1024)
+        parsed = envelope.parse(data)
+        self.assertEqual((len(parsed.wrapped_key), len(parsed.signature)), (1024, 1024))
+        self.assertEqual(envelope.read_header(data).sender, "alice")
+
+    def test_larger_fields_are_malformed(self):
+        for data in (self.shaped(1025, 256), self.shaped(256, 1025)):
+            self.assertRaises(EnvelopeError, envelope.parse, data)
+            self.assertRaises(EnvelopeError, envelope.read_header, data)
+
+    def test_what_was_read_cannot_be_altered(self):
+        import dataclasses
+
+        data = seal()
+        parsed = envelope.parse(data)
+        opened = open_(data)
+        for record, field in ((parsed.header, "sender"), (parsed, "signature"),
+                              (opened, "plaintext")):
+            self.assertRaises(dataclasses.FrozenInstanceError, setattr, record, field, b"x")
+
+
+class SealLimitTests(SynchronousTestCase):
+    """What seal refuses, before anything is encrypted, and after."""
+
+    def test_sequence_and_time_ranges(self):
+        for bad in ({"seq": -1}, {"seq": 2**63}, {"timestamp": -1}, {"timestamp": 2**63}):
+            self.assertRaises(ValueError, seal, **bad)
+        opened = open_(seal(seq=0, timestamp=0))
+        self.assertEqual((opened.header.seq, opened.header.timestamp), (0, 0))
+
+    def test_largest_message_fits_exactly(self):
+        size = max(alice().public_key.key_size, bob().public_key.key_size) // 8
+        limit = 4096 - envelope.overhead("alice", "bob", size)
+        data = envelope.seal(alice(), "bob", bob().public_key, b"x" * limit, max_envelope=4096)
+        self.assertEqual(len(data), 4096)
+        with self.assertRaises(EnvelopeTooLarge) as caught:
+            envelope.seal(alice(), "bob", bob().public_key, b"x" * (limit + 1), max_envelope=4096)
+        self.assertIn(f"message of {limit + 1} bytes is over the limit of {limit} bytes",
+                      str(caught.exception))
+
+    def test_key_of_an_odd_size_is_caught_after_sealing(self):
+        """
+        A 2,049-bit key (openssl makes such keys) wraps into 257 bytes where
+        the estimate counts 256: the sealed envelope itself is checked too.
+        """
+        odd = rsa.RSAPublicNumbers(keys.PUBLIC_EXPONENT, 2**2048 + 1).public_key()
+        self.assertEqual(odd.key_size, 2049)
+        sender = identity("carol")  # 2,048 bits: the odd key is the larger
+        limit = 4096 - envelope.overhead("carol", "bob", 256)
+        with self.assertRaises(EnvelopeTooLarge) as caught:
+            envelope.seal(sender, "bob", odd, b"x" * limit, max_envelope=4096)
+        self.assertIn("envelope of 4097 bytes is over 4096", str(caught.exception))
+
+
+class StrictReadingTests(SynchronousTestCase):
+    """The relay's reader refuses, as malformed and nothing else, whatever is not an envelope."""
+
+    def test_header_alone_means_nothing_after_it(self):
+        header = envelope.parse(seal()).header_bytes
+        self.assertEqual(envelope.parse_header(header).sender, "alice")
+        self.assertRaises(EnvelopeError, envelope.parse_header, header + b"x")
+
+    def test_every_truncation_is_malformed(self):
+        data = seal(b"")
+        for n in range(len(data)):
+            self.assertRaises(EnvelopeError, envelope.read_header, data[:n])
+
+    def test_fast_reading_agrees_with_the_strict_one(self):
+        """
+        The relay reads a well-formed envelope in a few slices (_route); for
+        anything else it must answer nothing, and leave it to the strict reader.
+        """
+        data = seal(b"hi", seq=3)
+        strict = envelope.parse(data).header
+        self.assertEqual(envelope._route(data, wire.MAX_ENVELOPE), strict)
+        parsed = envelope.parse(data)
+        fields_end = len(parsed.header_bytes) + 2 + len(parsed.wrapped_key) + 12 + 4
+        for position in list(range(fields_end + 2)) + [len(data) - 1]:
+            for value in {0, 1, 2, 0x41, 0x7F, 0xFF, (data[position] + 1) % 256,
+                          (data[position] - 1) % 256}:
+                changed = data[:position] + bytes([value]) + data[position + 1:]
+                fast = envelope._route(changed, wire.MAX_ENVELOPE)
+                if fast is None:
+                    continue
+                try:
+                    expected = envelope.parse(changed).header
+                except EnvelopeError:
+                    self.fail(f"byte {position} = {value}: read fast, but malformed")
+                self.assertEqual(fast, expected, (position, value))
+        self.assertIsNone(envelope._route(data + b"x", wire.MAX_ENVELOPE))
+
+    def test_names_remembered_are_bounded(self):
+        """The relay remembers the ids it read, at most 65,536, then starts afresh."""
+        self.addCleanup(envelope._names.clear)
+        envelope._names.clear()
+        for n in range(65_536):
+            self.assertEqual(envelope._name(b"n%d" % n), "n%d" % n)
+        self.assertEqual(len(envelope._names), 65_536)
+        envelope._name(b"one-more")
+        self.assertEqual(len(envelope._names), 1)
+        self.assertIsNone(envelope._name(b"Upper"))
+        self.assertIsNone(envelope._name(b"\xff"))

@@ -9,6 +9,7 @@ import os
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
@@ -64,6 +65,25 @@ def seal(sender: keys.Identity, recipient: keys.Identity, text: bytes = b"text",
                          message_id=message_id)
 
 
+def forge(sender: keys.Identity, recipient: keys.Identity, message_id: bytes,
+          timestamp: int, seq: int) -> bytes:
+    """
+    A validly signed and encrypted envelope with any u64 timestamp and
+    sequence number, which L{envelope.seal} refuses to make: what a hostile
+    sender can build by hand.
+    """
+    header = envelope.Header(
+        envelope.VERSION, envelope.SUITE_RSA, sender.name, sender.fingerprint,
+        recipient.name, recipient.fingerprint, message_id, timestamp, seq,
+    ).encode()
+    content_key = os.urandom(32)
+    nonce = os.urandom(envelope.NONCE_SIZE)
+    ciphertext = AESGCM(content_key).encrypt(nonce, b"jam", header)
+    wrapped = recipient.public_key.encrypt(content_key, envelope.OAEP)
+    signed = Writer().raw(header).blob16(wrapped).raw(nonce).blob32(ciphertext).getvalue()
+    return Writer().raw(signed).blob16(sender.sign(signed)).getvalue()
+
+
 class Client:
     """One connection to the relay under test, seen from the client side."""
 
@@ -75,7 +95,8 @@ class Client:
         self.reader = wire.FrameBuffer(factory.max_envelope)
         self.proto.makeConnection(self.transport)
         first = self.frames()
-        assert len(first) == 1 and isinstance(first[0], wire.Hello), first
+        if not (len(first) == 1 and isinstance(first[0], wire.Hello)):
+            raise AssertionError(first)
         self.hello: wire.Hello = first[0]
 
     def frames(self) -> list:
@@ -216,7 +237,8 @@ class AuthTests(RelayTestMixin, SynchronousTestCase):
     def test_welcome_registers_first_time(self):
         client = Client(self.factory)
         client.auth(A)
-        self.assertEqual(client.frames(), [wire.Welcome(True, 0, self.factory.max_envelope)])
+        self.assertEqual(client.frames(),
+                         [wire.Welcome(True, 0, self.factory.max_envelope, self.factory.ttl)])
         self.assertEqual(client.proto.state, "ready")
         self.assertEqual(client.proto.identity, "a")
         self.assertEqual(self.successResultOf(self.factory.directory.lookup("a")), der(A))
@@ -225,7 +247,8 @@ class AuthTests(RelayTestMixin, SynchronousTestCase):
         self.connect(A).disconnect()
         client = Client(self.factory)
         client.auth(A)
-        self.assertEqual(client.frames(), [wire.Welcome(False, 0, self.factory.max_envelope)])
+        self.assertEqual(client.frames(),
+                         [wire.Welcome(False, 0, self.factory.max_envelope, self.factory.ttl)])
 
     def test_welcome_max_envelope(self):
         factory = RelayFactory(MemoryStore(), self.clock, name=RELAY, max_envelope=12345)
@@ -389,7 +412,7 @@ class AuthTests(RelayTestMixin, SynchronousTestCase):
         )
         client.feed(data)
         self.assertEqual(client.frames(), [
-            wire.Welcome(True, 0, self.factory.max_envelope),
+            wire.Welcome(True, 0, self.factory.max_envelope, self.factory.ttl),
             wire.Key("b", der(B)),
             wire.Pong(b"abcdefgh"),
         ])
@@ -629,6 +652,36 @@ class SendTests(RelayTestMixin, SynchronousTestCase):
         self.assertRefused(client, E.BAD_ENVELOPE, b"")
         self.assertEqual(self.count("b"), 0)
 
+    def test_out_of_range_timestamp_or_sequence(self):
+        """
+        A validly signed envelope whose timestamp or sequence number no
+        client can keep (2**63 or more) is malformed: refused BAD_ENVELOPE,
+        with an empty ref, nothing stored or delivered, and the session goes
+        on.  (Stored, it would jam the recipient's mailbox: its client would
+        fail on it every session and never acknowledge it.)
+        """
+        receiver = self.connect(B)
+        sender = self.connect(A)
+        for n, (timestamp, seq, field) in enumerate((
+            (2**63, 1, "timestamp"),
+            (2**64 - 1, 1, "timestamp"),
+            (1_700_000_000, 2**63, "sequence number"),
+            (1_700_000_000, 2**64 - 1, "sequence number"),
+        )):
+            sender.send(wire.Send(forge(A, B, mid(n), timestamp, seq)))
+            error = self.assertRefused(sender, E.BAD_ENVELOPE, b"")
+            self.assertIn(f"{field} ", error.text)
+            self.assertIn("out of range", error.text)
+            self.assertEqual(self.count("b"), 0)
+            self.assertEqual(receiver.frames(), [])
+            self.assertStillServes(sender)
+        # The largest values pass, forged the same way, and open for B.
+        largest = forge(A, B, mid(10), 2**63 - 1, 2**63 - 1)
+        sender.send(wire.Send(largest))
+        self.assertEqual(sender.frames(), [wire.Accepted(mid(10))])
+        self.assertEqual(receiver.frames(), [wire.Deliver(mid(10), largest)])
+        self.assertEqual(envelope.open_envelope(largest, B, A.public_key).plaintext, b"jam")
+
     def test_session_goes_on_after_refusal(self):
         receiver = self.connect(B)
         client = self.connect(A)
@@ -689,6 +742,141 @@ class SendTests(RelayTestMixin, SynchronousTestCase):
         self.assertEqual(self.count("b"), 2)
         ids = [m.message_id for m in self.successResultOf(store.pending("b", 0, 10))]
         self.assertEqual(ids, [mid(1), mid(2)])
+
+
+class QuotaTests(RelayTestMixin, SynchronousTestCase):
+    """
+    The answers to sends beyond a mailbox's quota or a sender's cap: their
+    own codes, in the documented order, and no figure of what the mailbox
+    holds in what the sender is told.
+    """
+
+    quota = Quota(messages=0, bytes=0, sender_messages=2, sender_bytes=0)
+
+    def makeStore(self):
+        return MemoryStore(self.quota)
+
+    def setUp(self):
+        super().setUp()
+        self.register(A, B, C)
+
+    def use(self, quota: Quota) -> None:
+        self.store.quota = quota
+
+    def logged(self, client: Client) -> list:
+        events: list = []
+        client.proto.log = Logger(observer=events.append)
+        return events
+
+    def test_sender_quota(self):
+        """
+        A sender holding its cap in a mailbox is refused SENDER_QUOTA, for
+        that mailbox only: others may still send to it, and the sender may
+        again once one of its messages is delivered.
+        """
+        sender = self.connect(A)
+        for n in (1, 2):
+            sender.send(wire.Send(seal(A, B, message_id=mid(n))))
+        self.assertEqual(sender.frames(), [wire.Accepted(mid(1)), wire.Accepted(mid(2))])
+        sender.send(wire.Send(seal(A, B, message_id=mid(3))))
+        error = self.assertRefused(sender, E.SENDER_QUOTA, mid(3))
+        self.assertIn("'b'", error.text)
+        self.assertIn("at most 2 messages", error.text)
+        self.assertEqual(self.count("b"), 2)
+        self.assertStillServes(sender)
+        other = self.connect(C)
+        other.send(wire.Send(seal(C, B, message_id=mid(4))))
+        self.assertEqual(other.frames(), [wire.Accepted(mid(4))])
+        sender.send(wire.Send(seal(A, C, message_id=mid(5))))
+        self.assertEqual(sender.frames(), [wire.Accepted(mid(5))])
+        receiver = self.connect(B)
+        self.assertEqual([f.message_id for f in receiver.after_welcome], [mid(1), mid(2), mid(4)])
+        receiver.send(wire.Ack(mid(1)))
+        sender.send(wire.Send(seal(A, B, message_id=mid(3))))
+        self.assertEqual(sender.frames(), [wire.Accepted(mid(3))])
+
+    def test_retry_and_duplicate_before_sender_quota(self):
+        """At its cap, a sender's retry is still ACCEPTED and a reused id DUPLICATE_ID."""
+        self.use(Quota(messages=2, bytes=0, sender_messages=2, sender_bytes=0))
+        sender = self.connect(A)
+        first = seal(A, B, message_id=mid(1))
+        sender.send(wire.Send(first))
+        sender.send(wire.Send(seal(A, B, message_id=mid(2))))
+        sender.frames()
+        sender.send(wire.Send(first))
+        self.assertEqual(sender.frames(), [wire.Accepted(mid(1))])
+        sender.send(wire.Send(seal(A, B, b"other", message_id=mid(1))))
+        self.assertRefused(sender, E.DUPLICATE_ID, mid(1))
+        # The mailbox is full too: the sender at its cap hears of its cap,
+        # another sender of the full mailbox.
+        sender.send(wire.Send(seal(A, B, message_id=mid(3))))
+        self.assertRefused(sender, E.SENDER_QUOTA, mid(3))
+        other = self.connect(C)
+        other.send(wire.Send(seal(C, B, message_id=mid(4))))
+        self.assertRefused(other, E.MAILBOX_FULL, mid(4))
+        self.assertEqual(self.count("b"), 2)
+
+    def test_mailbox_full_says_no_usage(self):
+        """
+        MAILBOX_FULL tells the sender that the mailbox is full, and nothing
+        of how much it holds (what the others send the recipient): no
+        figure, whichever limit was reached.
+        """
+        for base, quota in ((0, Quota(messages=3, bytes=0, sender_messages=0, sender_bytes=0)),
+                            (10, Quota(messages=0, bytes=2500, sender_messages=0,
+                                       sender_bytes=0))):
+            self.use(quota)
+            other = self.connect(C)
+            for n in (1, 2, 3):
+                other.send(wire.Send(seal(C, B, message_id=mid(base + n))))
+            self.assertEqual(other.frames(), [wire.Accepted(mid(base + n)) for n in (1, 2, 3)])
+            sender = self.connect(A)
+            sender.send(wire.Send(seal(A, B, message_id=mid(base + 4))))
+            error = self.assertRefused(sender, E.MAILBOX_FULL, mid(base + 4))
+            self.assertEqual(error.text, "mailbox of 'b' is full; retry later")
+            self.assertNotRegex(error.text, r"\d")
+            receiver = self.connect(B)
+            for frame in receiver.after_welcome:
+                receiver.send(wire.Ack(frame.message_id))
+            receiver.disconnect()
+            self.assertEqual(self.count("b"), 0)
+
+    def test_sender_quota_says_no_usage(self):
+        """SENDER_QUOTA gives the cap, not what the sender holds."""
+        self.use(Quota(messages=0, bytes=0, sender_messages=0, sender_bytes=1500))
+        sender = self.connect(A)
+        for n in (1, 2, 3):
+            sender.send(wire.Send(seal(A, B, message_id=mid(n))))
+        frames = sender.frames()
+        self.assertIn(wire.Accepted(mid(1)), frames)
+        error = frames[-1]
+        self.assertEqual((error.code, error.ref), (E.SENDER_QUOTA, mid(3)))
+        self.assertEqual(
+            error.text, "your messages to 'b' are at the relay's cap (one sender may have at "
+            "most 1500 bytes waiting in a mailbox); retry once some are delivered")
+        held = sum(len(m.envelope) for m in self.successResultOf(self.store.pending("b", 0, 9)))
+        self.assertNotIn(str(held), error.text)
+
+    def test_refusals_logged_with_figures(self):
+        """
+        The relay's log keeps the figures the sender is not told, for the
+        operator: one line per session, however many sends are refused.
+        """
+        self.use(Quota(messages=2, bytes=0, sender_messages=0, sender_bytes=0))
+        other = self.connect(C)
+        for n in (1, 2):
+            other.send(wire.Send(seal(C, B, message_id=mid(n))))
+        other.frames()
+        sender = self.connect(A)
+        events = self.logged(sender)
+        for n in (3, 4, 5):
+            sender.send(wire.Send(seal(A, B, message_id=mid(n))))
+        self.assertEqual([f.code for f in sender.frames()], [E.MAILBOX_FULL] * 3)
+        lines = [formatEvent(e) for e in events]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("'a' to 'b'", lines[0])
+        self.assertIn("2 messages", lines[0])
+        self.assertIn("--quota-messages", lines[0])
 
 
 class AckTests(RelayTestMixin, SynchronousTestCase):
@@ -1100,7 +1288,8 @@ class BackpressureMidDeliveryTests(RelayTestMixin, SynchronousTestCase):
         (client.hello,) = client.frames()
         client.auth(B)
         frames = client.frames()
-        self.assertEqual(frames[0], wire.Welcome(False, 3, self.factory.max_envelope))
+        self.assertEqual(frames[0],
+                         wire.Welcome(False, 3, self.factory.max_envelope, self.factory.ttl))
         self.assertEqual(frames[1:], [wire.Deliver(mid(0), envs[0])],
                          "Deliver frames written after the transport paused the producer")
         for n in (1, 2):
@@ -1291,7 +1480,8 @@ class StoreNotReadyTests(SynchronousTestCase):
         client.auth(A)
         self.assertEqual(client.frames(), [])
         self.factory.storeReady()
-        self.assertEqual(client.frames(), [wire.Welcome(True, 0, self.factory.max_envelope)])
+        self.assertEqual(client.frames(),
+                         [wire.Welcome(True, 0, self.factory.max_envelope, self.factory.ttl)])
 
     def test_timed_out_session_registers_nothing(self):
         client = Client(self.factory)

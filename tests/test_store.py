@@ -12,7 +12,14 @@ from twisted.internet.defer import DeferredList, gatherResults, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from mailrelay import wire
-from mailrelay.relay.store import DuplicateId, MailboxFull, Quota, StoredMessage, StoreError
+from mailrelay.relay.store import (
+    DuplicateId,
+    MailboxFull,
+    Quota,
+    SenderQuotaFull,
+    StoredMessage,
+    StoreError,
+)
 from mailrelay.relay.store.base import KIND_MESSAGE, parse_notice_body
 from mailrelay.relay.store import sqlite as sqlite_store
 from mailrelay.relay.store.memory import MemoryStore
@@ -30,6 +37,23 @@ def mid(n: int) -> bytes:
 def env(n: int, size: int = 40) -> bytes:
     """A distinct stand-in envelope of C{size} bytes (the store never parses it)."""
     return (b"envelope-%d-" % n).ljust(size, b".")[:size]
+
+
+def sender_usage_of(path: str) -> tuple[list, list]:
+    """
+    The per-sender usage the SQLite file at C{path} keeps, and the same
+    counted from its messages (notices excluded), both sorted.
+    """
+    connection = sqlite3.connect(path)
+    try:
+        kept = connection.execute(
+            "SELECT recipient, sender, messages, bytes FROM senders ORDER BY 1, 2").fetchall()
+        counted = connection.execute(
+            "SELECT recipient, sender, count(*), sum(size) FROM messages WHERE kind = 0"
+            " GROUP BY recipient, sender ORDER BY 1, 2").fetchall()
+    finally:
+        connection.close()
+    return kept, counted
 
 
 def schema_of(path: str) -> tuple[int, list]:
@@ -276,6 +300,130 @@ class StoreTestsMixin:
         )
         self.assertIsInstance(error, StoreError)
 
+    # The cap on what one sender holds in one mailbox
+
+    @inlineCallbacks
+    def test_sender_quota_messages(self):
+        """
+        One sender may hold only so many messages in a mailbox: the others'
+        messages, and the sender's to other mailboxes, are not held back,
+        and a delivered message makes room.
+        """
+        store = yield self.makeStore(Quota(0, 0, sender_messages=2, sender_bytes=0))
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW)
+        yield store.enqueue("bob", "alice", mid(2), env(2), NOW)
+        error = yield self.assertFailure(store.enqueue("bob", "alice", mid(3), env(3), NOW),
+                                         SenderQuotaFull)
+        self.assertIsInstance(error, StoreError)
+        self.assertNotIsInstance(error, MailboxFull)
+        self.assertEqual((yield store.count("bob")), 2)
+        self.assertIs((yield store.enqueue("bob", "carol", mid(3), env(3), NOW)), True)
+        self.assertIs((yield store.enqueue("dave", "alice", mid(3), env(3), NOW)), True)
+        yield store.delete("bob", mid(1), NOW)
+        self.assertIs((yield store.enqueue("bob", "alice", mid(4), env(4), NOW)), True)
+        yield self.assertFailure(store.enqueue("bob", "alice", mid(5), env(5), NOW),
+                                 SenderQuotaFull)
+        self.assertEqual([(m.sender, m.message_id) for m in (yield store.pending("bob", 0, 10))],
+                         [("alice", mid(2)), ("carol", mid(3)), ("alice", mid(4))])
+
+    @inlineCallbacks
+    def test_sender_quota_bytes(self):
+        store = yield self.makeStore(Quota(0, 0, sender_messages=0, sender_bytes=100))
+        yield store.enqueue("bob", "alice", mid(1), env(1, 60), NOW)
+        yield store.enqueue("bob", "alice", mid(2), env(2, 40), NOW)  # exactly 100
+        yield self.assertFailure(store.enqueue("bob", "alice", mid(3), env(3, 1), NOW),
+                                 SenderQuotaFull)
+        self.assertIs((yield store.enqueue("bob", "carol", mid(3), env(3, 100), NOW)), True)
+        yield store.delete("bob", mid(1), NOW)
+        yield self.assertFailure(store.enqueue("bob", "alice", mid(4), env(4, 61), NOW),
+                                 SenderQuotaFull)
+        self.assertIs((yield store.enqueue("bob", "alice", mid(4), env(4, 60), NOW)), True)
+
+    @inlineCallbacks
+    def test_sender_quota_after_retry_and_duplicate_id(self):
+        """
+        A retry of a message stored or acknowledged is accepted even by a
+        sender at its cap, and a reused id is DuplicateId: both are decided
+        before the cap.
+        """
+        store = yield self.makeStore(Quota(0, 0, sender_messages=1, sender_bytes=0))
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW)
+        yield store.delete("bob", mid(1), NOW)
+        yield store.enqueue("bob", "alice", mid(2), env(2), NOW)  # at the cap again
+        self.assertIs((yield store.enqueue("bob", "alice", mid(2), env(2), NOW)), False)
+        self.assertIs((yield store.enqueue("bob", "alice", mid(1), env(1), NOW)), False)
+        yield self.assertFailure(store.enqueue("bob", "alice", mid(2), env(9), NOW), DuplicateId)
+        yield self.assertFailure(store.enqueue("bob", "alice", mid(1), env(9), NOW), DuplicateId)
+        yield self.assertFailure(store.enqueue("bob", "alice", mid(3), env(3), NOW),
+                                 SenderQuotaFull)
+        self.assertEqual((yield store.count("bob")), 1)
+
+    @inlineCallbacks
+    def test_sender_quota_before_mailbox_quota(self):
+        """A sender at its own cap hears so even when the mailbox is full too."""
+        store = yield self.makeStore(Quota(messages=2, bytes=0, sender_messages=2,
+                                           sender_bytes=0))
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW)
+        yield store.enqueue("bob", "alice", mid(2), env(2), NOW)
+        yield self.assertFailure(store.enqueue("bob", "alice", mid(3), env(3), NOW),
+                                 SenderQuotaFull)
+        yield self.assertFailure(store.enqueue("bob", "carol", mid(3), env(3), NOW),
+                                 MailboxFull)
+
+    @inlineCallbacks
+    def test_sender_quota_counts_no_notice(self):
+        """
+        A notice of expiry names the sender of the message it replaces, but
+        is the relay's: it counts for the mailbox, for no sender, and
+        acknowledging it frees nothing of the sender's.
+        """
+        store = yield self.makeStore(Quota(messages=2, bytes=0, sender_messages=1,
+                                           sender_bytes=0))
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW - 100)
+        yield store.expire(NOW - 50, NOW, "expired", 10)
+        (notice,) = yield store.pending("bob", 0, 10)
+        self.assertEqual((notice.kind, notice.sender), (wire.NOTICE_EXPIRED, "alice"))
+        self.assertIs((yield store.enqueue("bob", "alice", mid(2), env(2), NOW)), True)
+        # The notice fills the mailbox's second place.
+        yield self.assertFailure(store.enqueue("bob", "carol", mid(3), env(3), NOW),
+                                 MailboxFull)
+        self.assertIs((yield store.delete("bob", notice.message_id, NOW)), True)
+        yield self.assertFailure(store.enqueue("bob", "alice", mid(3), env(3), NOW),
+                                 SenderQuotaFull)
+        self.assertIs((yield store.enqueue("bob", "carol", mid(3), env(3), NOW)), True)
+
+    @inlineCallbacks
+    def test_sender_quota_freed_by_expiry(self):
+        store = yield self.makeStore(Quota(0, 0, sender_messages=1, sender_bytes=0))
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW - 100)
+        yield self.assertFailure(store.enqueue("bob", "alice", mid(2), env(2), NOW),
+                                 SenderQuotaFull)
+        yield store.expire(NOW - 50, NOW, "expired", 10)
+        self.assertIs((yield store.enqueue("bob", "alice", mid(2), env(2), NOW)), True)
+
+    @inlineCallbacks
+    def test_sender_quota_writes_without_waiting(self):
+        """Enqueues and deletes asked for at once count in order, for SQLite within one group."""
+        store = yield self.makeStore(Quota(0, 0, sender_messages=2, sender_bytes=0))
+        results = yield DeferredList([
+            store.enqueue("bob", "alice", mid(1), env(1), NOW),
+            store.enqueue("bob", "alice", mid(2), env(2), NOW),
+            store.enqueue("bob", "alice", mid(3), env(3), NOW),  # over the cap
+            store.enqueue("bob", "alice", mid(2), env(2), NOW),  # a retry: accepted
+            store.delete("bob", mid(1), NOW),
+            store.enqueue("bob", "alice", mid(3), env(3), NOW),  # room again
+            store.enqueue("bob", "alice", mid(4), env(4), NOW),  # over the cap
+            store.enqueue("bob", "carol", mid(4), env(4), NOW),
+        ], consumeErrors=True)
+        outcomes = [value if ok else value.type for ok, value in results]
+        self.assertEqual(outcomes, [True, True, SenderQuotaFull, False, True, True,
+                                    SenderQuotaFull, True])
+        # What the group left is what the next one starts from.
+        yield self.assertFailure(store.enqueue("bob", "alice", mid(5), env(5), NOW),
+                                 SenderQuotaFull)
+        yield store.delete("bob", mid(2), NOW)
+        self.assertIs((yield store.enqueue("bob", "alice", mid(5), env(5), NOW)), True)
+
     @inlineCallbacks
     def test_writes_without_waiting(self):
         """
@@ -428,6 +576,59 @@ class MemoryStoreTests(StoreTestsMixin, TestCase):
         self.addCleanup(store.stop)
         return store
 
+    @inlineCallbacks
+    def test_sender_usage_forgotten_at_zero(self):
+        """A sender with nothing left in a mailbox takes no memory for it."""
+        store = yield self.makeStore()
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW - 100)
+        yield store.enqueue("bob", "carol", mid(2), env(2), NOW)
+        self.assertEqual(store._senders, {"bob": {"alice": [1, 40], "carol": [1, 40]}})
+        yield store.expire(NOW - 50, NOW, "expired", 10)
+        yield store.delete("bob", mid(2), NOW)
+        self.assertEqual(store._senders, {})
+
+
+class QuotaTests(TestCase):
+    """The rules both engines apply (L{Quota.refusal}), alone."""
+
+    def test_defaults(self):
+        self.assertEqual(Quota(), Quota(messages=10_000, bytes=256 * 1024 * 1024,
+                                        sender_messages=1_000, sender_bytes=64 * 1024 * 1024))
+
+    def test_zero_is_no_limit(self):
+        big = (10**9, 10**15)
+        self.assertIsNone(Quota(0, 0, 0, 0).refusal(big, big, 10**9))
+        self.assertIsInstance(Quota(0, 0, 0, 1).refusal(big, (0, 0), 2), SenderQuotaFull)
+        self.assertIsInstance(Quota(0, 0, 1, 0).refusal(big, (1, 0), 2), SenderQuotaFull)
+        self.assertIsInstance(Quota(0, 1, 0, 0).refusal((0, 0), big, 2), MailboxFull)
+        self.assertIsInstance(Quota(1, 0, 0, 0).refusal((1, 0), big, 2), MailboxFull)
+
+    def test_limits_inclusive(self):
+        quota = Quota(messages=10, bytes=1000, sender_messages=5, sender_bytes=500)
+        self.assertIsNone(quota.refusal((9, 900), (4, 400), 100))
+        self.assertIsInstance(quota.refusal((9, 900), (4, 400), 101), SenderQuotaFull)
+        self.assertIsInstance(quota.refusal((9, 900), (5, 400), 1), SenderQuotaFull)
+        self.assertIsInstance(quota.refusal((9, 901), (4, 400), 100), MailboxFull)
+        self.assertIsInstance(quota.refusal((10, 0), (0, 0), 1), MailboxFull)
+
+    def test_refusals_say_no_usage(self):
+        """
+        What a refusal says goes to the sender: no figure of the mailbox's
+        usage (it would tell one sender what the others send).  The figures
+        are kept apart, for the relay's log.
+        """
+        used = (9_876, 123_456_789)
+        full = Quota(messages=9_876).refusal(used, (0, 0), 1)
+        self.assertNotRegex(str(full), r"\d")
+        self.assertIn("9876", full.detail)
+        self.assertIn("123456789", full.detail)
+        full = Quota(bytes=123_456_800).refusal(used, (0, 0), 12_345)
+        self.assertNotRegex(str(full), r"\d")
+        self.assertIn("123456789", full.detail)
+        capped = Quota(sender_messages=7).refusal(used, (7, 4_321), 1)
+        self.assertNotIn("4321", str(capped))
+        self.assertIn("4321", capped.detail)
+
 
 class SQLiteStoreTests(StoreTestsMixin, TestCase):
     def setUp(self):
@@ -485,6 +686,62 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
         # A session whose cursor is at the deleted message still gets the new one.
         self.assertEqual([m.message_id for m in (yield again.pending("bob", last.seq, 10))],
                          [mid(3)])
+
+    @inlineCallbacks
+    def test_sender_usage_survives_restart(self):
+        store = SQLiteStore(self.path, Quota(0, 0, sender_messages=2, sender_bytes=0))
+        yield store.start()
+        yield store.enqueue("bob", "alice", mid(1), env(1), NOW)
+        yield store.enqueue("bob", "alice", mid(2), env(2), NOW)
+        yield store.stop()
+        again = yield self.makeStore(Quota(0, 0, sender_messages=2, sender_bytes=0))
+        yield self.assertFailure(again.enqueue("bob", "alice", mid(3), env(3), NOW),
+                                 SenderQuotaFull)
+        yield again.delete("bob", mid(1), NOW)
+        self.assertIs((yield again.enqueue("bob", "alice", mid(3), env(3), NOW)), True)
+
+    @inlineCallbacks
+    def test_upgrade_from_schema_4_counts_senders(self):
+        """
+        Upgrading a database of schema 4 counts, from the messages it holds,
+        what each sender holds in each mailbox (the relay's notices for
+        nobody): the cap applies to them at once, and the counts then follow
+        every write.
+        """
+        db = sqlite3.connect(self.path)
+        for step in range(1, 5):
+            db.executescript(sqlite_store.MIGRATIONS[step])
+        rows = [("bob", "alice", 1, 10, 0), ("bob", "alice", 2, 20, 0), ("bob", "carol", 3, 30, 0),
+                ("dave", "alice", 4, 40, 0), ("bob", "alice", 5, 50, wire.NOTICE_EXPIRED)]
+        for recipient, sender, n, size, kind in rows:
+            db.execute("INSERT INTO messages (recipient, sender, message_id, digest, envelope,"
+                       " size, accepted_at, kind) VALUES (?, ?, ?, x'00', ?, ?, ?, ?)",
+                       (recipient, sender, mid(n), env(n, size), size, NOW, kind))
+        db.execute("INSERT INTO mailboxes VALUES ('bob', 4, 110), ('dave', 1, 40)")
+        db.execute("INSERT INTO meta VALUES ('store_id', 'upgrade-test')")
+        db.execute("PRAGMA user_version=4")
+        db.commit()
+        db.close()
+        sqlite_store.preflight(self.path)
+        store = yield self.makeStore(Quota(0, 0, sender_messages=3, sender_bytes=0))
+        kept, counted = sender_usage_of(self.path)
+        self.assertEqual(kept, [("bob", "alice", 2, 30), ("bob", "carol", 1, 30),
+                                ("dave", "alice", 1, 40)])
+        self.assertEqual(kept, counted)
+        # Alice's third in bob's mailbox is her last (the notice is not hers)...
+        self.assertIs((yield store.enqueue("bob", "alice", mid(6), env(6), NOW)), True)
+        yield self.assertFailure(store.enqueue("bob", "alice", mid(7), env(7), NOW),
+                                 SenderQuotaFull)
+        # ...until one of those from before the upgrade is delivered.
+        yield store.delete("bob", mid(1), NOW)
+        yield store.delete("bob", mid(5), NOW)  # the notice: frees nothing of alice's
+        self.assertIs((yield store.enqueue("bob", "alice", mid(7), env(7), NOW)), True)
+        yield self.assertFailure(store.enqueue("bob", "alice", mid(8), env(8), NOW),
+                                 SenderQuotaFull)
+        yield store.stop()
+        kept, counted = sender_usage_of(self.path)
+        self.assertEqual(kept, counted)
+        self.assertIn(("bob", "alice", 3, 100), kept)
 
     @inlineCallbacks
     def test_one_relay_per_store(self):
@@ -690,6 +947,41 @@ class SQLiteUsageTests(TestCase):
             db.close()
         self.assertEqual(actual, (4, 100))
         self.assertEqual(kept, actual)
+
+    @inlineCallbacks
+    def test_sender_usage_follows_every_write(self):
+        """
+        The per-sender counts kept stay equal to what is stored, through
+        enqueues, deletes and expiry, in one group or many; a sender with
+        nothing left in a mailbox keeps no row.
+        """
+        path = os.path.join(self.mktemp() + "-dir", "senders.sqlite")
+        os.makedirs(os.path.dirname(path))
+        store = SQLiteStore(path, Quota(0, 0, 0, 0))
+        yield store.start()
+        self.addCleanup(store.stop)
+        writes = []
+        for n in range(200):
+            writes.append(store.enqueue(f"r{n % 3}", f"s{n % 7}", mid(n), env(n, 20 + n),
+                                        NOW - 1000 + n))
+            if n % 5 == 4:
+                writes.append(store.delete(f"r{(n - 4) % 3}", mid(n - 4), NOW))
+        yield gatherResults(writes)
+        yield store.expire(NOW - 900, NOW, "expired", 50)
+        for n in range(150, 200):
+            yield store.delete(f"r{n % 3}", mid(n), NOW)
+        yield store.stop()
+        kept, counted = sender_usage_of(path)
+        self.assertEqual(kept, counted)
+        self.assertEqual(len(kept), 21)  # every (recipient, sender) still holds something
+        again = SQLiteStore(path, Quota(0, 0, 0, 0))
+        yield again.start()
+        self.addCleanup(again.stop)
+        for n in range(200):
+            yield again.delete(f"r{n % 3}", mid(n), NOW)
+        yield again.stop()
+        kept, counted = sender_usage_of(path)
+        self.assertEqual((kept, counted), ([], []))
 
 
 class PreflightTests(TestCase):

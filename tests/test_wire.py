@@ -66,12 +66,13 @@ auths = st.builds(
     receive=st.booleans(),
     certificate=st.binary(max_size=wire.MAX_CERTIFICATE_SIZE),
 )
-welcomes = st.builds(Welcome, registered=st.booleans(), queued=u32, max_envelope=u32)
+welcomes = st.builds(Welcome, registered=st.booleans(), queued=u32, max_envelope=u32, ttl=u32)
 lookups = st.builds(Lookup, identity=identities)
 rotation_records = st.builds(
     Rotation, old_key=st.binary(max_size=600), new_key=st.binary(max_size=600),
     timestamp=st.integers(min_value=0, max_value=2**64 - 1),
-    signature=st.binary(max_size=512),
+    old_signature=st.binary(max_size=512), new_signature=st.binary(max_size=512),
+    old_certificate=st.binary(max_size=1200),
 )
 key_frames = st.builds(Key, identity=identities, public_key=st.binary(max_size=wire.MAX_KEY_SIZE),
                        certificate=st.binary(max_size=wire.MAX_CERTIFICATE_SIZE),
@@ -122,7 +123,8 @@ def sample_frames() -> list:
         Lookup("bob"),
         Key("bob", b"public-key-der"),
         Key("bob", b"public-key-der", b"certificate-der"),
-        Key("bob", b"new-key", b"", (Rotation(b"old-key", b"new-key", 1_700_000_000, b"sig"),)),
+        Key("bob", b"new-key", b"", (Rotation(b"old-key", b"new-key", 1_700_000_000, b"sig",
+                                              b"new-sig", b"cert"),)),
         Rotate(b"new-key", 1_700_000_000, b"old-sig", b"new-sig"),
         Auth(2, "alice", b"K" * 40, b"S" * 30, True, b"C" * 1200),
         Send(b"an envelope"),
@@ -215,7 +217,7 @@ class RoundTripTests(SynchronousTestCase):
         self.assertRoundTrip(frame)
 
     def test_too_many_rotations(self):
-        many = tuple(Rotation(b"o", b"n", 0, b"s") for _ in range(wire.MAX_ROTATIONS + 1))
+        many = tuple(Rotation(b"o", b"n", 0, b"s", b"t") for _ in range(wire.MAX_ROTATIONS + 1))
         self.assertRaises(ValueError, wire.encode, Key("bob", b"k", b"", many))
         body = bytearray(body_of(Key("bob", b"k", b"", many[:1])))
         body[1 + 4 + 2 + 1 + 2] = wire.MAX_ROTATIONS + 1  # the rotation count
@@ -283,7 +285,7 @@ class RoundTripTests(SynchronousTestCase):
             Key("z" * 64, b"k" * wire.MAX_KEY_SIZE, b"c" * wire.MAX_CERTIFICATE_SIZE),
             Send(b"e" * wire.MAX_ENVELOPE),
             Deliver(b"\xff" * 16, b"e" * wire.MAX_ENVELOPE),
-            Welcome(True, 0xFFFFFFFF, 0xFFFFFFFF),
+            Welcome(True, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF),
             Error(ErrorCode.STORE_FAILED, b"r" * wire.MAX_ERROR_REF, "t" * wire.MAX_ERROR_TEXT),
             Error(ErrorCode.MALFORMED_FRAME, b"", "\u20ac" * (wire.MAX_ERROR_TEXT // 3)),
         ]:
@@ -303,9 +305,9 @@ class RoundTripTests(SynchronousTestCase):
     def test_encoding_layout(self):
         """The bytes on the wire are those of docs/protocol.md, big-endian."""
         self.assertEqual(
-            wire.encode(Welcome(True, 0x01020304, 0x00040000)),
-            b"\x00\x00\x00\x0a" + b"\x03" + b"\x01" + b"\x01\x02\x03\x04"
-            + b"\x00\x04\x00\x00",
+            wire.encode(Welcome(True, 0x01020304, 0x00040000, 0x00278D00)),
+            b"\x00\x00\x00\x0e" + b"\x03" + b"\x01" + b"\x01\x02\x03\x04"
+            + b"\x00\x04\x00\x00" + b"\x00\x27\x8d\x00",
         )
         self.assertEqual(
             wire.encode(Lookup("bob")), b"\x00\x00\x00\x05" + b"\x10" + b"\x03bob"
@@ -618,12 +620,12 @@ class MalformedTests(SynchronousTestCase):
     def test_welcome_flag(self):
         for flag in (2, 3, 0x80, 0xFF):
             self.assertProtocolError(
-                Writer().u8(Welcome.TYPE).u8(flag).u32(0).u32(0).getvalue()
+                Writer().u8(Welcome.TYPE).u8(flag).u32(0).u32(0).u32(0).getvalue()
             )
         for flag in (0, 1):
             self.assertEqual(
-                wire.decode(Writer().u8(Welcome.TYPE).u8(flag).u32(7).u32(9).getvalue()),
-                Welcome(bool(flag), 7, 9),
+                wire.decode(Writer().u8(Welcome.TYPE).u8(flag).u32(7).u32(9).u32(5).getvalue()),
+                Welcome(bool(flag), 7, 9, 5),
             )
 
     def test_unknown_error_code(self):
@@ -755,6 +757,7 @@ class EncodeRejectsTests(SynchronousTestCase):
         """Integers that do not fit their field are refused with ValueError."""
         self.assertRaises(ValueError, wire.encode, Welcome(True, 2**32, 0))
         self.assertRaises(ValueError, wire.encode, Welcome(True, 0, -1))
+        self.assertRaises(ValueError, wire.encode, Welcome(True, 0, 0, 2**32))
         self.assertRaises(ValueError, wire.encode, Hello(0x10000, "relay", b"c" * 32))
         self.assertRaises(ValueError, wire.encode, Auth(-1, "alice", b"", b""))
 

@@ -85,13 +85,15 @@ class Directory:
         return registered
 
     @inlineCallbacks
-    def rotate(self, identity: str, old_key: bytes, new_key: bytes, timestamp: int,
-               signature: bytes, certificate: bytes):
-        """Replace the identity's key (checked and signed by the caller); fires True if done."""
-        done = yield self._store.rotate_key(identity, old_key, new_key, timestamp, signature,
-                                            certificate)
+    def rotate(self, identity: str, rotation, certificate: bytes):
+        """
+        Replace the identity's key by C{rotation.new_key} (a L{wire.Rotation}
+        the caller checked), with C{certificate} for the new key; fires True
+        if done, False if the old key was no longer the registered one.
+        """
+        done = yield self._store.rotate_key(identity, rotation, certificate)
         if done:
-            self._known[identity] = new_key
+            self._known[identity] = rotation.new_key
             self._certificates[identity] = certificate
             # Read after the rotation's commit; an older read finishing later
             # only fills an empty entry (setdefault above), never this one.

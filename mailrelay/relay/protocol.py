@@ -45,8 +45,14 @@ from zope.interface import implementer
 from mailrelay import ca, envelope, keys, wire
 from mailrelay.channel import channel_binding, no_delay
 from mailrelay.relay.directory import Directory, KeyConflict
-from mailrelay.relay.mailbox import DEFAULT_WINDOW, Mailboxes, Outbox
-from mailrelay.relay.store import DuplicateId, MailboxFull, MailboxStore, StoredMessage
+from mailrelay.relay.mailbox import DEFAULT_TTL, DEFAULT_WINDOW, Mailboxes, Outbox
+from mailrelay.relay.store import (
+    DuplicateId,
+    MailboxFull,
+    MailboxStore,
+    SenderQuotaFull,
+    StoredMessage,
+)
 from mailrelay.relay.store.base import KIND_MESSAGE
 
 E = wire.ErrorCode
@@ -245,6 +251,7 @@ class RelaySession(Protocol, TimeoutMixin):
         self._frameClock = FrameClock()
         self._frameTimer = None
         self._rateLogged = False
+        self._quotaLogged = False
         # A list, not a deque: it holds at most MAX_PENDING_ANSWERS, and an
         # empty deque costs every idle session most of a kilobyte.
         self._answers: list[list] = []
@@ -603,7 +610,8 @@ class RelaySession(Protocol, TimeoutMixin):
             identity=frame.identity, peer=self.peer, queued=queued,
             how="new identity registered" if registered else "known key",
         )
-        self._write(wire.Welcome(registered, queued, self.factory.max_envelope))
+        self._write(wire.Welcome(registered, queued, self.factory.max_envelope,
+                                 self.factory.ttl))
         if not frame.receive:
             return  # a sending session: the mailbox stays with whoever receives
         self.outbox = Outbox(frame.identity, self._push)
@@ -702,10 +710,23 @@ class RelaySession(Protocol, TimeoutMixin):
         return wire.Accepted(header.message_id)
 
     def _notAccepted(self, failure, header, slot: list) -> None:
+        """
+        The answer to a send the store refused.  A quota's refusal tells
+        the sender which limit, never how much the mailbox holds (that would
+        show one sender what the others send the recipient); the figures go
+        to the log, once a session.
+        """
         ref = header.message_id
-        if failure.check(MailboxFull):
+        if failure.check(SenderQuotaFull):
+            self._logQuota(header, failure.value)
+            refusal = wire.Error(
+                E.SENDER_QUOTA, ref,
+                f"your messages to {header.recipient!r} are at the relay's cap "
+                f"({failure.value}); retry once some are delivered")
+        elif failure.check(MailboxFull):
+            self._logQuota(header, failure.value)
             refusal = wire.Error(E.MAILBOX_FULL, ref,
-                                 f"mailbox of {header.recipient!r} is full ({failure.value})")
+                                 f"mailbox of {header.recipient!r} is full; retry later")
         elif failure.check(DuplicateId):
             refusal = wire.Error(E.DUPLICATE_ID, ref,
                                  "message id already used for another message")
@@ -715,6 +736,15 @@ class RelaySession(Protocol, TimeoutMixin):
             refusal = wire.Error(E.STORE_FAILED, ref,
                                  "the relay could not store the message; retry")
         self._settle(refusal, slot)
+
+    def _logQuota(self, header, refusal) -> None:
+        if not self._quotaLogged:
+            self._quotaLogged = True
+            self.log.info(
+                "refusing messages from {sender!r} to {recipient!r}: {detail}; not logged "
+                "again for this session", sender=header.sender,
+                recipient=header.recipient, detail=refusal.detail,
+            )
 
     def _ack(self, frame: wire.Ack):
         if self.outbox is None or frame.message_id not in self.outbox.in_flight:
@@ -764,6 +794,9 @@ class RelaySession(Protocol, TimeoutMixin):
                           identity=self.identity, why=why)
             return Refused(E.ROTATION_REFUSED, b"", f"key rotation refused: {why}")
 
+        if frame.timestamp >= 2**63:
+            # Kept as a signed 64-bit number, as every time is.
+            raise refuse(f"its time {frame.timestamp} is out of range (under 2^63 seconds)")
         try:
             new = keys.load_public_der(frame.new_key)
         except keys.BadKey as e:
@@ -786,9 +819,12 @@ class RelaySession(Protocol, TimeoutMixin):
                 certificate = ca.certificate_der(frame.certificate)
             except ca.CAError as e:
                 raise refuse(f"this relay needs a certificate from its CA for the new key: {e}")
-        done = yield self.factory.directory.rotate(
-            self.identity, self.public_key, new_der, frame.timestamp, frame.old_signature,
-            certificate)
+        old_certificate = yield self.factory.directory.certificate(self.identity)
+        # Both signatures are kept and served: a contact trusts the old key
+        # on the new key's word, and the new key on the old key's.
+        rotation = wire.Rotation(self.public_key, new_der, frame.timestamp, frame.old_signature,
+                                 frame.new_signature, old_certificate)
+        done = yield self.factory.directory.rotate(self.identity, rotation, certificate)
         if not done:
             raise refuse("this session's key is no longer the registered one")
         self.log.info("{identity} rotated its key to {fingerprint}", identity=self.identity,
@@ -825,7 +861,8 @@ class RelaySession(Protocol, TimeoutMixin):
         self._deadline = None
 
     def timeoutConnection(self) -> None:
-        self.fatal(E.IDLE_TIMEOUT, f"no frame for {self.factory.idle_timeout} seconds")
+        self.fatal(E.IDLE_TIMEOUT,
+                   f"nothing received for {self.factory.idle_timeout:g} seconds")
 
     # IPushProducer: the transport tells us when its buffer is full.
 
@@ -872,7 +909,7 @@ class RelaySession(Protocol, TimeoutMixin):
 
 def _chain(rotations) -> tuple:
     """The latest rotations, as a KEY frame carries them."""
-    return tuple(wire.Rotation(*r) for r in rotations[-wire.MAX_ROTATIONS:])
+    return tuple(rotations[-wire.MAX_ROTATIONS:])
 
 
 class RelayFactory(Factory):
@@ -900,9 +937,13 @@ class RelayFactory(Factory):
         rate: float = DEFAULT_RATE,
         burst: int = DEFAULT_BURST,
         ca_roots=None,
+        ttl: float = DEFAULT_TTL,
     ) -> None:
         self.store = store
         self.clock = clock
+        # Told to clients in WELCOME (whole seconds, at most a u32): how long
+        # a contact's retired key may still sign what they receive.
+        self.ttl = min(int(ttl), 0xFFFFFFFF)
         # CA mode: identities register only with a certificate from one of
         # these roots (x509 certificates); None admits any key on first use.
         self.ca_roots = ca_roots

@@ -118,12 +118,21 @@ class Options(usage.Options):
          _positive(int)],
         ["auth-timeout", None, 10.0, "Seconds a new connection has to authenticate.",
          _positive(float)],
-        ["idle-timeout", None, 300.0, "Seconds without a frame before a session is closed.",
-         _positive(float)],
-        ["quota-messages", None, 10_000, "Messages per mailbox (0: no limit).",
-         _non_negative_int],
-        ["quota-bytes", None, 256 * 1024 * 1024, "Bytes per mailbox (0: no limit).",
-         _non_negative_int],
+        ["idle-timeout", None, 300.0,
+         "Seconds without a byte received before a session is closed.", _positive(float)],
+        ["quota-messages", None, 10_000,
+         "Messages waiting per mailbox, the relay's notices included (0: no limit); "
+         "further sends are refused MAILBOX_FULL.", _non_negative(int, "--quota-messages")],
+        ["quota-bytes", None, 256 * 1024 * 1024,
+         "Bytes waiting per mailbox: the envelopes and the relay's notices (0: no limit); "
+         "further sends are refused MAILBOX_FULL.", _non_negative(int, "--quota-bytes")],
+        ["quota-per-sender", None, 1_000,
+         "Messages one sender may have waiting in one mailbox (0: no limit); further "
+         "sends are refused SENDER_QUOTA.", _non_negative(int, "--quota-per-sender")],
+        ["quota-per-sender-bytes", None, 64 * 1024 * 1024,
+         "Envelope bytes one sender may have waiting in one mailbox (0: no limit); "
+         "further sends are refused SENDER_QUOTA.",
+         _non_negative(int, "--quota-per-sender-bytes")],
         ["max-per-peer", None, DEFAULT_MAX_PER_PEER,
          "Connections one address may hold open at once (0: no limit); further ones "
          "are answered BUSY and closed.", _non_negative_int],
@@ -453,7 +462,8 @@ def makeService(options: Options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     data = options["data"] if options["store"] == "sqlite" else None
-    quota = Quota(options["quota-messages"], options["quota-bytes"])
+    quota = Quota(options["quota-messages"], options["quota-bytes"],
+                  options["quota-per-sender"], options["quota-per-sender-bytes"])
     store = open_store(options["store"], data, quota, reactor=reactor)
     factory = RelayFactory(
         store,
@@ -469,6 +479,7 @@ def makeService(options: Options, reactor=None):
         rate=options["rate"],
         burst=options["burst"],
         ca_roots=options["ca-roots"],
+        ttl=options["ttl"] * 86400,
     )
     top = RelayService(factory, reactor, retry_window=options["retry-window"],
                        ttl=options["ttl"])

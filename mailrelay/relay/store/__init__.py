@@ -8,6 +8,7 @@ from mailrelay.relay.store.base import (
     MailboxFull,
     MailboxStore,
     Quota,
+    SenderQuotaFull,
     StoredMessage,
     StoreError,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "MailboxFull",
     "MailboxStore",
     "Quota",
+    "SenderQuotaFull",
     "StoredMessage",
     "StoreError",
     "STORE_FILE",

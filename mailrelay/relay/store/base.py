@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,8 +28,34 @@ class StoreError(Exception):
     """The store could not do what was asked; nothing was changed."""
 
 
-class MailboxFull(StoreError):
+def _limits(messages: int, size: int) -> str:
+    """C{1000} messages and C{67108864} bytes as the sender is told them (0: none)."""
+    return " and ".join(
+        [f"{messages} messages"] * bool(messages) + [f"{size} bytes"] * bool(size))
+
+
+class QuotaRefusal(StoreError):
+    """
+    A message refused by a L{Quota}.  Its text is for the sender and gives
+    no figure of what the mailbox holds (that would tell one sender how
+    much the others send the recipient); C{detail} has the figures, for
+    the relay's log alone.
+    """
+
+    def __init__(self, text: str, detail: str = "") -> None:
+        super().__init__(text)
+        self.detail = detail
+
+
+class MailboxFull(QuotaRefusal):
     """The recipient's mailbox is at its quota of messages or bytes."""
+
+
+class SenderQuotaFull(QuotaRefusal):
+    """
+    The sender already holds in the recipient's mailbox as many messages,
+    or bytes, as one sender may: the mailbox may still have room for others.
+    """
 
 
 class DuplicateId(StoreError):
@@ -37,10 +64,57 @@ class DuplicateId(StoreError):
 
 @dataclass(frozen=True)
 class Quota:
-    """Per-mailbox limits; 0 means no limit."""
+    """
+    What may wait in one mailbox; 0 means no limit.  C{messages} and
+    C{bytes} bound the whole mailbox: the envelopes waiting and the relay's
+    own notices (their stored bodies).  C{sender_messages} and
+    C{sender_bytes} bound what one sender holds in it (its envelopes; the
+    notices count for no sender), so that one sender cannot fill a mailbox
+    for everyone else.
+
+    Both engines keep the usage these read incrementally, per mailbox and
+    per (mailbox, sender), changed with every write of a message; they
+    apply the rules here (L{refusal}), after recognising a retry and a
+    reused id.
+    """
 
     messages: int = 10_000
     bytes: int = 256 * 1024 * 1024
+    sender_messages: int = 1_000
+    sender_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        # The four bounds, "no limit" as more than any count or size: the
+        # common case, every limit far, is then one test per send.
+        unbounded = 2**63
+        object.__setattr__(self, "_bounds", (
+            self.sender_messages or unbounded, self.sender_bytes or unbounded,
+            self.messages or unbounded, self.bytes or unbounded))
+
+    def refusal(self, mailbox: Sequence[int], sender: Sequence[int],
+                size: int) -> QuotaRefusal | None:
+        """
+        Why a new envelope of C{size} bytes may not join a mailbox holding
+        C{mailbox} (messages, bytes), C{sender} of it its sender's; None if
+        it may.  The sender's own cap is checked first: a sender at its cap
+        hears so whatever the mailbox holds, and waits for its own messages
+        to be delivered rather than for the mailbox to drain.
+        """
+        held, held_bytes = sender
+        count, used = mailbox
+        sender_messages, sender_bytes, messages, total = self._bounds
+        if held >= sender_messages or held_bytes + size > sender_bytes:
+            return SenderQuotaFull(
+                f"one sender may have at most {_limits(self.sender_messages, self.sender_bytes)}"
+                f" waiting in a mailbox",
+                f"the sender has {held} messages, {held_bytes} bytes waiting; {size} bytes more"
+                f" refused (--quota-per-sender, --quota-per-sender-bytes)")
+        if count >= messages or used + size > total:
+            return MailboxFull(
+                "mailbox is full",
+                f"{count} messages, {used} bytes waiting; {size} bytes more refused"
+                f" (--quota-messages, --quota-bytes)")
+        return None
 
 
 KIND_MESSAGE = 0
@@ -131,16 +205,17 @@ class MailboxStore(Protocol):
         compares it with its own to detect a conflict).
         """
 
-    def rotate_key(self, identity: str, old_key: bytes, new_key: bytes, timestamp: int,
-                   signature: bytes, certificate: bytes) -> Deferred[bool]:
+    def rotate_key(self, identity: str, rotation: wire.Rotation,
+                   certificate: bytes) -> Deferred[bool]:
         """
-        Replace C{identity}'s key C{old_key} by C{new_key} (and its
-        certificate), keeping the signed rotation; fires False, changing
-        nothing, when C{old_key} is not the key registered.
+        Replace C{identity}'s key C{rotation.old_key} by C{rotation.new_key}
+        (and its certificate by C{certificate}), keeping the signed rotation
+        whole (both signatures, the old key's certificate); fires False,
+        changing nothing, when the old key is not the key registered.
         """
 
-    def get_rotations(self, identity: str) -> Deferred[list[tuple[bytes, bytes, int, bytes]]]:
-        """The identity's rotations (old, new, timestamp, signature), oldest first."""
+    def get_rotations(self, identity: str) -> Deferred[list[wire.Rotation]]:
+        """The identity's rotations, oldest first, as L{rotate_key} kept them."""
 
     def get_certificate(self, identity: str) -> Deferred[bytes]:
         """The certificate (DER) kept for C{identity}, or empty bytes."""
@@ -154,8 +229,11 @@ class MailboxStore(Protocol):
         """
         Commit a message to C{recipient}'s mailbox.  Fires True once stored,
         False when the very same envelope was already accepted (a retry:
-        nothing new is stored), or fails with L{MailboxFull} or
-        L{DuplicateId}.
+        nothing new is stored), or fails.  Decided in this order: a retry
+        of a message stored, acknowledged or expired fires False whatever
+        the quota; an id already used for another envelope or sender fails
+        with L{DuplicateId}; then the sender's cap (L{SenderQuotaFull}) and
+        the mailbox's quota (L{MailboxFull}), as L{Quota.refusal} says.
         """
 
     def enqueue_message(
@@ -185,7 +263,9 @@ class MailboxStore(Protocol):
         transaction, a notice (kind L{wire.NOTICE_EXPIRED}) that tells the
         recipient which message of which sender it will never get, and
         C{text} why.  An expired message counts as settled: a retry of it is
-        recognised, not stored again.  Fires with the messages removed.
+        recognised, not stored again.  The notice takes the message's place
+        in the mailbox's usage (L{Quota.messages}, L{Quota.bytes}), and in
+        no sender's.  Fires with the messages removed.
         """
 
     def forget_acknowledged(self, before: int) -> Deferred[int]:

@@ -14,7 +14,6 @@ from mailrelay.relay.store.base import (
     KIND_MESSAGE,
     DuplicateId,
     Engine,
-    MailboxFull,
     Quota,
     StoredMessage,
     digest,
@@ -23,16 +22,24 @@ from mailrelay.relay.store.base import (
 )
 
 
+_NOTHING = (0, 0)
+"""What a sender with no entry holds: no message, no byte."""
+
+
 class MemoryStore(Engine):
     def __init__(self, quota: Quota = Quota()) -> None:
         self.quota = quota
         self._keys: dict[str, bytes] = {}
         self._certificates: dict[str, bytes] = {}
-        self._rotations: dict[str, list[tuple[bytes, bytes, int, bytes]]] = {}
+        self._rotations: dict[str, list[wire.Rotation]] = {}
         # Each mailbox in seq order (dicts keep insertion order, and seq only
         # grows), with its usage kept beside it so no call scans a mailbox.
         self._mailboxes: dict[str, dict[bytes, tuple[StoredMessage, bytes]]] = {}
         self._usage: dict[str, int] = {}
+        # What each sender holds in each mailbox, by recipient then sender,
+        # as [messages, bytes] changed in place: its envelopes only, not the
+        # relay's notices; no entry at zero.
+        self._senders: dict[str, dict[str, list[int]]] = {}
         self._acked: dict[tuple[str, bytes], tuple[str, bytes, int]] = {}
         self._seq = 0
 
@@ -48,12 +55,13 @@ class MemoryStore(Engine):
     def register_key(self, identity: str, public_key: bytes, now: int) -> Deferred[bytes]:
         return succeed(self._keys.setdefault(identity, public_key))
 
-    def rotate_key(self, identity, old_key, new_key, timestamp, signature, certificate):
-        if self._keys.get(identity) != old_key:
+    def rotate_key(self, identity: str, rotation: wire.Rotation,
+                   certificate: bytes) -> Deferred[bool]:
+        if self._keys.get(identity) != rotation.old_key:
             return succeed(False)
-        self._keys[identity] = new_key
+        self._keys[identity] = rotation.new_key
         self._certificates[identity] = certificate
-        self._rotations.setdefault(identity, []).append((old_key, new_key, timestamp, signature))
+        self._rotations.setdefault(identity, []).append(rotation)
         return succeed(True)
 
     def get_rotations(self, identity):
@@ -79,16 +87,37 @@ class MemoryStore(Engine):
             if self._acked[recipient, message_id][:2] == (sender, d):
                 return succeed(None)
             return fail(DuplicateId(message_id.hex()))
-        if self.quota.messages and len(box) >= self.quota.messages:
-            return fail(MailboxFull(f"{len(box)} messages"))
         used = self._usage.get(recipient, 0)
-        if self.quota.bytes and used + len(envelope) > self.quota.bytes:
-            return fail(MailboxFull(f"{used} bytes"))
+        size = len(envelope)
+        senders = self._senders.get(recipient)
+        held = senders.get(sender) if senders is not None else None
+        refusal = self.quota.refusal((len(box), used), held or _NOTHING, size)
+        if refusal is not None:
+            return fail(refusal)
         self._seq += 1
         message = StoredMessage(self._seq, recipient, sender, message_id, envelope, now)
         box[message_id] = (message, d)
-        self._usage[recipient] = used + len(envelope)
+        self._usage[recipient] = used + size
+        if held is not None:
+            held[0] += 1
+            held[1] += size
+        elif senders is not None:
+            senders[sender] = [1, size]
+        else:
+            self._senders[recipient] = {sender: [1, size]}
         return succeed(message)
+
+    def _release(self, message: StoredMessage) -> None:
+        """A sender's message left its mailbox: it holds that much less there."""
+        senders = self._senders[message.recipient]
+        held = senders[message.sender]
+        if held[0] > 1:
+            held[0] -= 1
+            held[1] -= len(message.envelope)
+        elif len(senders) > 1:
+            del senders[message.sender]
+        else:
+            del self._senders[message.recipient]
 
     def pending(self, recipient: str, after_seq: int, limit: int) -> Deferred[list[StoredMessage]]:
         found = []
@@ -106,6 +135,8 @@ class MemoryStore(Engine):
         if entry is None:
             return succeed(False)
         self._usage[recipient] -= len(entry[0].envelope)
+        if entry[0].kind == KIND_MESSAGE:
+            self._release(entry[0])
         if not box:
             del self._mailboxes[recipient]
             del self._usage[recipient]
@@ -127,6 +158,7 @@ class MemoryStore(Engine):
             box = self._mailboxes[m.recipient]
             _, d = box.pop(m.message_id)
             self._usage[m.recipient] -= len(m.envelope)
+            self._release(m)
             self._acked[m.recipient, m.message_id] = (m.sender, d, now)
             body = notice_body(m.message_id, m.accepted_at, text)
             self._seq += 1

@@ -48,9 +48,9 @@ from twisted.logger import Logger
 from mailrelay import wire
 from mailrelay.files import write_durably
 from mailrelay.relay.store.base import (
+    KIND_MESSAGE,
     DuplicateId,
     Engine,
-    MailboxFull,
     Quota,
     StoredMessage,
     StoreError,
@@ -118,6 +118,30 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX rotations_by_identity ON rotations (identity, position);
     """,
+    # 3 -> 4: a rotation keeps the new key's signature too (it vouches for
+    # the old key: clients trust an old key only on the word of one they
+    # trust) and the certificate the old key had.  Rotations kept before
+    # have neither; clients refuse to follow such a step.
+    4: """
+    ALTER TABLE rotations ADD COLUMN new_signature BLOB NOT NULL DEFAULT x'';
+    ALTER TABLE rotations ADD COLUMN old_certificate BLOB NOT NULL DEFAULT x'';
+    """,
+    # 4 -> 5: what each sender holds in each mailbox, for the per-sender
+    # cap, kept like the mailboxes' usage (a row changed with every write,
+    # none at zero) and counted once here from the messages already held
+    # (the relay's notices count for no sender).
+    5: """
+    CREATE TABLE senders (
+        recipient     TEXT NOT NULL,
+        sender        TEXT NOT NULL,
+        messages      INTEGER NOT NULL,
+        bytes         INTEGER NOT NULL,
+        PRIMARY KEY (recipient, sender)
+    ) WITHOUT ROWID;
+    INSERT INTO senders (recipient, sender, messages, bytes)
+        SELECT recipient, sender, count(*), sum(size) FROM messages WHERE kind = 0
+        GROUP BY recipient, sender;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 MAX_GROUP = 1024
@@ -151,17 +175,21 @@ def _migrate(txn) -> int:
 
 class _Group:
     """
-    One group commit's view of mailbox usage: what is committed (cached by
-    the store, read from the C{mailboxes} table on first use) plus what this
-    group changed so far.  The group writes each touched mailbox's row once,
-    at its end, rather than once per message.
+    One group commit's view of mailbox usage, per mailbox and per (mailbox,
+    sender): what is committed (cached by the store, read from the
+    C{mailboxes} and C{senders} tables on first use) plus what this group
+    changed so far.  The group writes each touched row once, at its end,
+    rather than once per message.
     """
 
-    def __init__(self, txn, committed: dict[str, tuple[int, int]], seq: list[int]) -> None:
+    def __init__(self, txn, committed: dict[str, tuple[int, int]], seq: list[int],
+                 senders: dict[tuple[str, str], tuple[int, int]]) -> None:
         self.txn = txn
         self._committed = committed
         self._seq = seq
+        self._senders = senders
         self.changed: dict[str, tuple[int, int]] = {}
+        self.changed_senders: dict[tuple[str, str], tuple[int, int]] = {}
 
     def next_seq(self) -> int:
         """
@@ -190,6 +218,24 @@ class _Group:
         count, used = self.usage(recipient)
         self.changed[recipient] = (count + messages, used + size)
 
+    def sender_usage(self, key: tuple[str, str]) -> tuple[int, int]:
+        """(messages, bytes) the sender holds in the mailbox, C{key} = (recipient, sender)."""
+        current = self.changed_senders.get(key)
+        if current is None:
+            current = self._senders.get(key)
+        if current is None:
+            row = self.txn.execute(
+                "SELECT messages, bytes FROM senders WHERE recipient = ? AND sender = ?", key
+            ).fetchone()
+            if row is None:
+                return (0, 0)  # not cached: no entry at zero
+            current = self._senders[key] = (row[0], row[1])
+        return current
+
+    def change_sender(self, key: tuple[str, str], messages: int, size: int) -> None:
+        held, held_bytes = self.sender_usage(key)
+        self.changed_senders[key] = (held + messages, held_bytes + size)
+
     def flush(self) -> None:
         """Write the usage rows this group changed: one statement per L{BATCH_ROWS} rows."""
         for chunk in _chunks(list(self.changed.items())):
@@ -198,6 +244,23 @@ class _Group:
                 f" {_values(len(chunk), 3)} ON CONFLICT (recipient) DO UPDATE SET"
                 " messages = excluded.messages, bytes = excluded.bytes",
                 [value for recipient, (count, used) in chunk for value in (recipient, count, used)],
+            )
+        held = [(key, usage) for key, usage in self.changed_senders.items() if usage[0]]
+        for chunk in _chunks(held):
+            self.txn.execute(
+                f"INSERT INTO senders (recipient, sender, messages, bytes) VALUES"
+                f" {_values(len(chunk), 4)} ON CONFLICT (recipient, sender) DO UPDATE SET"
+                " messages = excluded.messages, bytes = excluded.bytes",
+                [value for (recipient, sender), (count, used) in chunk
+                 for value in (recipient, sender, count, used)],
+            )
+        # A sender with nothing left in a mailbox keeps no row.
+        gone = [key for key, usage in self.changed_senders.items() if not usage[0]]
+        for chunk in _chunks(gone):
+            self.txn.execute(
+                f"DELETE FROM senders WHERE (recipient, sender) IN"
+                f" (VALUES {_values(len(chunk), 2)})",
+                [value for key in chunk for value in key],
             )
 
 
@@ -259,7 +322,7 @@ def _find(txn, query: str, keys: list[tuple[str, bytes]]) -> dict:
 
 _FIND_ACKED = ("SELECT t.recipient, t.message_id, t.sender, t.digest FROM acked t JOIN {keys}"
                " ON t.recipient = k.column1 AND t.message_id = k.column2")
-_FIND_STORED = ("SELECT t.recipient, t.message_id, t.seq, t.sender, t.digest, t.size"
+_FIND_STORED = ("SELECT t.recipient, t.message_id, t.seq, t.sender, t.digest, t.size, t.kind"
                 " FROM messages t JOIN {keys} ON t.recipient = k.column1"
                 " AND t.message_id = k.column2")
 
@@ -288,9 +351,13 @@ def _write_batch(group: _Group, items: list, outcomes: list, quota: Quota) -> No
             if entry is None:
                 outcomes[index] = (True, False)
                 continue
-            seq, sender, message_digest, size = entry
+            seq, sender, message_digest, size, kind = entry
             acked[key] = (sender, message_digest)
             group.change(op.recipient, -1, -size)
+            if kind == KIND_MESSAGE:
+                holder = (op.recipient, sender)
+                held, held_bytes = group.sender_usage(holder)
+                group.changed_senders[holder] = (held - 1, held_bytes - size)
             if inserts.pop(key, None) is None:
                 doomed.append(seq)
             settled.append((op.recipient, op.message_id, sender, message_digest, op.now))
@@ -306,18 +373,20 @@ def _write_batch(group: _Group, items: list, outcomes: list, quota: Quota) -> No
                 outcomes[index] = (False, DuplicateId(op.message_id.hex()))
             continue
         size = len(op.envelope)
-        count, used = group.usage(op.recipient)
-        if quota.messages and count >= quota.messages:
-            outcomes[index] = (False, MailboxFull(f"{count} messages"))
-            continue
-        if quota.bytes and used + size > quota.bytes:
-            outcomes[index] = (False, MailboxFull(f"{used} bytes"))
+        holder = (op.recipient, op.sender)
+        count, used = mailbox = group.usage(op.recipient)
+        held, held_bytes = sender = group.sender_usage(holder)
+        refusal = quota.refusal(mailbox, sender, size)
+        if refusal is not None:
+            outcomes[index] = (False, refusal)
             continue
         seq = group.next_seq()
         inserts[key] = (seq, op.recipient, op.sender, op.message_id, op.digest, op.envelope,
                         size, op.now)
-        stored[key] = (seq, op.sender, op.digest, size)
-        group.change(op.recipient, 1, size)
+        stored[key] = (seq, op.sender, op.digest, size, KIND_MESSAGE)
+        # As group.change and group.change_sender would, without looking again.
+        group.changed[op.recipient] = (count + 1, used + size)
+        group.changed_senders[holder] = (held + 1, held_bytes + size)
         outcomes[index] = (True, StoredMessage(seq, op.recipient, op.sender, op.message_id,
                                                op.envelope, op.now))
     for chunk in _chunks(doomed):
@@ -337,7 +406,7 @@ def _write_batch(group: _Group, items: list, outcomes: list, quota: Quota) -> No
 
 
 def _run_group(txn, writes: list, usage: dict[str, tuple[int, int]], seq: list[int],
-               quota: Quota):
+               quota: Quota, senders: dict[tuple[str, str], tuple[int, int]]):
     """
     Run C{writes} in one transaction: L{_Enqueue} and L{_Delete} records,
     done in batches (L{_write_batch}), and functions of the L{_Group} (the
@@ -346,11 +415,12 @@ def _run_group(txn, writes: list, usage: dict[str, tuple[int, int]], seq: list[i
     so it needs no rollback and the others go on; its error is returned in
     its place.  Any other error aborts the whole transaction.
 
-    Returns the outcomes and the usage of the mailboxes the group changed,
-    which the store caches once the transaction has committed.
+    Returns the outcomes and the usage, per mailbox and per sender, the
+    group changed, which the store caches once the transaction has
+    committed.
     """
     txn.execute("BEGIN IMMEDIATE")
-    group = _Group(txn, usage, seq)
+    group = _Group(txn, usage, seq, senders)
     outcomes: list = [None] * len(writes)
     batch: list = []
 
@@ -370,7 +440,7 @@ def _run_group(txn, writes: list, usage: dict[str, tuple[int, int]], seq: list[i
                 outcomes[index] = (False, e)
     run_batches()
     group.flush()
-    return outcomes, group.changed
+    return outcomes, group.changed, group.changed_senders
 
 
 MARKER_SUFFIX = ".id"
@@ -476,6 +546,10 @@ class SQLiteStore(Engine):
         # start.  Only the pool's thread reads it, while a group runs; only
         # the reactor thread updates it, after a commit, between groups.
         self._usage: dict[str, tuple[int, int]] = {}
+        # The same for what each sender holds in each mailbox, (recipient,
+        # sender) -> (messages, bytes); an entry at zero is dropped (as its
+        # row is), so only the pairs with messages waiting take memory.
+        self._senders: dict[tuple[str, str], tuple[int, int]] = {}
         # The last seq given (see _Group.next_seq); only the pool's thread
         # uses it, at start and in groups.
         self._seq = [0]
@@ -588,14 +662,19 @@ class SQLiteStore(Engine):
         self._committing = True
         self.groups += 1
         d = self._pool.runInteraction(_run_group, [write for write, _ in group], self._usage,
-                                      self._seq, self.quota)
+                                      self._seq, self.quota, self._senders)
         d.addBoth(self._committed, group)
 
     def _committed(self, outcome, group) -> None:
         self._committing = False
         if isinstance(outcome, tuple):
-            outcomes, usage = outcome
+            outcomes, usage, senders = outcome
             self._usage.update(usage)
+            for key, held in senders.items():
+                if held[0]:
+                    self._senders[key] = held
+                else:
+                    self._senders.pop(key, None)
             for (ok, value), (_, d) in zip(outcomes, group):
                 if ok:
                     d.callback(value)
@@ -639,32 +718,35 @@ class SQLiteStore(Engine):
 
         return self._write(run)
 
-    def rotate_key(self, identity, old_key, new_key, timestamp, signature, certificate):
+    def rotate_key(self, identity: str, rotation: wire.Rotation,
+                   certificate: bytes) -> Deferred[bool]:
         def run(group):
             txn = group.txn
             txn.execute(
                 "UPDATE directory SET public_key = ?, certificate = ?"
                 " WHERE identity = ? AND public_key = ?",
-                (new_key, certificate, identity, old_key),
+                (rotation.new_key, certificate, identity, rotation.old_key),
             )
             if txn.rowcount != 1:
                 return False
             txn.execute(
-                "INSERT INTO rotations (identity, old_key, new_key, rotated_at, signature)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (identity, old_key, new_key, timestamp, signature),
+                "INSERT INTO rotations (identity, old_key, new_key, rotated_at, signature,"
+                " new_signature, old_certificate) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (identity, rotation.old_key, rotation.new_key, rotation.timestamp,
+                 rotation.old_signature, rotation.new_signature, rotation.old_certificate),
             )
             return True
 
         return self._write(run)
 
-    def get_rotations(self, identity):
+    def get_rotations(self, identity: str) -> Deferred[list[wire.Rotation]]:
         def run(txn):
             rows = txn.execute(
-                "SELECT old_key, new_key, rotated_at, signature FROM rotations"
-                " WHERE identity = ? ORDER BY position", (identity,)
+                "SELECT old_key, new_key, rotated_at, signature, new_signature, old_certificate"
+                " FROM rotations WHERE identity = ? ORDER BY position", (identity,)
             ).fetchall()
-            return [(bytes(o), bytes(n), t, bytes(s)) for o, n, t, s in rows]
+            return [wire.Rotation(bytes(o), bytes(n), t, bytes(s), bytes(ns), bytes(c))
+                    for o, n, t, s, ns, c in rows]
 
         return self._pool.runInteraction(run)
 
@@ -748,8 +830,10 @@ class SQLiteStore(Engine):
                     (group.next_seq(), recipient, sender, notice_id, digest(body), body,
                      len(body), now, wire.NOTICE_EXPIRED),
                 )
-                # The notice takes the message's place in the usage count.
+                # The notice takes the message's place in the mailbox's
+                # usage; it counts for no sender.
                 group.change(recipient, 0, len(body) - size)
+                group.change_sender((recipient, sender), -1, -size)
                 expired.append(StoredMessage(seq, recipient, sender, bytes(message_id), b"",
                                              accepted_at))
             return expired
