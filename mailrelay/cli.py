@@ -27,11 +27,13 @@ from mailrelay.client.defaults import default_server as _default_server
 from mailrelay.client.protocol import (
     Disconnected,
     LocalFailure,
+    NotNow,
     Rejected,
     RelayError,
     UntrustedRelay,
     connect,
 )
+from mailrelay.client.contacts import ContactsError
 from mailrelay.client.display import for_terminal
 from mailrelay.client.inbox import Gap, InboxError, home_inbox
 from mailrelay.client.outbox import OutboxError, home_outbox, queue_message
@@ -137,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="show your key's fingerprint, or a contact's")
     p.add_argument("id", metavar="ID", nargs="?", help="a contact (default: yourself)")
 
+    p = sub.add_parser("verify", parents=[common],
+                       help="mark a contact as verified, once you compared the safety number")
+    p.add_argument("id", metavar="ID", help="the contact")
+    p.add_argument("--safety-number", metavar="DIGITS",
+                   help="the safety number the contact read to you (60 digits, spaces "
+                        "allowed); without it, you are asked on the terminal")
+
     p = sub.add_parser("send", parents=[common], help="send one message")
     p.add_argument("--to", required=True, metavar="ID", help="the recipient")
     p.add_argument("--queue", action="store_true",
@@ -241,8 +250,10 @@ def _connect(reactor, args, home: keys.Home, identity: keys.Identity, certificat
     pin_as = client_description(server)
     endpoint = _endpoint(reactor, args)
     try:
+        kwargs.setdefault("on_key_rotated", _show_rotation)
+        kwargs.setdefault("on_quarantined", _show_quarantined)
         client = yield connect(
-            reactor, endpoint, identity, contacts=home,
+            reactor, endpoint, identity, contacts=home.contacts,
             timeout=args.connect_timeout,
             relay_check=lambda relay: home.pin_relay(pin_as, relay),
             certificate=home.certificate() if certificate is None else certificate,
@@ -277,6 +288,14 @@ def _connect(reactor, args, home: keys.Home, identity: keys.Identity, certificat
             raise Unreachable(f"the relay at {server} cannot take us now: {e.text}") from None
         raise Failed(f"the relay at {server} refused us: {e.text}") from None
     return client
+
+
+def _show_rotation(name: str, outcome) -> None:
+    _err(f"mailrelay: {outcome.notice(name)}")
+
+
+def _show_quarantined(quarantined) -> None:
+    _err(f"mailrelay: {quarantined.describe()}")
 
 
 def _out(line: str) -> None:
@@ -332,20 +351,58 @@ def cmd_fingerprint(reactor, args):
         _out(f"{identity.name}: {keys.format_fingerprint(identity.fingerprint)}")
         return 0
     name = keys.check_identity(args.id)
-    pinned = home.pinned(name)
+    contacts = home.contacts
+    pinned = contacts.pinned(name)
     if pinned is not None:
-        _out(f"{name}: {keys.key_fingerprint(pinned)}")
-        key = pinned
+        key, how = pinned, ""
     else:
         client = yield _connect(reactor, args, home, identity)
         try:
             key = yield client.contact_key(name)
         finally:
             yield client.close()
-        _out(f"{name}: {keys.key_fingerprint(key)}  (fetched from the relay and pinned)")
+        how = "  (fetched from the relay and pinned)"
+    verified = contacts.is_verified(name)
+    _out(f"{name}: {keys.key_fingerprint(key)}{how}")
+    _out(f"Verified: {'yes' if verified else 'no'}")
+    retired = [k for k in contacts.history(name) if k.retired_at is not None]
+    if retired:
+        _out(f"Earlier keys of {name} trusted here: "
+             + ", ".join(keys.format_fingerprint(k.fingerprint)[:19] + "..." for k in retired))
     _out(f"Safety number with {identity.name}: "
          f"{keys.safety_number(identity.name, identity.public_key, name, key)}")
-    _out(f"(the same on {name}'s side: compare it in person or by phone)")
+    _out(f"(the same on {name}'s side: compare it in person or by phone"
+         + ("" if verified else f", then `mailrelay verify {name}`") + ")")
+    return 0
+
+
+def cmd_verify(reactor, args):
+    home = _home(args)
+    identity = _identity(args, home)
+    name = keys.check_identity(args.id)
+    contacts = home.contacts
+    key = contacts.pinned(name)
+    if key is None:
+        raise Failed(f"no key of {name!r} is trusted here yet: `mailrelay fingerprint {name}` "
+                     f"fetches it first")
+    number = keys.safety_number(identity.name, identity.public_key, name, key)
+    if args.safety_number is not None:
+        given = "".join(c for c in args.safety_number if not c.isspace())
+        if given != number.replace(" ", ""):
+            raise Failed(f"that is not the safety number of {identity.name} and {name} "
+                         f"({number}): {name} is NOT verified. Someone may be impersonating "
+                         f"{name}, or the number was misread")
+    elif sys.stdin.isatty():
+        _out(f"Safety number with {name}: {number}")
+        answer = input(f"Does {name} read the same number to you? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            raise Failed(f"{name} is not verified")
+    else:
+        raise Failed("give the number the contact read to you with --safety-number, or run "
+                     "this on a terminal to be asked")
+    contacts.verify(name)
+    _out(f"{name} is verified: {keys.key_fingerprint(key)}. If their key ever changes, you "
+         f"are told, and {name} is no longer verified.")
     return 0
 
 
@@ -358,11 +415,12 @@ def cmd_trust(reactor, args):
     client = yield _connect(reactor, args, home, identity)
     try:
         der = yield client.lookup(name)
+        certificate = client.certificate_of(name)
         roots = home.identity_roots()
         if roots is not None:
             # A CA's word comes first: its certificate must vouch for the key.
             try:
-                ca.verify_identity(client._certificates.get(name, b""), roots, name, der)
+                ca.verify_identity(certificate, roots, name, der)
             except ca.CAError as e:
                 raise Failed(f"the relay's key for {name!r} has no valid certificate from "
                              f"your CA ({e}); not trusting it") from None
@@ -370,14 +428,15 @@ def cmd_trust(reactor, args):
         raise Failed(f"the relay has no key for {name!r}: {e.text}") from None
     finally:
         yield client.close()
-    replaced = home.trust(name, der, expected)
+    replaced = home.contacts.trust(name, der, expected, client.rotations_of(name), certificate)
     if replaced is None:
         _out(f"Pinned the key of {name}: {keys.format_fingerprint(expected)}")
     elif keys.public_der(replaced) == der:
         _out(f"The key of {name} was already this one: {keys.format_fingerprint(expected)}")
     else:
         _out(f"Now trusting the new key of {name}: {keys.format_fingerprint(expected)}")
-        _out(f"(it replaces {keys.key_fingerprint(replaced)})")
+        _out(f"(it replaces {keys.key_fingerprint(replaced)}, kept in the history)")
+    _out(f"{name} is verified: you checked the fingerprint with them.")
     return 0
 
 
@@ -429,8 +488,8 @@ def cmd_rotate(reactor, args):
     _install_certificate(home, certificate)
     _out(f"New key for {identity.name}: {keys.format_fingerprint(new.fingerprint)}")
     _out(f"The old key is kept in {kept}, to open messages sealed for it.")
-    _out("Contacts who pinned the old key accept the new one, signed over by the old, "
-         "with a notice.")
+    _out("Contacts who trust the old key follow to the new one (the rotation is signed by "
+         "both), with a notice; a contact who had verified you is told to verify again.")
     return 0
 
 
@@ -664,6 +723,19 @@ def cmd_inbox(reactor, args):
             _out(json.dumps(_notice_json(n), ensure_ascii=False))
         else:
             _out(_notice_line(n))
+    for q in inbox.quarantined():
+        if sender is not None and q.sender != sender:
+            continue
+        if args.json:
+            _out(json.dumps({"type": "quarantined", "id": q.message_id.hex(),
+                             "claimed_from": q.sender, "reason": q.reason,
+                             "attempts": q.attempts, "quarantined_at": q.quarantined_at,
+                             "envelope_bytes": len(q.envelope)}, ensure_ascii=False))
+        else:
+            who = f"claimed from {q.sender}" if q.sender else "sender unreadable"
+            _out(f"{_when(q.quarantined_at)}  QUARANTINED {q.message_id.hex()} ({who}, not "
+                 f"verified): could not be kept in {q.attempts} attempts: "
+                 f"{for_terminal(q.reason)}")
     return 0
 
 
@@ -736,7 +808,7 @@ def cmd_recv(reactor, args):
 
     def on_message(opened):
         if finished.called:
-            raise RuntimeError("stopped")  # not acknowledged: delivered again later
+            raise NotNow("stopped")  # not acknowledged: delivered again later
         _out(_format(opened, args.json))
         received[0] += 1
         if args.count is not None and received[0] >= args.count:
@@ -747,7 +819,7 @@ def cmd_recv(reactor, args):
 
     def on_notice(notice):
         if finished.called:
-            raise RuntimeError("stopped")
+            raise NotNow("stopped")
         if args.json:
             _out(json.dumps(_notice_json(notice), ensure_ascii=False))
         else:
@@ -802,7 +874,9 @@ def cmd_chat(reactor, args):
     console = ChatConsole(identity.name, outbox=outbox)
     client = yield _connect(reactor, args, home, identity, on_message=console.show,
                             on_rejected=console.rejected, inbox=home_inbox(home),
-                            on_notice=console.notice, on_gap=console.gap)
+                            on_notice=console.notice, on_gap=console.gap,
+                            on_key_rotated=console.key_rotated,
+                            on_quarantined=console.quarantined)
     console.client = client
     # The console's own outbox: its sends join this flush rather than race it.
     _flush_in_background(reactor, home, client, outbox)
@@ -826,6 +900,7 @@ COMMANDS = {
     "outbox": cmd_outbox,
     "inbox": cmd_inbox,
     "trust": cmd_trust,
+    "verify": cmd_verify,
     "rotate": cmd_rotate,
     "ca": cmd_ca,
 }
@@ -841,6 +916,7 @@ USER_ERRORS = (
     OSError,
     InboxError,
     OutboxError,
+    ContactsError,
     ca.CAError,
 )
 

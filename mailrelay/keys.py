@@ -6,7 +6,8 @@ A home directory (C{~/.mailrelay} by default) holds one identity::
     identity            the identity's id, one line
     private_key.pem     PKCS#8 PEM, mode 0600
     public_key.pem      SubjectPublicKeyInfo PEM
-    contacts/ID.pem     each contact's key, pinned on first use
+    contacts.sqlite     the contacts' keys this client trusts, and their history
+                        (L{mailrelay.client.contacts})
 
 Both PEM files are the formats C{openssl pkey} reads.
 """
@@ -158,12 +159,6 @@ def key_fingerprint(key: rsa.RSAPublicKey) -> str:
     return format_fingerprint(fingerprint(public_der(key)))
 
 
-def _same_as_pinned(name: str, pinned: rsa.RSAPublicKey, offered: rsa.RSAPublicKey) -> None:
-    """Raise L{KeyConflict} unless C{offered} is the key pinned for C{name}."""
-    if public_der(pinned) != public_der(offered):
-        raise KeyConflict(name, key_fingerprint(pinned), key_fingerprint(offered))
-
-
 def is_protected_pem(pem: bytes) -> bool:
     """Whether a PEM private key is encrypted (PKCS#8 with a passphrase)."""
     return b"ENCRYPTED PRIVATE KEY" in pem
@@ -270,35 +265,21 @@ def read_passphrase_file(path: str) -> bytes:
         return f.readline().rstrip(b"\r\n")
 
 
-def follow_rotations(name: str, pinned_der: bytes, current_der: bytes, rotations) -> int:
-    """
-    Check that C{rotations} (L{wire.Rotation}s, oldest first) lead, each
-    signed by the key before it, from the key pinned for C{name} to
-    C{current_der}; return how many steps.  Raise L{IdentityError} when they
-    do not: the change is then not the contact's doing, as far as we know.
-    """
-    from mailrelay import wire
-
-    key, steps = pinned_der, 0
-    for rotation in rotations:
-        if rotation.old_key != key:
-            continue
-        statement = wire.rotation_statement(name, rotation.old_key, rotation.new_key,
-                                            rotation.timestamp)
-        if not verify(load_public_der(key), rotation.signature, statement):
-            raise IdentityError(f"a rotation of {name!r}'s key is not signed by the key before")
-        key, steps = rotation.new_key, steps + 1
-    if key != current_der or not steps:
-        raise IdentityError(f"no rotation signed by the pinned key leads to {name!r}'s new key")
-    return steps
-
-
 def load_public_der(der: bytes) -> rsa.RSAPublicKey:
     """Parse a DER SubjectPublicKeyInfo; refuse anything but RSA >= 2048 bits."""
     try:
         key = serialization.load_der_public_key(der)
     except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise BadKey(f"not a usable DER public key: {e}") from None
+    return _check_rsa(key)
+
+
+def load_public_pem(pem: bytes, where) -> rsa.RSAPublicKey:
+    """Parse a PEM SubjectPublicKeyInfo read from C{where}; refuse anything but usable RSA."""
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise BadKey(f"cannot read the key in {where}: {e}") from None
     return _check_rsa(key)
 
 
@@ -399,6 +380,7 @@ class Home:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).expanduser()
+        self._contacts = None
 
     @property
     def _id_file(self) -> Path:
@@ -519,17 +501,6 @@ class Home:
         except (OSError, ca.CAError) as e:
             raise IdentityError(f"cannot read {path}: {e}") from None
 
-    def accept_rotation(self, name: str, der: bytes) -> rsa.RSAPublicKey:
-        """Pin C{der} in place of the key before it (checked by L{follow_rotations})."""
-        key = load_public_der(der)
-        path = self._contact_file(name)
-        current = self.pinned(name)
-        if current is not None:
-            write_durably(path.with_name(path.name + ".replaced"), public_pem(current), 0o644)
-        self.contacts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_durably(path, public_pem(key), 0o644)
-        return key
-
     def protected(self) -> bool:
         """Whether the private key is encrypted with a passphrase."""
         try:
@@ -579,79 +550,28 @@ class Home:
         if pinned != relay:
             raise RelayMismatch(server, pinned, relay, path)
 
-    def _contact_file(self, name: str) -> Path:
-        return self.contacts_dir / f"{check_identity(name)}.pem"
+    @property
+    def contacts(self):
+        """
+        The contacts' keys this home trusts (L{mailrelay.client.contacts.Contacts},
+        in C{contacts.sqlite}), opened on first use; keys pinned by earlier
+        versions in C{contacts/} are taken over then.
+        """
+        if self._contacts is None:
+            from mailrelay.client.contacts import CONTACTS_FILE, Contacts
+
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._contacts = Contacts(self.path / CONTACTS_FILE, legacy_dir=self.contacts_dir)
+        return self._contacts
 
     def pinned(self, name: str) -> rsa.RSAPublicKey | None:
-        """The key pinned for C{name}, or None when none is."""
-        path = self._contact_file(name)
-        try:
-            pem = path.read_bytes()
-        except FileNotFoundError:
+        """The key trusted now for C{name}, or None when there is none."""
+        if not self.path.exists():
             return None
-        try:
-            key = serialization.load_pem_public_key(pem)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
-            raise BadKey(f"cannot read pinned key {path}: {e}") from None
-        return _check_rsa(key)
-
-    def trust(self, name: str, der: bytes, expected: bytes) -> rsa.RSAPublicKey | None:
-        """
-        Pin C{der} for C{name} in place of any key pinned before, but only
-        if its fingerprint is C{expected} (what the person said it is,
-        checked through another channel).  The key it replaces is kept
-        beside it (C{contacts/NAME.pem.replaced}).  Fires with the key it
-        replaced, or None.
-        """
-        key = load_public_der(der)
-        actual = fingerprint(public_der(key))
-        if actual != expected:
-            raise IdentityError(
-                f"the key offered for {name!r} has the fingerprint {format_fingerprint(actual)}, "
-                f"not {format_fingerprint(expected)}: nothing was changed. Check the "
-                f"fingerprint with {name!r} again."
-            )
-        current = self.pinned(name)
-        self.contacts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self._contact_file(name)
-        if current is not None and public_der(current) != public_der(key):
-            write_durably(path.with_name(path.name + ".replaced"), public_pem(current), 0o644)
-        write_durably(path, public_pem(key), 0o644)
-        return current
+        return self.contacts.pinned(name)
 
     def pin(self, name: str, der: bytes) -> rsa.RSAPublicKey:
-        """
-        Trust C{der} for C{name} if nothing is pinned yet (trust on first
-        use), or if it is the key already pinned.  A different key raises
-        L{KeyConflict} showing both fingerprints and changes nothing.
-        """
-        key = load_public_der(der)
-        current = self.pinned(name)
-        if current is not None:
-            _same_as_pinned(name, current, key)
-            return current
-        self.contacts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_durably(self._contact_file(name), public_pem(key), 0o644)
-        return key
+        """Trust C{der} for C{name} on first use (L{Contacts.pin})."""
+        return self.contacts.pin(name, der)
 
 
-class MemoryContacts:
-    """Pinned contact keys kept in memory: the same rules as L{Home}, no files."""
-
-    def __init__(self) -> None:
-        self._keys: dict[str, bytes] = {}
-
-    def pinned(self, name: str) -> rsa.RSAPublicKey | None:
-        der = self._keys.get(check_identity(name))
-        return None if der is None else load_public_der(der)
-
-    def accept_rotation(self, name: str, der: bytes) -> rsa.RSAPublicKey:
-        key = load_public_der(der)
-        self._keys[check_identity(name)] = public_der(key)
-        return key
-
-    def pin(self, name: str, der: bytes) -> rsa.RSAPublicKey:
-        key = load_public_der(der)
-        current = self._keys.setdefault(check_identity(name), public_der(key))
-        _same_as_pinned(name, load_public_der(current), key)
-        return key

@@ -306,9 +306,10 @@ class OnlineTestCase(CommandTestCase):
         self.relay.flush()
         return pump
 
-    def queue(self, sender: keys.Identity, recipient: keys.Identity, text: bytes, n: int):
+    def queue(self, sender: keys.Identity, recipient: keys.Identity, text: bytes, n: int,
+              seq: int = 0):
         data = envelope.seal(sender, recipient.name, recipient.public_key, text,
-                             message_id=mid(n))
+                             message_id=mid(n), seq=seq)
         self.relay._result(self.relay.store.enqueue(recipient.name, sender.name, mid(n),
                                                     data, 0))
 
@@ -418,7 +419,38 @@ class FingerprintTests(OnlineTestCase):
         d = self.run_cli("fingerprint", "bob", "--home", home)
         self.assertEqual(self.successResultOf(d), 0)
         self.assertEqual(_strip_safety(self.stdout.getvalue()),
-                         f"bob: {keys.format_fingerprint(BOB.fingerprint)}\n")
+                         f"bob: {keys.format_fingerprint(BOB.fingerprint)}\nVerified: no\n")
+
+    def test_verify_with_the_safety_number(self):
+        """verify marks the contact verified only with the right number; fingerprint says so."""
+        home = self.home_with(ALICE)
+        keys.Home(home).pin("bob", BOB.public_der)
+        number = keys.safety_number("alice", ALICE.public_key, "bob", BOB.public_key)
+        wrong = ("1" if number[0] != "1" else "2") + number[1:]
+        err = self.exits(self.run_cli("verify", "bob", "--home", home, "--safety-number", wrong))
+        self.assertIn("bob is NOT verified", err)
+        self.assertFalse(keys.Home(home).contacts.is_verified("bob"))
+        d = self.run_cli("verify", "bob", "--home", home, "--safety-number",
+                         number.replace(" ", ""))
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertTrue(keys.Home(home).contacts.is_verified("bob"))
+        self.stdout.truncate(0)
+        self.stdout.seek(0)
+        self.assertEqual(self.successResultOf(self.run_cli("fingerprint", "bob", "--home", home)),
+                         0)
+        self.assertIn("Verified: yes\n", self.stdout.getvalue())
+
+    def test_verify_without_a_number_off_a_terminal(self):
+        home = self.home_with(ALICE)
+        keys.Home(home).pin("bob", BOB.public_der)
+        err = self.exits(self.run_cli("verify", "bob", "--home", home))
+        self.assertIn("--safety-number", err)
+        self.assertFalse(keys.Home(home).contacts.is_verified("bob"))
+
+    def test_verify_an_unknown_contact(self):
+        home = self.home_with(ALICE)
+        err = self.exits(self.run_cli("verify", "bob", "--home", home, "--safety-number", "1"))
+        self.assertIn("no key of 'bob' is trusted here yet", err)
 
     def test_contact_fetched_and_pinned(self):
         home = self.home_with(ALICE)
@@ -428,7 +460,7 @@ class FingerprintTests(OnlineTestCase):
         self.assertEqual(self.successResultOf(d), 0)
         self.assertEqual(_strip_safety(self.stdout.getvalue()),
                          f"bob: {keys.format_fingerprint(BOB.fingerprint)}"
-                         f"  (fetched from the relay and pinned)\n")
+                         f"  (fetched from the relay and pinned)\nVerified: no\n")
         self.assertEqual(keys.public_der(keys.Home(home).pinned("bob")), BOB.public_der)
 
     def test_connection_lost_during_lookup(self):
@@ -793,12 +825,11 @@ class OutboxTests(OnlineTestCase):
 
     def test_unpinned_recipient_cannot_be_queued_offline(self):
         keys_home = keys.Home(self.home)
-        os.remove(keys_home._contact_file("bob"))
-        d = self.run_online("send", "--home", self.home, "--to", "bob", "x")
+        d = self.run_online("send", "--home", self.home, "--to", "carol", "x")
         self.refuse_connection()
         err = self.exits(d)
         self.assertIn("connection refused (is `twistd mailrelay` running there?); no key of "
-                      "'bob' is pinned yet", err)
+                      "'carol' is pinned yet", err)
         self.assertIn("nothing was queued", err)
         self.assertEqual(home_outbox(keys_home).pending(), [])
 
@@ -909,7 +940,7 @@ class RecvTests(OnlineTestCase):
             data = envelope.seal(BOB, "alice", ALICE.public_key, b"msg %d" % seq,
                                  message_id=mid(n), seq=seq)
             self.relay._result(self.relay.store.enqueue("alice", "bob", mid(n), data, 0))
-        self.queue(BOB, ALICE, b"too old", 3)
+        self.queue(BOB, ALICE, b"too old", 3, seq=2)
         d = self.run_online("recv", "--home", self.home, "--count", "3")
         self.accept()
         self.reactor.advance(0)
@@ -928,7 +959,7 @@ class RecvTests(OnlineTestCase):
             self.run_cli("inbox", "--home", self.home, "--json")), 0)
         listed = [json.loads(line) for line in self.lines()]
         self.assertEqual([(e["type"], e["from"], e.get("seq")) for e in listed],
-                         [("message", "bob", 1), ("message", "bob", 3), ("message", "bob", 0),
+                         [("message", "bob", 1), ("message", "bob", 3), ("message", "bob", 2),
                           ("expired", "bob", None)])
         self.assertEqual(listed[3]["id"], mid(9).hex())
         self.stdout.truncate(0)

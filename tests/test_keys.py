@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.logger import Logger
 from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase
 
+from mailrelay.client.contacts import MemoryContacts, RolledBack
 from mailrelay import keys, pkcs8
 
 # RSA key generation is slow: keys are generated at most once per process.
@@ -25,9 +26,15 @@ _identities: dict[tuple[str, str], keys.Identity] = {}
 
 
 def identity(name: str, tag: str = "") -> keys.Identity:
-    """A cached 2048-bit identity; another C{tag} gives another key."""
+    """
+    A cached 2048-bit identity; another C{tag} gives another key.  Made
+    with cryptography directly: tests patch L{keys.Identity.generate} to
+    return these, and a key first asked for under such a patch must still
+    be a key of its own.
+    """
     if (name, tag) not in _identities:
-        _identities[(name, tag)] = keys.Identity.generate(name, bits=2048)
+        key = rsa.generate_private_key(public_exponent=keys.PUBLIC_EXPONENT, key_size=2048)
+        _identities[(name, tag)] = keys.Identity(name, key)
     return _identities[(name, tag)]
 
 
@@ -235,6 +242,8 @@ class FingerprintTests(SynchronousTestCase):
 
 
 class PinTests(SynchronousTestCase):
+    """A home trusts contacts' keys in its contacts store (HOME/contacts.sqlite)."""
+
     def setUp(self):
         self.home = keys.Home(self.mktemp())
 
@@ -245,28 +254,22 @@ class PinTests(SynchronousTestCase):
         bob = identity("bob")
         key = self.home.pin("bob", bob.public_der)
         self.assertEqual(keys.public_der(key), bob.public_der)
-        path = self.home.contacts_dir / "bob.pem"
-        self.assertTrue(path.exists())
-        self.assertTrue(path.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----"))
-        self.assertEqual(spki_der(serialization.load_pem_public_key(path.read_bytes())),
-                         bob.public_der)
+        path = self.home.path / "contacts.sqlite"
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        # Another process (a new Home on the same folder) sees it.
         pinned = keys.Home(self.home.path).pinned("bob")
         self.assertEqual(keys.public_der(pinned), bob.public_der)
 
     def test_same_key_again(self):
         bob = identity("bob")
         self.home.pin("bob", bob.public_der)
-        path = self.home.contacts_dir / "bob.pem"
-        before = path.read_bytes()
         key = self.home.pin("bob", bob.public_der)
         self.assertEqual(keys.public_der(key), bob.public_der)
-        self.assertEqual(path.read_bytes(), before)
+        self.assertEqual(len(self.home.contacts.history("bob")), 1)
 
     def test_different_key_conflicts(self):
         bob, impostor = identity("bob"), identity("bob", "other")
         self.home.pin("bob", bob.public_der)
-        path = self.home.contacts_dir / "bob.pem"
-        before = path.read_bytes()
         error = self.assertRaises(keys.KeyConflict, self.home.pin, "bob", impostor.public_der)
         self.assertIsInstance(error, keys.IdentityError)
         pinned_fp = keys.format_fingerprint(bob.fingerprint)
@@ -276,9 +279,9 @@ class PinTests(SynchronousTestCase):
         self.assertIn("bob", str(error))
         self.assertEqual((error.identity, error.pinned, error.offered),
                          ("bob", pinned_fp, offered_fp))
-        # Nothing changed.
-        self.assertEqual(path.read_bytes(), before)
-        self.assertEqual(os.listdir(self.home.contacts_dir), ["bob.pem"])
+        # Nothing changed, on disk either.
+        self.assertEqual([k.der for k in keys.Home(self.home.path).contacts.history("bob")],
+                         [bob.public_der])
         self.assertEqual(keys.public_der(self.home.pinned("bob")), bob.public_der)
         # And the pinned key is still accepted.
         self.home.pin("bob", bob.public_der)
@@ -295,14 +298,13 @@ class PinTests(SynchronousTestCase):
                     b"garbage"):
             self.assertRaises(keys.BadKey, self.home.pin, "bob", der)
         self.assertIsNone(self.home.pinned("bob"))
-        self.assertFalse(self.home.contacts_dir.exists())
+        self.assertEqual(self.home.contacts.history("bob"), [])
 
     def test_invalid_name(self):
         der = identity("bob").public_der
         for bad in ("", "../bob", "a/b", "-a", "a b"):
             self.assertRaises(keys.IdentityError, self.home.pin, bad, der)
             self.assertRaises(keys.IdentityError, self.home.pinned, bad)
-        self.assertFalse(self.home.contacts_dir.exists() and os.listdir(self.home.contacts_dir))
 
 
 class LoadPublicDerTests(SynchronousTestCase):
@@ -395,7 +397,7 @@ class MemoryContactsTests(SynchronousTestCase):
     """MemoryContacts pins keys by the same rules as Home, without files."""
 
     def setUp(self):
-        self.contacts = keys.MemoryContacts()
+        self.contacts = MemoryContacts()
 
     def test_first_use_and_same_key(self):
         bob = identity("bob")
@@ -450,7 +452,7 @@ class CanonicalEncodingTests(SynchronousTestCase):
         self.assertEqual(keys.canonical_der(self.odd), self.identity.public_der)
 
     def test_pinning_compares_keys_not_encodings(self):
-        for contacts in (keys.MemoryContacts(), keys.Home(self.mktemp())):
+        for contacts in (MemoryContacts(), keys.Home(self.mktemp())):
             contacts.pin("canon", self.identity.public_der)
             key = contacts.pin("canon", self.odd)
             self.assertEqual(keys.public_der(key), self.identity.public_der)
@@ -758,18 +760,21 @@ class TrustTests(SynchronousTestCase):
         self.home.pin("bob", self.old.public_der)
 
     def test_replaces_the_pin_only_with_the_right_fingerprint(self):
-        error = self.assertRaises(keys.IdentityError, self.home.trust, "bob",
+        error = self.assertRaises(keys.IdentityError, self.home.contacts.trust, "bob",
                                   self.new.public_der, self.old.fingerprint)
         self.assertIn("nothing was changed", str(error))
         self.assertEqual(keys.public_der(self.home.pinned("bob")), self.old.public_der)
-        replaced = self.home.trust("bob", self.new.public_der, self.new.fingerprint)
+        replaced = self.home.contacts.trust("bob", self.new.public_der, self.new.fingerprint)
         self.assertEqual(keys.public_der(replaced), self.old.public_der)
         self.assertEqual(keys.public_der(self.home.pinned("bob")), self.new.public_der)
-        kept = self.home.contacts_dir / "bob.pem.replaced"
-        self.assertEqual(kept.read_bytes(), keys.public_pem(self.old.public_key))
-        # From now on the new key passes, the old one conflicts.
+        # The old key stays in the history, retired.
+        [old, new] = self.home.contacts.history("bob")
+        self.assertEqual((old.der, new.der), (self.old.public_der, self.new.public_der))
+        self.assertIsNotNone(old.retired_at)
+        self.assertIsNone(new.retired_at)
+        # From now on the new key passes; the old one offered again is a rollback.
         self.home.pin("bob", self.new.public_der)
-        self.assertRaises(keys.KeyConflict, self.home.pin, "bob", self.old.public_der)
+        self.assertRaises(RolledBack, self.home.pin, "bob", self.old.public_der)
 
     def test_parse_fingerprint(self):
         digest = self.new.fingerprint
@@ -783,3 +788,232 @@ class TrustTests(SynchronousTestCase):
         error = self.assertRaises(keys.KeyConflict, self.home.pin, "bob", self.new.public_der)
         self.assertIn(f"mailrelay trust bob --fingerprint '{keys.format_fingerprint(self.new.fingerprint)}'",
                       str(error))
+
+
+# Found by mutation testing (make mutation-test): checks no test above guarded.
+
+def public_key_of_size(bits: int, offset: int = 1) -> rsa.RSAPublicKey:
+    """An RSA public key of exactly C{bits} bits, made of numbers (no key generation)."""
+    return rsa.RSAPublicNumbers(keys.PUBLIC_EXPONENT, 2 ** (bits - 1) + offset).public_key()
+
+
+class KeyShapeTests(SynchronousTestCase):
+    def test_largest_key_is_accepted(self):
+        key = keys.load_public_der(spki_der(public_key_of_size(4096)))
+        self.assertEqual(key.key_size, 4096)
+        self.assertRaises(keys.BadKey, keys.load_public_der, spki_der(public_key_of_size(4097)))
+
+    def test_keys_other_than_rsa_are_refused(self):
+        other = ec.generate_private_key(ec.SECP256R1())
+        with self.assertRaises(keys.BadKey) as caught:
+            keys.load_public_der(spki_der(other.public_key()))
+        self.assertIn("only RSA", str(caught.exception))
+        pem = other.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+        self.assertRaises(keys.BadKey, keys.load_public_pem, pem, "bob.pem")
+        private = other.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+        with self.assertRaises(keys.BadKey) as caught:
+            keys.load_private_pem(private, None, Path("private_key.pem"))
+        self.assertIn("not an RSA private key", str(caught.exception))
+
+    def test_unreadable_pem_is_a_bad_key(self):
+        with self.assertRaises(keys.BadKey) as caught:
+            keys.load_public_pem(b"-----BEGIN PUBLIC KEY-----\nnot base64\n"
+                                 b"-----END PUBLIC KEY-----\n", "bob.pem")
+        self.assertIn("cannot read the key in bob.pem", str(caught.exception))
+
+    def test_generating_the_largest_key(self):
+        asked, key = [], identity("alice").private_key
+
+        def generate(public_exponent, key_size):
+            asked.append(key_size)
+            return key
+
+        self.patch(keys.rsa, "generate_private_key", generate)
+        keys.Identity.generate("alice", bits=4096)
+        keys.Identity.generate("alice", bits=2048)
+        self.assertEqual(asked, [4096, 2048])
+        self.assertRaises(keys.BadKey, keys.Identity.generate, "alice", bits=4097)
+
+    def test_identity_cannot_be_altered(self):
+        import dataclasses
+
+        self.assertRaises(dataclasses.FrozenInstanceError, setattr, identity("alice"), "name",
+                          "mallory")
+
+    def test_the_key_for_a_fingerprint(self):
+        old, older = identity("alice", "old"), identity("alice", "older")
+        current = keys.Identity("alice", identity("alice").private_key, (old, older))
+        self.assertIs(current.for_fingerprint(current.fingerprint), current)
+        self.assertIs(current.for_fingerprint(older.fingerprint), older)
+        self.assertIsNone(current.for_fingerprint(identity("bob").fingerprint))
+
+
+class SafetyNumberValueTests(SynchronousTestCase):
+    def test_known_answer(self):
+        """
+        The same ids and keys give the same number in every version: two people
+        compare what their own clients computed.
+        """
+        a, b = public_key_of_size(2048, 12345), public_key_of_size(2048, 67891)
+        self.assertEqual(keys.safety_number("alice", a, "bob", b),
+                         "41184 80527 49177 38342 76827 71710 47289 97857 21362 76091 04115 74528")
+
+
+class HomeFilesTests(SynchronousTestCase):
+    def setUp(self):
+        key = identity("alice").private_key
+        self.patch(keys.rsa, "generate_private_key", lambda public_exponent, key_size: key)
+
+    def test_created_in_a_folder_that_does_not_exist_yet(self):
+        home = keys.Home(os.path.join(self.mktemp(), "nested", "home"))
+        home.create("alice")
+        self.assertEqual(mode_of(home.path), 0o700)
+
+    def test_created_in_an_empty_folder(self):
+        path = self.mktemp()
+        os.mkdir(path)
+        keys.Home(path).create("alice")
+        self.assertEqual(keys.Home(path).load_name(), "alice")
+
+    def test_another_relay_is_refused_with_the_reason(self):
+        home = keys.Home(self.mktemp())
+        home.pin_relay("relay.example:9443", "relay-one")
+        with self.assertRaises(keys.RelayMismatch) as caught:
+            home.pin_relay("relay.example:9443", "relay-two")
+        self.assertIn("calls itself 'relay-two', but this home knows it as 'relay-one'",
+                      str(caught.exception))
+
+
+class HomeRotationFilesTests(SynchronousTestCase):
+    """What `mailrelay rotate` leaves in the home: each old key kept, the new one in place."""
+
+    def setUp(self):
+        self.home = keys.Home(self.mktemp())
+        old = identity("alice")
+        for tag in ("next", "third", "locked", "open"):
+            identity("alice", tag)  # made before key generation is patched below
+        self.patch(keys.rsa, "generate_private_key",
+                   lambda public_exponent, key_size: old.private_key)
+        self.old = self.home.create("alice")
+
+    def rotate(self, new):
+        self.home.stage_rotation(new, None)
+        return self.home.finish_rotation(self.home.load(), new)
+
+    def test_old_key_kept_new_key_in_place(self):
+        from mailrelay import ca
+
+        authority = ca.create_authority("test CA", bits=2048)
+        (self.home.path / keys.CERTIFICATE_FILE).write_bytes(
+            ca.issue_identity(authority, ca.make_request(self.old)))
+        old_pem = self.home.private_key_file.read_bytes()
+        new = identity("alice", "next")
+        kept = self.rotate(new)
+        tag = self.old.fingerprint.hex()[:16]
+        self.assertEqual(kept, self.home.previous_dir / f"private_key-{tag}.pem")
+        self.assertEqual(kept.read_bytes(), old_pem)
+        self.assertEqual((mode_of(kept), mode_of(self.home.previous_dir)), (0o600, 0o700))
+        self.assertTrue((self.home.previous_dir / f"certificate-{tag}.pem").exists())
+        self.assertFalse((self.home.path / keys.CERTIFICATE_FILE).exists())
+        self.assertFalse(self.home.next_key_file.exists())
+        self.assertEqual(keys.public_der(keys.load_public_pem(
+            self.home.public_key_file.read_bytes(), "")), new.public_der)
+        self.assertEqual(mode_of(self.home.public_key_file), 0o644)
+        loaded = self.home.load()
+        self.assertEqual(loaded.public_der, new.public_der)
+        self.assertEqual([p.public_der for p in loaded.previous], [self.old.public_der])
+
+    def test_second_rotation_keeps_both_and_never_overwrites_a_kept_key(self):
+        second, third = identity("alice", "next"), identity("alice", "third")
+        first_kept = self.rotate(second)
+        original = first_kept.read_bytes()
+        self.rotate(third)
+        self.assertEqual(len(list(self.home.previous_dir.glob("private_key-*.pem"))), 2)
+        # A rotation finishing again (after a crash) leaves the kept copy as it was.
+        first_kept.write_bytes(original + b"\n")
+        self.home.stage_rotation(third, None)
+        self.home.finish_rotation(keys.Identity("alice", self.old.private_key), third)
+        self.assertEqual(first_kept.read_bytes(), original + b"\n")
+
+    def test_an_old_key_that_does_not_open_is_skipped(self):
+        locked = keys.private_pem(identity("alice", "locked").private_key, b"other", iterations=1000)
+        self.home.previous_dir.mkdir()
+        (self.home.previous_dir / "private_key-0000.pem").write_bytes(locked)
+        (self.home.previous_dir / "private_key-ffff.pem").write_bytes(
+            keys.private_pem(identity("alice", "open").private_key, None))
+        for passphrase in (None, b"other"):
+            # A home whose key has no passphrase opens the same whatever is given
+            # (say $MAILRELAY_PASSPHRASE_FILE, set for another home).
+            loaded = self.home.load(passphrase)
+            self.assertEqual([p.public_der for p in loaded.previous],
+                             [identity("alice", "open").public_der])
+
+
+class HomeFilesReadTests(SynchronousTestCase):
+    """The other files of a home: each missing, present or unreadable."""
+
+    def setUp(self):
+        self.home = keys.Home(self.mktemp())
+        self.home.path.mkdir()
+
+    def test_no_identity(self):
+        self.assertRaises(keys.NoIdentity, self.home.load_name)
+        self.assertFalse(self.home.protected())
+
+    def test_files_written_at_creation_can_be_read_by_others(self):
+        key = identity("alice").private_key
+        self.patch(keys.rsa, "generate_private_key", lambda public_exponent, key_size: key)
+        self.home.create("alice")
+        self.assertEqual(mode_of(self.home.public_key_file), 0o644)
+        self.assertEqual(mode_of(self.home.path / "identity"), 0o644)
+        self.assertEqual(self.home.load_name(), "alice")
+
+    def test_certificate(self):
+        from mailrelay import ca
+
+        self.assertEqual(self.home.certificate(), b"")
+        authority = ca.create_authority("test CA", bits=2048)
+        pem = ca.issue_identity(authority, ca.make_request(identity("alice")))
+        path = self.home.path / keys.CERTIFICATE_FILE
+        path.write_bytes(pem)
+        self.assertEqual(self.home.certificate(), ca.certificate_der(pem))
+        path.write_bytes(b"junk")
+        self.assertRaises(keys.IdentityError, self.home.certificate)
+        path.unlink()
+        path.mkdir()
+        self.assertRaises(keys.IdentityError, self.home.certificate)
+
+    def test_identity_roots(self):
+        from mailrelay import ca
+
+        self.assertIsNone(self.home.identity_roots())
+        authority = ca.create_authority("test CA", bits=2048)
+        path = self.home.path / keys.IDENTITY_ROOTS_FILE
+        path.write_bytes(authority.certificate_pem)
+        [root] = self.home.identity_roots()
+        self.assertEqual(root.subject, authority.certificate.subject)
+        path.write_bytes(b"junk")
+        self.assertRaises(keys.IdentityError, self.home.identity_roots)
+        path.unlink()
+        path.mkdir()
+        self.assertRaises(keys.IdentityError, self.home.identity_roots)
+
+    def test_relay_pin_file(self):
+        """Where earlier versions pinned a relay: the same file, so the pin still holds."""
+        server = "relay.example:9443"
+        self.home.pin_relay(server, "relay-one")
+        path = self.home.path / "relays" / hashlib.sha256(server.encode()).hexdigest()[:32]
+        self.assertEqual(path.read_text(), f"{server}\nrelay-one\n")
+        self.assertEqual((mode_of(path.parent), mode_of(path)), (0o700, 0o644))
+        path.write_text(f"{server}\n")  # cut short: pins nothing that can match
+        self.assertRaises(keys.RelayMismatch, self.home.pin_relay, server, "relay-one")
+
+    def test_contacts_opened_once_in_a_private_home(self):
+        home = keys.Home(os.path.join(self.mktemp(), "nested", "home"))
+        self.assertIsNone(home.pinned("bob"))
+        self.assertFalse(home.path.exists())  # asking creates nothing
+        self.assertIs(home.contacts, home.contacts)
+        self.assertEqual(mode_of(home.path), 0o700)

@@ -5,15 +5,20 @@ relay reached in memory.
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import os
 import sqlite3
 import stat
 
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailrelay.client.contacts import MemoryContacts
 from mailrelay import envelope, keys, wire
 from mailrelay.client.outbox import Outbox, OutboxError, queue_message
 from mailrelay.relay.store import Quota
+from mailrelay.client.protocol import Disconnected, RelayError, SendRefused
 from tests.test_client import ALICE, BOB, CAROL, MemoryRelay
 
 E = wire.ErrorCode
@@ -24,7 +29,7 @@ class OutboxTests(SynchronousTestCase):
         self.relay = MemoryRelay(quota=Quota(messages=0, bytes=0))
         for who in (ALICE, BOB, CAROL):
             self.relay.register(who)
-        self.contacts = keys.MemoryContacts()
+        self.contacts = MemoryContacts()
         for who in (BOB, CAROL):
             self.contacts.pin(who.name, who.public_der)
         self.path = os.path.abspath(self.mktemp())
@@ -240,3 +245,210 @@ class OutboxTests(SynchronousTestCase):
         self.assertIn("move it aside", str(error))
         db = sqlite3.connect(self.path)
         db.close()
+
+
+# Found by mutation testing (make mutation-test): checks no test above guarded.
+
+class ScriptedClient:
+    """
+    A connected client whose relay answers each submit as the test says:
+    C{answers} maps a message's text to an exception (or None: accepted);
+    a Deferred answer is left for the test to fire.
+    """
+
+    def __init__(self, answers=None, wait=False):
+        self.answers = answers or {}
+        self.wait = wait
+        self.submitted: list[bytes] = []
+        self.waiting: list[Deferred] = []
+
+    def submit(self, message_id: bytes, sealed: bytes) -> Deferred:
+        text = envelope.open_envelope(sealed, BOB if b"bob" in sealed else CAROL,
+                                      ALICE.public_key).plaintext
+        self.submitted.append(text)
+        if self.wait:
+            d = Deferred()
+            self.waiting.append(d)
+            return d
+        answer = self.answers.get(text)
+        return fail(answer) if answer is not None else succeed(message_id)
+
+
+class FlushRulesTests(SynchronousTestCase):
+    def setUp(self):
+        self.contacts = MemoryContacts()
+        for who in (BOB, CAROL):
+            self.contacts.pin(who.name, who.public_der)
+        self.path = os.path.abspath(self.mktemp())
+        self.outbox = Outbox(self.path)
+        self.addCleanup(self.outbox.close)
+
+    def queue(self, recipient: str, text: bytes):
+        return self.successResultOf(queue_message(self.outbox, ALICE, recipient, text,
+                                                  contacts=self.contacts))
+
+    def flush(self, client):
+        return self.successResultOf(self.outbox.flush(client))
+
+    def test_queued_entry(self):
+        entry = self.queue("bob", b"one")
+        self.assertEqual((entry.seq, entry.attempts, entry.last_error), (1, 0, None))
+        self.assertRaises(dataclasses.FrozenInstanceError, setattr, entry, "seq", 5)
+        self.assertFalse(self.outbox.sent(entry.message_id))
+        self.flush(ScriptedClient())
+        self.assertTrue(self.outbox.sent(entry.message_id))
+
+    def test_refused_for_good_lets_the_next_one_go(self):
+        self.queue("bob", b"bad")
+        self.queue("bob", b"good")
+        client = ScriptedClient({b"bad": SendRefused(E.RECIPIENT_KEY_MISMATCH, "stale key")})
+        result = self.flush(client)
+        self.assertEqual([q.seq for q in result.accepted], [2])
+        [failed] = self.outbox.failed()
+        self.assertRaises(dataclasses.FrozenInstanceError, setattr, failed, "seq", 5)
+
+    def test_held_by_the_relay_or_by_the_connection(self):
+        self.queue("bob", b"full")
+        self.queue("carol", b"lost")
+        client = ScriptedClient({b"full": SendRefused(E.MAILBOX_FULL, "full"),
+                                 b"lost": Disconnected("gone")})
+        result = self.flush(client)
+        self.assertEqual(len(result.deferred_by_relay), 1)
+        [bob] = [q for q in self.outbox.pending() if q.recipient == "bob"]
+        self.assertEqual(result.deferred_by_relay, {bob.message_id})
+
+    def test_refusals_that_may_pass_keep_the_message_queued(self):
+        """Each refusal the relay may lift later holds the message; the others fail it."""
+        for code in sorted(E, key=int):
+            if code.fatal:
+                continue
+            with self.subTest(code=code.name):
+                outbox = Outbox(self.mktemp())
+                self.addCleanup(outbox.close)
+                self.successResultOf(queue_message(outbox, ALICE, "bob", b"x",
+                                                   contacts=self.contacts))
+                result = self.successResultOf(outbox.flush(
+                    ScriptedClient({b"x": SendRefused(code, "no")})))
+                held = code in (E.MAILBOX_FULL, E.STORE_FAILED, E.RATE_LIMITED,
+                                E.SENDER_QUOTA)
+                self.assertEqual((len(outbox.pending()), len(outbox.failed())),
+                                 (1, 0) if held else (0, 1))
+                self.assertEqual(len(result.held), int(held))
+
+    def test_nothing_more_is_sent_once_the_connection_is_gone(self):
+        for text in (b"b1", b"b2"):
+            self.queue("bob", text)
+        self.queue("carol", b"c1")
+        client = ScriptedClient({b"b1": Disconnected("connection lost")})
+        result = self.flush(client)
+        self.assertEqual(client.submitted, [b"b1"])
+        self.assertEqual([reason for _, reason in result.held], ["connection lost"] * 3)
+
+    def test_a_passing_relay_error_stops_only_its_stream(self):
+        """A refusal that is not fatal and not about the message holds back its recipient only."""
+        self.queue("bob", b"b1")
+        self.queue("carol", b"c1")
+        client = ScriptedClient({b"b1": RelayError(E.STORE_FAILED, "try later")})
+        result = self.flush(client)
+        self.assertEqual(client.submitted, [b"b1", b"c1"])
+        self.assertEqual([q.recipient for q in result.accepted], ["carol"])
+
+    def test_at_most_the_window_in_flight(self):
+        """32 recipients' messages at once (FLUSH_WINDOW); the 33rd once one is answered."""
+        for n in range(33):
+            name = f"r{n}"
+            self.contacts.pin(name, BOB.public_der)
+            self.successResultOf(queue_message(self.outbox, ALICE, name, b"x",
+                                               contacts=self.contacts))
+        client = ScriptedClient(wait=True)
+        client.submit = lambda message_id, sealed: (client.waiting.append(Deferred())
+                                                    or client.waiting[-1])
+        d = self.outbox.flush(client)
+        self.assertEqual(len(client.waiting), 32)
+        client.waiting[0].callback(None)
+        self.assertEqual(len(client.waiting), 33)
+        for waiting in client.waiting[1:]:
+            waiting.callback(None)
+        self.assertEqual(len(self.successResultOf(d).accepted), 33)
+
+    def failing(self, prefix):
+        from tests.test_client import FailingAt
+
+        real = self.outbox._db
+        self.outbox._db = FailingAt(real, prefix)
+        return lambda: setattr(self.outbox, "_db", real)
+
+    def test_each_change_is_one_transaction(self):
+        restore = self.failing("INSERT INTO sequences")
+        self.failureResultOf(queue_message(self.outbox, ALICE, "bob", b"x",
+                                           contacts=self.contacts), sqlite3.OperationalError)
+        restore()
+        self.assertEqual(self.outbox.pending(), [])
+        entry = self.queue("bob", b"x")
+        self.assertEqual(entry.seq, 1)
+        for prefix, move in (("INSERT OR IGNORE INTO sent", self.outbox._accepted),
+                             ("INSERT OR REPLACE INTO failed",
+                              lambda e: self.outbox._refused(e, "why"))):
+            restore = self.failing(prefix)
+            self.assertRaises(sqlite3.OperationalError, move, entry)
+            restore()
+            self.assertEqual([q.message_id for q in self.outbox.pending()], [entry.message_id])
+
+    def test_a_failure_to_record_the_answer_ends_the_flush_cleanly(self):
+        """The disk fails as the acceptance is recorded: the flush ends, the message stays."""
+        self.queue("bob", b"x")
+        restore = self.failing("INSERT OR IGNORE INTO sent")
+        result = self.flush(ScriptedClient())
+        restore()
+        self.assertEqual(result.accepted, [])
+        self.assertEqual(len(self.outbox.pending()), 1)
+        gc.collect()  # an error left in a Deferred would be logged now
+
+    def test_closing_leaves_one_file(self):
+        self.queue("bob", b"x")
+        self.outbox.close()
+        self.assertFalse(os.path.exists(self.path + "-wal"))
+
+    def test_home_outbox(self):
+        from mailrelay.client.outbox import home_outbox
+
+        home = keys.Home(os.path.join(self.mktemp(), "nested", "home"))
+        outbox = home_outbox(home)
+        outbox.close()
+        self.assertEqual(stat.S_IMODE(os.stat(home.path).st_mode), 0o700)
+        outbox = home_outbox(home)
+        self.addCleanup(outbox.close)
+        self.assertTrue((home.path / "outbox.sqlite").exists())
+
+
+class OfflineSealingTests(SynchronousTestCase):
+    """Sealing without the relay: only with a pinned key, and never in CA mode."""
+
+    class Contacts:
+        def __init__(self, roots):
+            self.roots = roots
+
+        def identity_roots(self):
+            return self.roots
+
+        def pinned(self, name):
+            return BOB.public_key
+
+    def setUp(self):
+        self.outbox = Outbox(os.path.abspath(self.mktemp()))
+        self.addCleanup(self.outbox.close)
+
+    def test_a_home_without_a_ca_seals_with_the_pinned_key(self):
+        queued = self.successResultOf(queue_message(self.outbox, ALICE, "bob", b"x",
+                                                    contacts=self.Contacts(None)))
+        self.assertEqual(queued.seq, 1)
+
+    def test_a_home_with_a_ca_does_not(self):
+        error = self.failureResultOf(queue_message(self.outbox, ALICE, "bob", b"x",
+                                                   contacts=self.Contacts(["a root"])),
+                                     keys.IdentityError)
+        self.assertIn("against a CA", str(error.value))
+        self.assertEqual(self.outbox.pending(), [])
+
+    def test_no_contacts_no_key(self):
+        self.failureResultOf(queue_message(self.outbox, ALICE, "bob", b"x"), keys.IdentityError)

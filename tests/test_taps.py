@@ -22,12 +22,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailrelay import keys, wire
 from mailrelay.client import tap as client_tap
+from mailrelay.client.contacts import Contacts
 from mailrelay.client.inbox import Inbox
 from mailrelay.client.outbox import Outbox
 from mailrelay.client.defaults import DEFAULT_SERVER
 from mailrelay.relay import tap as relay_tap
 from mailrelay.relay.protocol import RelayFactory
-from mailrelay.relay.store import StoreError
+from mailrelay.relay.store import Quota, StoreError
 from mailrelay.relay.store.memory import MemoryStore
 from tests.test_cli import EnvMixin
 from tests.test_client import ALICE, BOB, MemoryRelay, read_frames
@@ -71,6 +72,8 @@ class RelayOptionsTests(InTempDirectory, SynchronousTestCase):
             "idle-timeout": 300.0,
             "quota-messages": 10000,
             "quota-bytes": 268435456,
+            "quota-per-sender": 1000,
+            "quota-per-sender-bytes": 67108864,
             "max-per-peer": 64,
             "max-sessions": 10000,
             "frame-timeout": 60.0,
@@ -106,6 +109,7 @@ class RelayOptionsTests(InTempDirectory, SynchronousTestCase):
             "-p", "9100", "-d", "/srv/relay", "--store", "memory", "--name", "relay.example",
             "--max-envelope", "65536", "--window", "8", "--auth-timeout", "2.5",
             "--idle-timeout", "60", "--quota-messages", "0", "--quota-bytes", "1000",
+            "--quota-per-sender", "50", "--quota-per-sender-bytes", "0",
             "--max-per-peer", "0", "--max-sessions", "500", "--frame-timeout", "7.5",
             "--rate", "0.5", "--burst", "20", "--retry-window", "7", "--ttl", "0.5",
         )
@@ -113,7 +117,8 @@ class RelayOptionsTests(InTempDirectory, SynchronousTestCase):
             "port": "tcp:9100", "data": "/srv/relay", "store": "memory",
             "name": "relay.example", "max-envelope": 65536, "window": 8,
             "auth-timeout": 2.5, "idle-timeout": 60.0, "quota-messages": 0,
-            "quota-bytes": 1000, "max-per-peer": 0, "max-sessions": 500,
+            "quota-bytes": 1000, "quota-per-sender": 50, "quota-per-sender-bytes": 0,
+            "max-per-peer": 0, "max-sessions": 500,
             "frame-timeout": 7.5, "rate": 0.5, "burst": 20, "retry-window": 7.0,
             "ttl": 0.5, "tls-cert": None, "tls-key": None, "tls": None,
             "ca": None, "ca-roots": None,
@@ -140,6 +145,15 @@ class RelayOptionsTests(InTempDirectory, SynchronousTestCase):
             (["--rate", "nan"], "--rate must be 0 or more, not nan"),
             (["--burst", "0"], "--burst must be positive, not 0"),
             (["--burst", "2.5"], "--burst must be a whole number, not '2.5'"),
+            (["--quota-messages", "-1"], "--quota-messages must be 0 or more, not -1"),
+            (["--quota-bytes", "1e6"], "--quota-bytes must be a whole number, not '1e6'"),
+            (["--quota-per-sender", "-1"], "--quota-per-sender must be 0 or more, not -1"),
+            (["--quota-per-sender", "some"],
+             "--quota-per-sender must be a whole number, not 'some'"),
+            (["--quota-per-sender-bytes", "-5"],
+             "--quota-per-sender-bytes must be 0 or more, not -5"),
+            (["--quota-per-sender-bytes", "2.5"],
+             "--quota-per-sender-bytes must be a whole number, not '2.5'"),
         ]:
             error = self.assertRaises(usage.UsageError, relay_options, "--store", "memory", *argv)
             self.assertIn(reason, str(error), argv)
@@ -168,6 +182,8 @@ class RelayOptionsTests(InTempDirectory, SynchronousTestCase):
             ["--window", "many"],
             ["--quota-messages", "-1"],
             ["--quota-bytes", "-1"],
+            ["--quota-per-sender", "-1"],
+            ["--quota-per-sender-bytes", "-1"],
             ["--auth-timeout", "0"],
             ["--idle-timeout", "-5"],
             ["--idle-timeout", "nan"],
@@ -201,6 +217,7 @@ class RelayServiceTests(SynchronousTestCase):
         top = self.make("--port", "9100", "--name", "relay1", "--window", "5",
                         "--max-envelope", "65536", "--auth-timeout", "3",
                         "--idle-timeout", "30", "--quota-messages", "7",
+                        "--quota-per-sender", "3", "--quota-per-sender-bytes", "4096",
                         "--max-per-peer", "9", "--max-sessions", "99",
                         "--frame-timeout", "4", "--rate", "12.5", "--burst", "40")
         self.assertIsInstance(top, service.MultiService)
@@ -220,7 +237,8 @@ class RelayServiceTests(SynchronousTestCase):
             (9, 99, 4.0, 12.5, 40, self.reactor),
         )
         self.assertIsInstance(factory.store, MemoryStore)
-        self.assertEqual(factory.store.quota.messages, 7)
+        self.assertEqual(factory.store.quota, Quota(messages=7, bytes=256 * 1024 * 1024,
+                                                    sender_messages=3, sender_bytes=4096))
         self.assertNoResult(factory.ready())
         top.startService()
         self.successResultOf(factory.ready())
@@ -383,13 +401,16 @@ class ClientOptionsTests(HomeMixin, SynchronousTestCase):
         identity = options["identity"]
         self.assertEqual((identity.name, identity.public_der), ("bob", BOB.public_der))
         self.assertEqual(
-            {k: v for k, v in options.items() if k not in ("identity", "inbox", "outbox")},
+            {k: v for k, v in options.items()
+             if k not in ("identity", "inbox", "outbox", "contacts")},
             {"home": self.home, "maildir": self.maildir, "server": "tcp:host:9000",
              "ca": None, "passphrase-file": None, "certificate": b"",
              "identity-roots": None},
         )
         self.assertIsInstance(options["inbox"], Inbox)
         self.assertIsInstance(options["outbox"], Outbox)
+        self.assertIsInstance(options["contacts"], Contacts)
+        self.assertEqual(options["contacts"].path, os.path.join(self.home, "contacts.sqlite"))
 
     def test_server_endpoint_unchanged(self):
         options = self.parse("--home", self.home, "--maildir", self.maildir,

@@ -72,6 +72,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol  # no
 from twisted.internet.protocol import Protocol  # noqa: E402
 from twisted.python.failure import Failure  # noqa: E402
 
+from mailrelay.client.contacts import MemoryContacts
 from mailrelay import envelope, keys, wire  # noqa: E402
 from mailrelay.client.protocol import connect  # noqa: E402
 from mailrelay.relay.protocol import BUSY_GRACE  # noqa: E402
@@ -570,11 +571,11 @@ class Pair:
     def start(self):
         self.recipient = yield connect(
             self.run.reactor, self.run.endpoint(PAIR_RECIPIENT), self.recipient_identity,
-            contacts=keys.MemoryContacts(), on_message=self.received, timeout=10,
+            contacts=MemoryContacts(), on_message=self.received, timeout=10,
         )
         self.sender = yield connect(
             self.run.reactor, self.run.endpoint(PAIR_SENDER), self.sender_identity,
-            contacts=keys.MemoryContacts(), timeout=10,
+            contacts=MemoryContacts(), timeout=10,
         )
         self.sending = True
         self.loop = task.LoopingCall(self.tick)

@@ -18,7 +18,7 @@ from mailrelay.client.outbox import queue_message
 class ChatConsole(LineReceiver):
     delimiter = b"\n"
 
-    def __init__(self, name: str, outbox=None) -> None:
+    def __init__(self, name: str, outbox) -> None:
         self.name = name
         self.outbox = outbox
         self.client = None
@@ -53,14 +53,12 @@ class ChatConsole(LineReceiver):
             return
         receiver, self.receiver = self.receiver, None
         data = text.encode("utf-8")
-        if self.outbox is None:
-            d = self.client.send(receiver, data)
-        else:
-            # Queued durably first: if the relay does not take it now, the
-            # next session (or `mailrelay flush`) sends it.
-            d = queue_message(self.outbox, self.client.identity, receiver, data,
-                              client=self.client)
-            d.addCallback(self._flush)
+        # Sealed, numbered and queued durably first, like `mailrelay send`: if
+        # the relay does not take it now, the next session (or `mailrelay
+        # flush`) sends it, and the recipient can tell if one goes missing.
+        d = queue_message(self.outbox, self.client.identity, receiver, data,
+                          client=self.client)
+        d.addCallback(self._flush)
         d.addCallbacks(self._sent, self._notSent, callbackArgs=(receiver,),
                        errbackArgs=(receiver,))
         self._prompt()
@@ -103,6 +101,16 @@ class ChatConsole(LineReceiver):
         """C{on_message}: print a verified, decrypted message."""
         text = for_terminal(opened.plaintext.decode("utf-8", "replace"))
         self._say(f"\nReceived message from {opened.sender}: {text}\n")
+        self._prompt()
+
+    def key_rotated(self, name: str, outcome) -> None:
+        """C{on_key_rotated}: a contact's key was followed along its signed rotations."""
+        self._say(f"\nNote: {outcome.notice(name)}.\n")
+        self._prompt()
+
+    def quarantined(self, quarantined) -> None:
+        """C{on_quarantined}: a delivery that could not be kept was set aside."""
+        self._say(f"\nNote: {quarantined.describe()}.\n")
         self._prompt()
 
     def rejected(self, rejected) -> None:

@@ -25,6 +25,7 @@ later one).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import time
@@ -60,6 +61,23 @@ CREATE TABLE IF NOT EXISTS streams (
     sender       TEXT PRIMARY KEY,
     last_seq     INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS attempts (
+    message_id   BLOB NOT NULL,
+    digest       BLOB NOT NULL,
+    count        INTEGER NOT NULL,
+    last_error   TEXT NOT NULL,
+    PRIMARY KEY (message_id, digest)
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    message_id      BLOB NOT NULL,
+    digest          BLOB NOT NULL,
+    sender          TEXT,
+    envelope        BLOB NOT NULL,
+    reason          TEXT NOT NULL,
+    attempts        INTEGER NOT NULL,
+    quarantined_at  INTEGER NOT NULL,
+    PRIMARY KEY (message_id, digest)
+);
 """
 
 
@@ -87,6 +105,23 @@ class Gap:
 
 
 @dataclass(frozen=True)
+class QuarantinedEntry:
+    """
+    A delivery the client could not keep after several attempts, kept as it
+    came (the envelope, unopened or unverified) with the reason: listed by
+    C{mailrelay inbox}, never shown as a message.
+    """
+
+    message_id: bytes
+    sender: str | None
+    """The sender the envelope names, if it can be read: not verified."""
+    envelope: bytes
+    reason: str
+    attempts: int
+    quarantined_at: int
+
+
+@dataclass(frozen=True)
 class Received:
     """One entry of the inbox, as L{Inbox.messages} lists it."""
 
@@ -104,9 +139,32 @@ class MemoryInbox:
     def __init__(self) -> None:
         self._ids: dict[tuple[str, bytes], int] = {}
         self._notices: set[bytes] = set()
+        self._attempts: dict[tuple[bytes, bytes], int] = {}
+        self._quarantine: list[QuarantinedEntry] = []
 
     def seen(self, sender: str, message_id: bytes) -> bool:
         return (sender, message_id) in self._ids
+
+    def numbered(self, sender: str) -> bool:
+        return self._last(sender) > 0
+
+    def failed_attempt(self, message_id: bytes, envelope: bytes, reason: str) -> int:
+        key = (message_id, _digest(envelope))
+        self._attempts[key] = self._attempts.get(key, 0) + 1
+        return self._attempts[key]
+
+    def quarantine(self, message_id: bytes, sender: str | None, envelope: bytes, reason: str,
+                   attempts: int) -> None:
+        self._attempts.pop((message_id, _digest(envelope)), None)
+        self._quarantine.append(QuarantinedEntry(message_id, sender, envelope, reason, attempts,
+                                                 int(time.time())))
+
+    def kept(self, message_id: bytes) -> None:
+        for key in [k for k in self._attempts if k[0] == message_id]:
+            del self._attempts[key]
+
+    def quarantined(self) -> list[QuarantinedEntry]:
+        return list(self._quarantine)
 
     def _last(self, sender: str) -> int:
         return max((seq for (s, _), seq in self._ids.items() if s == sender), default=0)
@@ -133,6 +191,10 @@ class MemoryInbox:
 
     def forget_notice(self, notice: wire.Notice) -> None:
         self._notices.discard(notice.notice_id)
+
+
+def _digest(envelope: bytes) -> bytes:
+    return hashlib.sha256(envelope).digest()
 
 
 def _gaps(sender: str, seq: int, last: int) -> list[Gap]:
@@ -182,6 +244,52 @@ class Inbox:
         ).fetchone()
         return row is not None
 
+    def numbered(self, sender: str) -> bool:
+        """Whether C{sender} has sent us a numbered message (sequence above 0)."""
+        row = self._db.execute(
+            "SELECT last_seq FROM streams WHERE sender = ?", (sender,)).fetchone()
+        return row is not None and row[0] > 0
+
+    def failed_attempt(self, message_id: bytes, envelope: bytes, reason: str) -> int:
+        """Count one more failure to keep this delivery; fire how many so far."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO attempts (message_id, digest, count, last_error) VALUES (?, ?, 1, ?)"
+                " ON CONFLICT (message_id, digest) DO UPDATE SET count = count + 1,"
+                " last_error = excluded.last_error",
+                (message_id, _digest(envelope), reason))
+            (count,) = self._db.execute(
+                "SELECT count FROM attempts WHERE message_id = ? AND digest = ?",
+                (message_id, _digest(envelope))).fetchone()
+        return count
+
+    def quarantine(self, message_id: bytes, sender: str | None, envelope: bytes, reason: str,
+                   attempts: int) -> None:
+        """Keep a delivery that could not be kept otherwise, as it came, with the reason."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT OR REPLACE INTO quarantine (message_id, digest, sender, envelope, reason,"
+                " attempts, quarantined_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (message_id, _digest(envelope), sender, envelope, reason, attempts,
+                 int(time.time())))
+            self._db.execute("DELETE FROM attempts WHERE message_id = ? AND digest = ?",
+                             (message_id, _digest(envelope)))
+
+    def kept(self, message_id: bytes) -> None:
+        """A delivery was kept (or refused for good): forget its failed attempts, if any."""
+        if self._db.execute("SELECT 1 FROM attempts WHERE message_id = ?",
+                            (message_id,)).fetchone() is not None:
+            with self._db:
+                self._db.execute("DELETE FROM attempts WHERE message_id = ?", (message_id,))
+
+    def quarantined(self) -> list[QuarantinedEntry]:
+        rows = self._db.execute(
+            "SELECT message_id, sender, envelope, reason, attempts, quarantined_at"
+            " FROM quarantine ORDER BY rowid").fetchall()
+        return [QuarantinedEntry(bytes(m), s, bytes(e), r, a, q) for m, s, e, r, a, q in rows]
+
     def record(self, opened: Opened) -> list[Gap]:
         """
         Commit C{opened} to the inbox; return what its sequence number says
@@ -198,7 +306,7 @@ class Inbox:
             self._db.execute(
                 "INSERT OR IGNORE INTO messages (sender, message_id, seq, sent_at, received_at,"
                 " body, header) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (sender, h.message_id, h.seq, h.timestamp if h.timestamp < 2**63 else None,
+                (sender, h.message_id, h.seq, h.timestamp,
                  int(time.time()), opened.plaintext, h.encode()),
             )
             if h.seq > last:

@@ -15,6 +15,7 @@ that expired unread) take the same path through C{on_notice}.
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from typing import Callable
 
@@ -27,6 +28,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mailrelay import envelope, keys, wire
+from mailrelay.client.contacts import RETIRED_KEY_WINDOW, MemoryContacts
 from mailrelay.client.inbox import Gap, MemoryInbox
 from mailrelay.channel import channel_binding, no_delay
 
@@ -86,6 +88,22 @@ def describe_disconnect(reason) -> str:
     return reason.getErrorMessage()
 
 
+class NotNow(Exception):
+    """
+    Raised by a message handler to leave a message with the relay for a
+    later session (say, the user asked for no more): not a failure to keep
+    it, so it does not count towards quarantine.
+    """
+
+
+MAX_DELIVERY_ATTEMPTS = 3
+"""
+Sessions in a row that may fail to keep the same delivered envelope before
+it is quarantined (kept in the inbox as it came, reported, acknowledged),
+so that no single delivery can hold up the messages behind it for ever.
+"""
+
+
 class Rejected(Exception):
     """A delivered envelope that could not be opened; it was acknowledged and dropped."""
 
@@ -94,6 +112,25 @@ class Rejected(Exception):
         self.message_id = message_id
         self.sender = sender
         self.reason = reason
+
+
+class Quarantined:
+    """A delivery this client could not keep, set aside in the inbox and acknowledged."""
+
+    def __init__(self, message_id: bytes, sender: str | None, reason: str,
+                 attempts: int) -> None:
+        self.message_id = message_id
+        self.sender = sender
+        self.reason = reason
+        self.attempts = attempts
+
+    def describe(self) -> str:
+        who = (f"(its envelope names {self.sender} as sender, unverified)" if self.sender
+               else "(its sender cannot be read)")
+        return (f"could not keep message {self.message_id.hex()} {who} in {self.attempts} "
+                f"attempts ({self.reason}); it is kept aside in the inbox, unread "
+                f"(`mailrelay inbox` lists it), and acknowledged so the messages behind it "
+                f"can come")
 
 
 class ClientProtocol(Protocol):
@@ -116,9 +153,14 @@ class ClientProtocol(Protocol):
         certificate: bytes = b"",
         identity_roots=None,
         on_key_rotated=None,
+        on_quarantined=None,
     ) -> None:
         self.identity = identity
+        # Called with (name, Outcome) when a contact's key was followed along
+        # its signed rotations; and with a Quarantined when a delivery that
+        # could not be kept was set aside.
         self.on_key_rotated = on_key_rotated
+        self.on_quarantined = on_quarantined
         # Our own certificate (DER), for a relay in CA mode; and the CA roots
         # every contact's key must be certified by (None: trust on first use).
         self.certificate = certificate
@@ -133,7 +175,7 @@ class ClientProtocol(Protocol):
         self.receive = on_message is not None if receive is None else receive
         if self.receive and on_message is None:
             raise ValueError("a receiving client needs an on_message handler")
-        self.contacts = contacts if contacts is not None else keys.MemoryContacts()
+        self.contacts = contacts if contacts is not None else MemoryContacts()
         self.on_message = on_message
         self.on_rejected = on_rejected
         self.on_notice = on_notice
@@ -142,6 +184,9 @@ class ClientProtocol(Protocol):
         self.clock = clock
         self.ping_interval = ping_interval
         self.max_envelope = wire.MAX_ENVELOPE
+        # How long a contact's retired key may still sign what we accept:
+        # the relay's message lifetime, never more than our own bound.
+        self.retired_key_window = RETIRED_KEY_WINDOW
         self.registered = False
         self.queued = 0
         self.relay_name: str | None = None
@@ -158,6 +203,7 @@ class ClientProtocol(Protocol):
         self._directory: dict[str, bytes] = {}
         self._certificates: dict[str, bytes] = {}
         self._rotations: dict[str, tuple] = {}
+        self._trusted: dict[str, object] = {}
         self._rotating: Deferred | None = None
         self._deliveries: deque[wire.Deliver | wire.Notice | envelope.Opened] = deque()
         self._delivering = False
@@ -356,6 +402,8 @@ class ClientProtocol(Protocol):
         self.registered = frame.registered
         self.queued = frame.queued
         self.max_envelope = frame.max_envelope
+        if frame.ttl:
+            self.retired_key_window = min(frame.ttl, RETIRED_KEY_WINDOW)
         if self.receive:
             # Recorded in an earlier session that died before showing them:
             # shown first, and not acknowledged again (they were, or will be
@@ -413,63 +461,63 @@ class ClientProtocol(Protocol):
             self._write(wire.Lookup(name))
         return d
 
+    def certificate_of(self, name: str) -> bytes:
+        """The certificate the relay gave with C{name}'s key this session (or empty)."""
+        return self._certificates.get(name, b"")
+
+    def rotations_of(self, name: str) -> tuple:
+        """The rotations the relay gave with C{name}'s key this session (unchecked)."""
+        return self._rotations.get(name, ())
+
+    def _now(self) -> int:
+        return int(self.clock.seconds() if self.clock is not None else time.time())
+
     @inlineCallbacks
     def contact_key(self, name: str):
         """
-        The key to use for C{name}: the directory's, which must match the one
-        pinned (trust on first use: pinned if none is).  A mismatch raises
-        L{keys.KeyConflict} with both fingerprints; an identity the relay
-        does not know, L{UnknownSender}.
+        The key to use for C{name}: the directory's answer, as far as what
+        this client trusts allows (L{Contacts.accept_key}): the key trusted
+        now, a first key (trusted on first use), or one that rotations
+        signed from the trusted key lead to (with a notice).  Fails with
+        L{keys.KeyConflict} (both fingerprints), L{contacts.RolledBack} for
+        an answer older than one accepted before, L{UncertifiedKey} when the
+        CA does not vouch for the key, L{UnknownSender} for an identity the
+        relay does not know.  Asked of the relay once per session.
         """
+        known = self._trusted.get(name)
+        if known is not None:
+            return known
         try:
             der = yield self.lookup(name)
         except RelayError as e:
             if e.code == E.UNKNOWN_IDENTITY:
                 raise UnknownSender(e.code, e.text) from None
             raise
+        certificate = self._certificates.get(name, b"")
         if self.identity_roots:
             # The relay's word is not enough: the CA must have certified it.
             from mailrelay import ca
 
             try:
-                ca.verify_identity(self._certificates.get(name, b""), self.identity_roots,
-                                   name, der)
+                ca.verify_identity(certificate, self.identity_roots, name, der)
             except ca.CAError as e:
                 raise UncertifiedKey(
                     f"the relay's key for {name!r} has no valid certificate from your CA "
                     f"({e}); not using it") from None
-        pinned = self.contacts.pinned(name)
-        if pinned is not None and keys.public_der(pinned) != der:
-            try:
-                keys.follow_rotations(name, keys.public_der(pinned), der,
-                                      self._rotations.get(name, ()))
-            except keys.IdentityError:
-                pass  # not the contact's rotation: pin() below refuses it, both shown
-            else:
-                self.log.warn("{name} rotated its key to {fingerprint} (signed by the key "
-                              "pinned before); now using the new one", name=name,
-                              fingerprint=keys.format_fingerprint(keys.fingerprint(der)))
-                if self.on_key_rotated is not None:
-                    self.on_key_rotated(name, der)
-                return self.contacts.accept_rotation(name, der)
-        return self.contacts.pin(name, der)
-
-    def _olderKey(self, name: str, digest: bytes, current):
-        """
-        The key of C{name} with fingerprint C{digest} if the relay's signed
-        rotations lead from it to C{current}; else C{current} (the envelope
-        then fails to open, as it must).
-        """
-        rotations = self._rotations.get(name, ())
-        current_der = keys.public_der(current)
-        for rotation in rotations:
-            if keys.fingerprint(rotation.old_key) == digest:
-                try:
-                    keys.follow_rotations(name, rotation.old_key, current_der, rotations)
-                    return keys.load_public_der(rotation.old_key)
-                except keys.IdentityError:
-                    break
-        return current
+        outcome = self.contacts.accept_key(name, der, self._rotations.get(name, ()),
+                                           certificate, now=self._now())
+        if outcome.rotated:
+            self.log.warn("{name} rotated its key to {fingerprint} (signed over from the key "
+                          "trusted before); now using the new one", name=name,
+                          fingerprint=keys.format_fingerprint(keys.fingerprint(der)))
+            if outcome.was_verified:
+                self.log.warn("{name} was verified, and no longer is: compare the new safety "
+                              "number (mailrelay fingerprint {name}), then mailrelay verify "
+                              "{name}", name=name)
+            if self.on_key_rotated is not None:
+                self.on_key_rotated(name, outcome)
+        self._trusted[name] = outcome.key
+        return outcome.key
 
     def rotate(self, new: keys.Identity, timestamp: int, certificate: bytes = b"") -> Deferred:
         """
@@ -546,17 +594,28 @@ class ClientProtocol(Protocol):
         self._delivering = True
         frame = self._deliveries.popleft()
         d = self._receive(frame)
-        d.addCallbacks(self._received, self._handlerFailed, callbackArgs=(frame,))
+        d.addCallbacks(self._received, self._handlerFailed, callbackArgs=(frame,),
+                       errbackArgs=(frame,))
 
     def _received(self, ignored, frame: wire.Deliver | wire.Notice | envelope.Opened) -> None:
+        if isinstance(frame, wire.Deliver):
+            # Kept (or rejected for good): earlier failures no longer count.
+            self.inbox.kept(frame.message_id)
         if self._state == "ready" and not isinstance(frame, envelope.Opened):
             self._write(wire.Ack(_frame_id(frame)))
         self._delivering = False
         self._nextDelivery()
 
-    def _handlerFailed(self, failure) -> None:
-        self.log.failure("handling a delivered message failed; closing so it comes again",
-                         failure)
+    def _handlerFailed(self, failure, frame) -> None:
+        if self._quarantined(failure, frame):
+            return
+        if failure.check(NotNow):
+            self.log.info("leaving message {id} with the relay for a later session",
+                          id=_frame_id(frame).hex() if not isinstance(frame, envelope.Opened)
+                          else frame.message_id.hex())
+        else:
+            self.log.failure("handling a delivered message failed; closing so it comes again",
+                             failure)
         self._delivering = False
         self._deliveries.clear()
         if self._state != "closed":
@@ -565,6 +624,46 @@ class ClientProtocol(Protocol):
                 f"it stays with the relay")
             self._state = "closed"
             self.transport.loseConnection()
+
+    def _quarantined(self, failure, frame) -> bool:
+        """
+        Count a failure to keep the delivered C{frame}.  Once the same
+        envelope failed L{MAX_DELIVERY_ATTEMPTS} times, set it aside in the
+        inbox as it came (with the reason), report it, acknowledge it and go
+        on with the next delivery; True then.  Failures that are not the
+        delivery's (the session ending, a handler leaving it for later)
+        do not count.
+        """
+        if not isinstance(frame, wire.Deliver) or self._state != "ready":
+            return False
+        if failure.check(NotNow, Disconnected, RelayError, defer.CancelledError):
+            return False
+        reason = failure.getErrorMessage() or failure.type.__name__
+        try:
+            header = envelope.read_header(frame.envelope, wire.LARGEST_ENVELOPE)
+            sender = header.sender
+        except envelope.EnvelopeError:
+            sender = None
+        try:
+            attempts = self.inbox.failed_attempt(frame.message_id, frame.envelope, reason)
+            if attempts < MAX_DELIVERY_ATTEMPTS:
+                return False
+            self.inbox.quarantine(frame.message_id, sender, frame.envelope, reason, attempts)
+        except Exception:
+            self.log.failure("could not count a failed delivery of {id}",
+                             id=frame.message_id.hex())
+            return False
+        quarantined = Quarantined(frame.message_id, sender, reason, attempts)
+        self.log.warn("{what}", what=quarantined.describe())
+        if self.on_quarantined is not None:
+            try:
+                self.on_quarantined(quarantined)
+            except Exception:
+                self.log.failure("reporting a quarantined message failed")
+        self._write(wire.Ack(frame.message_id))
+        self._delivering = False
+        self._nextDelivery()
+        return True
 
     def _receive(self, frame: wire.Deliver | wire.Notice | envelope.Opened) -> Deferred[None]:
         if isinstance(frame, wire.Notice):
@@ -589,19 +688,31 @@ class ClientProtocol(Protocol):
                 # recorded per sender, and the sender is checked below.
                 return
             key = yield self.contact_key(sender)
-            if env.header.sender_fingerprint != keys.fingerprint(keys.public_der(key)):
-                # Signed before the sender rotated: with a key that the signed
-                # chain leads from to the one trusted now.
-                key = self._olderKey(sender, env.header.sender_fingerprint, key)
+            h = env.header
+            if h.sender_fingerprint != keys.fingerprint(keys.public_der(key)):
+                # Signed by another key of the sender: only one this client
+                # trusted before, or one the trusted key vouches for, and only
+                # what it signed before it was replaced, not long after.
+                key = self.contacts.signing_key(
+                    sender, h.sender_fingerprint, h.timestamp, now=self._now(),
+                    window=self.retired_key_window, roots=self.identity_roots)
             # Sealed for this key, or for one this identity had before a rotation.
-            recipient = self.identity.for_fingerprint(env.header.recipient_fingerprint) \
-                or self.identity
+            recipient = self.identity.for_fingerprint(h.recipient_fingerprint) or self.identity
             opened = envelope.open_envelope(env, recipient, key)
-        except (envelope.EnvelopeError, keys.KeyConflict, UnknownSender, UncertifiedKey) as e:
+            if (h.version < 2 or not h.seq) and self.inbox.numbered(sender):
+                # Once a sender numbers its messages, an unnumbered one skips
+                # the gap check: an old one replayed, or a downgrade.
+                raise envelope.EnvelopeError(
+                    f"{sender!r} numbers its messages, but this one is unnumbered (envelope "
+                    f"version {h.version}, sequence {h.seq}): a replayed or downgraded "
+                    f"message; not shown")
+        except (envelope.EnvelopeError, keys.IdentityError, UnknownSender) as e:
             # Only what is wrong with the envelope itself, or with its claimed
             # sender, drops it: coming again would not make it any better.
             # Anything else (an unreadable local file, the session ending
             # during the key lookup) leaves it unacknowledged, to come again.
+            # Nothing is recorded of it: the id stays free for the genuine
+            # message, should the relay have reused it.
             rejected = Rejected(frame.message_id, sender, str(e))
             self.log.warn("rejected message {id} from {sender}: {reason}",
                           id=frame.message_id.hex(), sender=sender, reason=str(e))
@@ -695,6 +806,8 @@ def connect(
     on_gap=None,
     certificate: bytes = b"",
     identity_roots=None,
+    on_key_rotated=None,
+    on_quarantined=None,
 ):
     """
     Connect to the relay at C{endpoint} as C{identity}.  Fires with the
@@ -706,7 +819,8 @@ def connect(
         identity=identity, contacts=contacts, on_message=on_message,
         on_rejected=on_rejected, inbox=inbox, clock=reactor, relay_check=relay_check,
         on_notice=on_notice, on_gap=on_gap, certificate=certificate,
-        identity_roots=identity_roots,
+        identity_roots=identity_roots, on_key_rotated=on_key_rotated,
+        on_quarantined=on_quarantined,
     )
     started = reactor.seconds()
     connecting = endpoint.connect(factory)

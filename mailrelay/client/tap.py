@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from mailrelay import keys
+from mailrelay.client.contacts import ContactsError
 from mailrelay.client.defaults import default_home, default_server
 from mailrelay.client.maildir import Maildir
 from mailrelay.client.protocol import ClientFactory
@@ -84,7 +85,8 @@ class Options(usage.Options):
         try:
             self["inbox"] = home_inbox(home)
             self["outbox"] = home_outbox(home)
-        except (InboxError, OutboxError) as e:
+            self["contacts"] = home.contacts
+        except (InboxError, OutboxError, ContactsError) as e:
             raise usage.UsageError(str(e))
 
 
@@ -113,6 +115,14 @@ class Filer:
     @staticmethod
     def gap(gap) -> None:
         log.warn("{gap}", gap=gap.describe())
+
+    @staticmethod
+    def key_rotated(name: str, outcome) -> None:
+        log.warn("{notice}", notice=outcome.notice(name))
+
+    @staticmethod
+    def quarantined(quarantined) -> None:
+        log.warn("{what}", what=quarantined.describe())
 
     @staticmethod
     def rejected(rejected) -> None:
@@ -176,11 +186,13 @@ def makeService(options: Options, reactor=None):
         options["server"],
         endpoint=endpoint,
         identity=options["identity"],
-        contacts=home,
+        contacts=options["contacts"],
         on_message=filer,
         on_rejected=filer.rejected,
         on_notice=filer.notice,
         on_gap=filer.gap,
+        on_key_rotated=filer.key_rotated,
+        on_quarantined=filer.quarantined,
         inbox=options["inbox"],
         outbox=options["outbox"],
         durable_handler=True,
