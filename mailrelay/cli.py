@@ -304,7 +304,9 @@ def _out(line: str) -> None:
 
 
 def _err(line: str) -> None:
-    sys.stderr.write(line + "\n")
+    # Errors quote what the relay said (its error texts) and what it sent:
+    # shown escaped, like messages, so they cannot rewrite the screen.
+    sys.stderr.write(for_terminal(line) + "\n")
     sys.stderr.flush()
 
 
@@ -400,7 +402,7 @@ def cmd_verify(reactor, args):
     else:
         raise Failed("give the number the contact read to you with --safety-number, or run "
                      "this on a terminal to be asked")
-    contacts.verify(name)
+    contacts.verify(name, der=keys.public_der(key))
     _out(f"{name} is verified: {keys.key_fingerprint(key)}. If their key ever changes, you "
          f"are told, and {name} is no longer verified.")
     return 0
@@ -745,8 +747,9 @@ def _notice_json(notice: wire.Notice) -> dict:
 
 
 def _notice_line(notice: wire.Notice) -> str:
-    return (f"Message {notice.message_id.hex()} from {notice.sender} {notice.text}; "
-            f"it will not arrive")
+    # The text is the relay's: it must not pose as a message or rewrite the screen.
+    return (f"Message {notice.message_id.hex()} from {notice.sender} "
+            f"{for_terminal(notice.text)}; it will not arrive")
 
 
 def _format(opened: envelope.Opened, as_json: bool) -> str:

@@ -186,7 +186,10 @@ def seal(
     content_key = AESGCM.generate_key(bit_length=AES_KEY_SIZE * 8)
     nonce = os.urandom(NONCE_SIZE)
     ciphertext = AESGCM(content_key).encrypt(nonce, plaintext, header_bytes)
-    wrapped = recipient_key.encrypt(content_key, OAEP)
+    try:
+        wrapped = recipient_key.encrypt(content_key, OAEP)
+    except ValueError as e:
+        raise EnvelopeError(f"cannot seal for {recipient!r}'s key: {e}") from None
     signed = Writer().raw(header_bytes).blob16(wrapped).raw(nonce).blob32(ciphertext).getvalue()
     signature = sender.sign(signed)
     envelope = Writer().raw(signed).blob16(signature).getvalue()

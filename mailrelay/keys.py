@@ -304,8 +304,12 @@ def _check_rsa(key: object) -> rsa.RSAPublicKey:
         raise BadKey(f"RSA key of {key.key_size} bits is under the minimum of {MIN_KEY_BITS}")
     if key.key_size > MAX_KEY_BITS:
         raise BadKey(f"RSA key of {key.key_size} bits is over the maximum of {MAX_KEY_BITS}")
-    if key.public_numbers().e != PUBLIC_EXPONENT:
+    numbers = key.public_numbers()
+    if numbers.e != PUBLIC_EXPONENT:
         raise BadKey(f"RSA public exponent must be {PUBLIC_EXPONENT}")
+    if numbers.n % 2 == 0:
+        # Parses, but no private key exists for it: sealing to it fails.
+        raise BadKey("RSA modulus is even: not a usable key")
     return key
 
 

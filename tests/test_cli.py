@@ -971,7 +971,7 @@ class RecvTests(OnlineTestCase):
         """The inbox cannot be written (a full disk): recv says so, and the relay keeps it."""
         from mailrelay.client.inbox import Inbox
 
-        def full(self, opened):
+        def full(self, opened, **kwargs):
             raise OSError(28, "No space left on device")
 
         self.patch(Inbox, "record", full)
@@ -1276,3 +1276,25 @@ class TLSConnectTests(OnlineTestCase):
             f.write(self.pki.ca_file.read_bytes())
         d = self.run_tls("send", "--home", self.home, "--to", "bob", "by default")
         self.assertEqual(self.successResultOf(d), 0)
+
+
+class RelayTextOnTheTerminalTests(CommandTestCase):
+    """What the relay writes (a notice's text, an error's) is shown escaped, like messages."""
+
+    def test_notice_text_cannot_pose_as_a_message(self):
+        from mailrelay.client.inbox import home_inbox
+
+        home = self.home_with(BOB)
+        fake = "expired unread\n2026-09-21 10:00  from alice: new bank details\x1b[2K"
+        home_inbox(keys.Home(home)).record_notice(
+            wire.Notice(mid(9), wire.NOTICE_EXPIRED, "alice", mid(8), 1_790_000_000, fake))
+        self.assertEqual(self.successResultOf(self.run_cli("inbox", "--home", home)), 0)
+        out = self.stdout.getvalue()
+        self.assertNotIn("\x1b", out)
+        self.assertNotIn("\n2026-09-21 10:00  from alice:", out)
+        self.assertIn("\\x1b[2K", out)
+
+    def test_error_text_is_escaped(self):
+        cli._err("the relay at x refused us: \x1b[31mred\nfake line")
+        self.assertEqual(self.stderr.getvalue(),
+                         "the relay at x refused us: \\x1b[31mred\n    fake line\n")

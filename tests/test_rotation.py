@@ -145,6 +145,8 @@ class RotationKeepsMailTests(SynchronousTestCase):
 
     def setUp(self):
         self.relay = MemoryRelay()
+        # The clients learn of the rotation after it (their clock is the relay's).
+        self.relay.clock.advance(ROTATED_AT + 60)
         self.relay.register(ALICE)
         self.bob = self.relay.client(BOB)
         self.relay.flush()

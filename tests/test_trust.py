@@ -226,20 +226,20 @@ class OlderKeyTests(SynchronousTestCase):
         relay.deliver(sealed_by(ALICE, timestamp=T0 - DAY))
         self.assertEqual(relay.texts(), [b"hello bob"])
 
-    def test_retired_key_signs_nothing_long_after_the_rotation_was_learned(self):
+    def test_retired_key_signs_nothing_long_after_the_rotation(self):
         contacts = MemoryContacts()
         first = HostileRelay(self, contacts, now=T0)
-        first.key(ALICE_2, [step(ALICE, ALICE_2)])
+        first.key(ALICE_2, [step(ALICE, ALICE_2, T0)])
         first.deliver(sealed_by(ALICE_2, message_id=mid(1)), mid(1))  # learned at T0
         self.assertEqual(len(first.received), 1)
         # Just within the window: still opens.
         within = HostileRelay(self, contacts, now=T0 + RETIRED_KEY_WINDOW)
-        within.key(ALICE_2, [step(ALICE, ALICE_2)])
+        within.key(ALICE_2, [step(ALICE, ALICE_2, T0)])
         within.deliver(sealed_by(ALICE, message_id=mid(2), seq=2), mid(2))
         self.assertEqual(len(within.received), 1)
         # A second later: refused, though the chain still vouches for the key.
         late = HostileRelay(self, contacts, now=T0 + RETIRED_KEY_WINDOW + 1)
-        late.key(ALICE_2, [step(ALICE, ALICE_2)])
+        late.key(ALICE_2, [step(ALICE, ALICE_2, T0)])
         late.deliver(sealed_by(ALICE, message_id=mid(3), seq=3), mid(3))
         self.assertEqual(late.received, [])
         [rejected] = late.rejected
@@ -662,16 +662,28 @@ class RetiredKeyWindowTests(SynchronousTestCase):
         return keys.public_der(self.contacts.signing_key("alice", ALICE.fingerprint, timestamp,
                                                          now=now, **kwargs))
 
-    def test_thirty_days_from_learning_of_the_rotation(self):
+    def test_thirty_days_from_the_rotation(self):
         self.follow(T0 - DAY, T0)
-        self.assertEqual(self.signs(T0 - 2 * DAY, T0 + 30 * 86400), ALICE.public_der)
+        self.assertEqual(self.signs(T0 - 2 * DAY, T0 - DAY + 30 * 86400), ALICE.public_der)
         self.assertRaises(contacts_module.UntrustedSigner,
-                          self.signs, T0 - 2 * DAY, T0 + 30 * 86400 + 1)
+                          self.signs, T0 - 2 * DAY, T0 - DAY + 30 * 86400 + 1)
 
-    def test_counted_from_learning_not_from_the_rotations_date(self):
-        """bob learns of a rotation 40 days after it: the old key's messages still open."""
+    def test_a_rotation_shown_late_does_not_restart_the_window(self):
+        """
+        A relay that shows bob a rotation 40 days after it (with a thief of the
+        old key) cannot make the old key sign again: nothing genuine it signed
+        can still be waiting.
+        """
         self.follow(T0 - 40 * DAY, T0)
-        self.assertEqual(self.signs(T0 - 41 * DAY, T0 + DAY), ALICE.public_der)
+        self.assertRaises(contacts_module.UntrustedSigner, self.signs, T0 - 41 * DAY, T0 + DAY)
+
+    def test_a_rotation_dated_ahead_counts_from_learning_of_it(self):
+        """A rotation dated in the future: nothing dated after bob learned of it, 30 days on."""
+        self.follow(2**63 - 1, T0)
+        self.assertEqual(self.signs(T0 - DAY, T0 + DAY), ALICE.public_der)
+        self.assertRaises(contacts_module.UntrustedSigner, self.signs, T0 + 1, T0 + DAY)
+        self.assertRaises(contacts_module.UntrustedSigner,
+                          self.signs, T0 - DAY, T0 + 30 * 86400 + 1)
 
     def test_now_defaults_to_the_clock(self):
         learned = int(time.time())
@@ -1000,3 +1012,215 @@ class ContactsFileTests(SynchronousTestCase):
         self.assertEqual(trusted(again.contacts), ALICE_2.public_der)
         self.assertEqual([k.der for k in again.contacts.history("alice")], [ALICE_2.public_der])
         self.assertEqual(trusted(again.contacts, "carol"), ALICE_3.public_der)
+
+
+# What a second review found, played as the relay (and, where it says so, a
+# thief of alice's retired key working with it).
+
+FORGER_2 = ident("alice", key="forger-2")
+"""Another key the relay made up."""
+ALICE_X = ident("alice", key="alice-x")
+YEAR = 365 * DAY
+
+
+class HandCorrectionTests(SynchronousTestCase):
+    """
+    The relay slipped in FORGER at first contact and "rotated" it to FORGER_2
+    (both its own); bob then corrects alice's key by hand (`trust`).
+    """
+
+    def corrected(self, rotated_at):
+        contacts = MemoryContacts()
+        contacts.accept_key("alice", FORGER.public_der, now=T0 - 10 * DAY)
+        contacts.accept_key("alice", FORGER_2.public_der, [step(FORGER, FORGER_2, rotated_at)],
+                            now=T0 - 5 * DAY)
+        contacts.trust("alice", ALICE.public_der, ALICE.fingerprint, now=T0 - DAY)
+        relay = HostileRelay(self, contacts)
+        relay.key(ALICE)
+        return relay
+
+    def test_keys_before_the_correction_sign_nothing(self):
+        relay = self.corrected(T0 - 5 * DAY)
+        relay.deliver(sealed_by(FORGER, b"forged", mid(1), T0 - 6 * DAY))
+        self.assertEqual(relay.texts(), [])
+        self.assertIn("replaced by hand", relay.rejected[0].reason)
+
+    def test_a_rotation_dated_far_ahead_does_not_date_forgeries_today(self):
+        relay = self.corrected(2**63 - 1)
+        relay.deliver(sealed_by(FORGER, b"forged, dated today", mid(1), T0))
+        self.assertEqual(relay.texts(), [])
+
+
+class RunningSessionTests(SynchronousTestCase):
+    """A session sees what other processes changed in the same contacts file."""
+
+    def test_a_correction_by_hand_applies_at_once(self):
+        path = self.mktemp()
+        relay = HostileRelay(self, Contacts(path))  # a running twistd mailclient
+        relay.key(FORGER)
+        relay.deliver(sealed_by(FORGER, b"before", mid(1), T0), mid(1))
+        other = Contacts(path)  # `mailrelay trust alice --fingerprint ...`
+        other.trust("alice", ALICE.public_der, ALICE.fingerprint, now=T0)
+        other.close()
+        relay.deliver(sealed_by(FORGER, b"after the correction", mid(2), T0, seq=2), mid(2))
+        self.assertEqual(relay.texts(), [b"before"])
+
+    def test_a_rotation_followed_elsewhere_applies_at_once(self):
+        path = self.mktemp()
+        relay = HostileRelay(self, Contacts(path))
+        relay.key(ALICE)
+        relay.deliver(sealed_by(ALICE, b"genuine", mid(1), T0 - 3 * DAY), mid(1))
+        other = Contacts(path)  # `mailrelay send alice` follows ALICE -> ALICE_2
+        other.accept_key("alice", ALICE_2.public_der, [step(ALICE, ALICE_2, T0 - 2 * DAY)],
+                         now=T0 - DAY)
+        other.close()
+        relay.deliver(sealed_by(ALICE, b"dated after the rotation", mid(2), T0, seq=2), mid(2))
+        self.assertEqual(relay.texts(), [b"genuine"])
+
+
+class StolenRetiredKeyTests(SynchronousTestCase):
+    """alice rotated; a thief holds her retired key and works with the relay."""
+
+    def setUp(self):
+        contacts = MemoryContacts()
+        contacts.accept_key("alice", ALICE.public_der, now=T0 - 10 * DAY)
+        self.relay = HostileRelay(self, contacts)
+        self.relay.key(ALICE_2, [step(ALICE, ALICE_2, T0 - DAY)])
+
+    def test_a_forgery_under_a_genuine_id_does_not_make_the_genuine_one_vanish(self):
+        """
+        Within the old key's window the forgery opens; but the genuine
+        message under the same id is set aside, reported and kept, not
+        acknowledged as a repeat.
+        """
+        quarantined = []
+        self.relay.client.on_quarantined = quarantined.append
+        self.relay.deliver(sealed_by(ALICE, b"forged: meet at 9", mid(7), T0 - 2 * DAY), mid(7))
+        frames = self.relay.deliver(sealed_by(ALICE_2, b"genuine: meet at 5", mid(7), T0), mid(7))
+        self.assertEqual(frames, [wire.Ack(mid(7))])
+        [q] = quarantined
+        self.assertIn("another message under this id", q.reason)
+        [kept] = self.relay.inbox.quarantined()
+        self.assertEqual(envelope.open_envelope(kept.envelope, BOB, ALICE_2.public_key).plaintext,
+                         b"genuine: meet at 5")
+
+    def test_a_true_repeat_is_still_only_acknowledged(self):
+        data = sealed_by(ALICE_2, b"once", mid(7), T0)
+        self.relay.deliver(data, mid(7))
+        self.assertEqual(self.relay.deliver(data, mid(7)), [wire.Ack(mid(7))])
+        self.assertEqual(self.relay.texts(), [b"once"])
+        self.assertEqual(self.relay.inbox.quarantined(), [])
+
+    def test_one_absurd_number_does_not_turn_off_gap_detection(self):
+        gaps = []
+        self.relay.client.on_gap = gaps.append
+        self.relay.deliver(sealed_by(ALICE, b"x", mid(1), T0 - 2 * DAY, seq=2**63 - 1), mid(1))
+        self.relay.deliver(sealed_by(ALICE_2, b"one", mid(2), T0, seq=1), mid(2))
+        self.relay.deliver(sealed_by(ALICE_2, b"three", mid(4), T0, seq=3), mid(4))
+        self.assertIn((2, 2), [(g.first, g.last) for g in gaps if not g.late])
+        self.assertNotIn((1, 1), [(g.first, g.last) for g in gaps if g.late])
+
+    def test_numbering_goes_on_across_the_rotation(self):
+        """Old-key messages 1 and 2, then new-key 3: no gap, nothing late."""
+        gaps = []
+        self.relay.client.on_gap = gaps.append
+        for n, signer in ((1, ALICE), (2, ALICE), (3, ALICE_2)):
+            self.relay.deliver(sealed_by(signer, b"m", mid(n), T0 - 2 * DAY, seq=n), mid(n))
+        self.assertEqual(gaps, [])
+        self.assertEqual(len(self.relay.received), 3)
+
+
+class RelayShowsHistoryLateTests(SynchronousTestCase):
+    def test_history_withheld_at_first_contact_then_served(self):
+        contacts = MemoryContacts()
+        contacts.accept_key("alice", ALICE_2.public_der, (), now=T0 - YEAR)
+        relay = HostileRelay(self, contacts)
+        relay.key(ALICE_2, [step(ALICE, ALICE_2, T0 - 2 * YEAR)])
+        relay.deliver(sealed_by(ALICE, b"from 2 years ago", mid(1), T0 - 2 * YEAR - DAY))
+        self.assertEqual(relay.texts(), [])
+
+    def test_withheld_history_riding_in_with_the_next_rotation(self):
+        contacts = MemoryContacts()
+        contacts.accept_key("alice", ALICE_2.public_der, (), now=T0 - YEAR)
+        relay = HostileRelay(self, contacts)
+        relay.key(ALICE_3, [step(ALICE, ALICE_2, T0 - 2 * YEAR), step(ALICE_2, ALICE_3, T0 - DAY)])
+        relay.deliver(sealed_by(ALICE, b"from 2 years ago", mid(1), T0 - 2 * YEAR - DAY))
+        self.assertEqual(relay.texts(), [])
+
+
+class RotationLoopTests(SynchronousTestCase):
+    """alice: A -> B, then B -> X -> B -> C (a rotation back to a key is allowed)."""
+
+    def history(self):
+        return [step(ALICE, ALICE_2, T0 - 5 * DAY), step(ALICE_2, ALICE_X, T0 - 4 * DAY),
+                step(ALICE_X, ALICE_2, T0 - 3 * DAY), step(ALICE_2, ALICE_3, T0 - 2 * DAY)]
+
+    def contacts(self):
+        contacts = MemoryContacts()
+        contacts.accept_key("alice", ALICE.public_der, now=T0 - 10 * DAY)
+        contacts.accept_key("alice", ALICE_2.public_der, self.history()[:1], now=T0 - 5 * DAY)
+        return contacts
+
+    def test_the_whole_loop_is_followed_and_kept(self):
+        contacts = self.contacts()
+        self.assertEqual(contacts.accept_key("alice", ALICE_3.public_der, self.history(),
+                                             now=T0).rotated, 3)
+        self.assertEqual(len(contacts.chain("alice")), 4)
+        # The same honest answer next session is no rollback.
+        self.assertEqual(contacts.accept_key("alice", ALICE_3.public_der, self.history(),
+                                             now=T0 + 1).rotated, 0)
+
+    def test_a_key_inside_the_loop_is_vouched_for(self):
+        relay = HostileRelay(self, self.contacts())
+        relay.key(ALICE_3, self.history())
+        relay.deliver(sealed_by(ALICE_X, b"sent while X was current", mid(1), T0 - 4 * DAY + 1))
+        self.assertEqual(relay.texts(), [b"sent while X was current"])
+
+    def test_a_loop_back_to_the_trusted_key(self):
+        """B -> X -> B: the key is the same again, the steps are kept, X is history."""
+        contacts = self.contacts()
+        loop = self.history()[:3]
+        outcome = contacts.accept_key("alice", ALICE_2.public_der, loop, now=T0)
+        self.assertEqual(outcome.rotated, 0)
+        self.assertEqual(len(contacts.chain("alice")), 3)
+        self.assertEqual(trusted(contacts), ALICE_2.public_der)
+
+
+class ManyRotationsMissedTests(SynchronousTestCase):
+    def test_more_rotations_than_one_answer_carries_is_a_key_conflict(self):
+        """Not a rollback: the user is shown both fingerprints to compare."""
+        contacts = MemoryContacts()
+        contacts.accept_key("alice", ALICE.public_der, now=T0 - 100 * DAY)
+        contacts.accept_key("alice", ALICE_2.public_der, [step(ALICE, ALICE_2, T0 - 90 * DAY)],
+                            now=T0 - 90 * DAY)
+        people = [ALICE_2] + [ident("alice", key=f"alice-{i}") for i in range(20, 29)]
+        chain = [step(a, b, T0 - 50 * DAY + i) for i, (a, b) in enumerate(zip(people, people[1:]))]
+        self.assertRaises(keys.KeyConflict, contacts.accept_key, "alice", people[-1].public_der,
+                          chain[-wire.MAX_ROTATIONS:], now=T0)
+
+
+class UnusableKeyTests(SynchronousTestCase):
+    def test_an_even_modulus_is_refused_at_first_contact(self):
+        """It parses, but nothing can be sealed to it: refused, not pinned."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        bogus = rsa.RSAPublicNumbers(65537, 2**2047 + 2).public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        relay = HostileRelay(self)
+        d = relay.client.send("alice", b"hi")
+        relay.client.dataReceived(wire.encode(wire.Key("alice", bogus)))
+        failure = self.failureResultOf(d, keys.BadKey)
+        self.assertIn("even", str(failure.value))
+        self.assertIsNone(relay.contacts.pinned("alice"))
+
+
+class VerifyWhileTheKeyChangesTests(SynchronousTestCase):
+    def test_the_key_compared_is_the_key_verified(self):
+        contacts = MemoryContacts()
+        contacts.pin("alice", ALICE.public_der)
+        contacts.accept_key("alice", ALICE_2.public_der, [step(ALICE, ALICE_2)], now=T0)
+        self.assertRaises(UntrustedKey, contacts.verify, "alice", der=ALICE.public_der)
+        self.assertFalse(contacts.is_verified("alice"))
+        contacts.verify("alice", der=ALICE_2.public_der)
+        self.assertTrue(contacts.is_verified("alice"))

@@ -83,7 +83,7 @@ class ChatConsole(LineReceiver):
     def _notSent(self, failure, receiver: str) -> None:
         # Every reason is the user's to read (a refused message, an unknown
         # recipient, a changed key, the connection gone): say it, go on.
-        self._say(f"\nNot sent to {receiver}: {failure.getErrorMessage()}\n")
+        self._say(f"\nNot sent to {receiver}: {for_terminal(failure.getErrorMessage())}\n")
         self._prompt()
 
     def notice(self, notice) -> None:
@@ -110,7 +110,7 @@ class ChatConsole(LineReceiver):
 
     def quarantined(self, quarantined) -> None:
         """C{on_quarantined}: a delivery that could not be kept was set aside."""
-        self._say(f"\nNote: {quarantined.describe()}.\n")
+        self._say(f"\nNote: {for_terminal(quarantined.describe())}.\n")
         self._prompt()
 
     def rejected(self, rejected) -> None:

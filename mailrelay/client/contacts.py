@@ -231,6 +231,10 @@ class Contacts:
         ).fetchone()
         return None if row is None else bytes(row[0])
 
+    def current_der(self, name: str) -> bytes | None:
+        """The DER of the key trusted now for C{name}, or None (one indexed read)."""
+        return self._current(keys.check_identity(name))
+
     def pinned(self, name: str) -> rsa.RSAPublicKey | None:
         """The key trusted now for C{name}, or None when there is none yet."""
         current = self._current(keys.check_identity(name))
@@ -297,27 +301,35 @@ class Contacts:
                 return Outcome(keys.load_public_der(der), pinned=True)
             trusted = current
             accepted = self.chain(name)
-            if der == trusted:
-                if accepted and not _extends(accepted, chain, trusted):
+            if accepted:
+                new = _beyond(accepted, chain, trusted)
+                if new is None:
+                    if len(chain) == wire.MAX_ROTATIONS and not _touches(chain, trusted):
+                        # More rotations since than one answer carries: compare.
+                        raise keys.KeyConflict(name, _fp(trusted), _fp(der))
                     raise self._not_extension(name, der)
-                if not accepted:
-                    self._extend_chain(name, vouched_backwards(name, chain, der), now)
+            elif der == trusted:
+                self._extend_chain(name, vouched_backwards(name, chain, der), now)
                 return Outcome(keys.load_public_der(der))
-            if accepted and not _extends(accepted, chain, trusted):
-                raise self._not_extension(name, der)
-            start = _last_index(chain, trusted)
-            if start is None or not all(signed_by_both(name, s) for s in chain[start:]):
+            else:
+                new = _from(name, chain, trusted)
+            if not new:
+                if der != trusted:
+                    self._refuse_change(name, trusted, der)
+                return Outcome(keys.load_public_der(der))
+            if new[0].old_key != trusted or not all(signed_by_both(name, s) for s in new):
                 self._refuse_change(name, trusted, der)
-            # Followed: every key on the way is retired at its rotation.
-            self._retire(name, trusted, now, chain[start].timestamp)
-            for step in chain[start + 1:]:
+            # Followed: every key on the way is retired at its rotation (a
+            # key the chain comes back to is current again).
+            self._retire(name, trusted, now, new[0].timestamp)
+            for step in new[1:]:
                 self._add_key(name, step.old_key, ROTATION, now, step.old_certificate)
                 self._retire(name, step.old_key, now, step.timestamp)
             self._add_key(name, der, ROTATION, now, certificate)
-            self._extend_chain(name, chain[start:] if accepted
-                               else vouched_backwards(name, chain, der), now)
-            was_verified = self._unverify(name, trusted)
-            return Outcome(keys.load_public_der(der), rotated=len(chain) - start,
+            self._extend_chain(name, new if accepted else vouched_backwards(name, chain, der),
+                               now)
+            was_verified = der != trusted and self._unverify(name, trusted)
+            return Outcome(keys.load_public_der(der), rotated=len(new) if der != trusted else 0,
                            was_verified=was_verified)
 
     def _refuse_change(self, name: str, trusted: bytes, offered: bytes):
@@ -375,6 +387,13 @@ class Contacts:
                 if current is not None:
                     self._retire(name, current, now, None)
                     self._db.execute("DELETE FROM chain WHERE contact = ?", (name,))
+                    # Replaced by hand: no earlier key signs on its own any more,
+                    # only if the new key's own rotations vouch for it (a key the
+                    # relay slipped in, and "rotated" between keys of its own,
+                    # must not outlive the user's correction).
+                    self._db.execute(
+                        "UPDATE keys SET rotated_at = NULL WHERE contact = ? AND key != ?",
+                        (name, der))
                 self._db.execute(
                     "UPDATE keys SET retired_at = NULL, rotated_at = NULL, how = ?,"
                     " trusted_at = ?, certificate = ? WHERE contact = ? AND key = ?",
@@ -384,14 +403,23 @@ class Contacts:
             self._set_verified(name, der, now)
         return None if current is None else keys.load_public_der(current)
 
-    def verify(self, name: str, now: int | None = None) -> rsa.RSAPublicKey:
-        """Mark the key trusted now for C{name} as verified (safety numbers compared)."""
+    def verify(self, name: str, now: int | None = None,
+               der: bytes | None = None) -> rsa.RSAPublicKey:
+        """
+        Mark the key trusted now for C{name} as verified (safety numbers
+        compared); with C{der}, only if that is still the key trusted now
+        (the one whose number the person compared), else L{UntrustedKey}.
+        """
         name = keys.check_identity(name)
-        current = self._current(name)
-        if current is None:
-            raise keys.IdentityError(f"no key of {name!r} is trusted yet: nothing to verify")
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
+            current = self._current(name)
+            if current is None:
+                raise keys.IdentityError(f"no key of {name!r} is trusted yet: nothing to verify")
+            if der is not None and keys.canonical_der(der) != current:
+                raise UntrustedKey(
+                    f"the key of {name!r} changed while you compared the safety number (now "
+                    f"{_fp(current)}): {name} is not verified; compare the new number")
             self._set_verified(name, current, int(time.time()) if now is None else int(now))
         return keys.load_public_der(current)
 
@@ -481,15 +509,20 @@ class Contacts:
                 f"a message from {name!r} is signed by a key ({shown}) that neither this client "
                 f"nor {name!r}'s trusted key ever vouched for: it may be forged by the relay; "
                 f"not shown")
+        # Whichever came first, the signed rotation or this client learning of
+        # it: nothing is dated after it, and the window counts from it (a
+        # relay that shows an old rotation late cannot restart the window,
+        # and a rotation dated in the future cannot stretch it).
+        replaced = min(replaced, learned)
         if timestamp > replaced:
             raise UntrustedSigner(
                 f"a message from {name!r} is signed by a retired key ({shown}) but dated after "
                 f"that key was replaced ({_day(replaced)}); not shown")
-        if now > learned + window:
+        if now > replaced + window:
             raise UntrustedSigner(
-                f"a message from {name!r} is signed by a retired key ({shown}), and this client "
-                f"learned of its replacement more than {window / 86400:g} days ago: a retired key "
-                f"no longer signs after that; not shown")
+                f"a message from {name!r} is signed by a retired key ({shown}), replaced more "
+                f"than {window / 86400:g} days ago: a retired key no longer signs after that "
+                f"(messages wait no longer on the relay); not shown")
         if roots:
             from mailrelay import ca
 
@@ -534,12 +567,35 @@ class Contacts:
         os.replace(folder, folder.with_name(folder.name + ".imported"))
 
 
-def _last_index(chain, der: bytes) -> int | None:
-    """Where the last step of C{chain} leaving C{der} is, or None."""
-    for i in range(len(chain) - 1, -1, -1):
-        if chain[i].old_key == der:
-            return i
-    return None
+def _from(name: str, chain, trusted: bytes) -> tuple:
+    """
+    The steps of C{chain} from the first one that leaves C{trusted} and
+    after which every step is signed by both its keys (a chain that comes
+    back to a key keeps the whole way); empty if there is none.
+    """
+    for i, step in enumerate(chain):
+        if step.old_key == trusted and all(signed_by_both(name, s) for s in chain[i:]):
+            return tuple(chain[i:])
+    return ()
+
+
+def _touches(chain, der: bytes) -> bool:
+    return any(der in (s.old_key, s.new_key) for s in chain)
+
+
+def _beyond(accepted, chain, trusted: bytes) -> tuple | None:
+    """
+    The steps of the relay's C{chain} past the chain C{accepted} before
+    (which ends at C{trusted}); None when C{chain} is not an extension of
+    it (see L{_extends}).
+    """
+    if not _extends(accepted, chain, trusted):
+        return None
+    said = [_said(s) for s in chain]
+    last = _said(accepted[-1])
+    if last in said:
+        return tuple(chain[len(said) - said[::-1].index(last):])
+    return tuple(chain)
 
 
 def _said(step: wire.Rotation) -> tuple[bytes, bytes, int]:

@@ -61,6 +61,12 @@ CREATE TABLE IF NOT EXISTS streams (
     sender       TEXT PRIMARY KEY,
     last_seq     INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS retired_numbers (
+    sender       TEXT NOT NULL,
+    message_id   BLOB NOT NULL,
+    seq          INTEGER NOT NULL,
+    PRIMARY KEY (sender, message_id)
+);
 CREATE TABLE IF NOT EXISTS attempts (
     message_id   BLOB NOT NULL,
     digest       BLOB NOT NULL,
@@ -137,7 +143,8 @@ class MemoryInbox:
     """The same bookkeeping in memory, for sessions that keep no files."""
 
     def __init__(self) -> None:
-        self._ids: dict[tuple[str, bytes], int] = {}
+        # (sender, id) -> (seq, header bytes, signed by a retired key)
+        self._ids: dict[tuple[str, bytes], tuple[int, bytes, bool]] = {}
         self._notices: set[bytes] = set()
         self._attempts: dict[tuple[bytes, bytes], int] = {}
         self._quarantine: list[QuarantinedEntry] = []
@@ -145,8 +152,12 @@ class MemoryInbox:
     def seen(self, sender: str, message_id: bytes) -> bool:
         return (sender, message_id) in self._ids
 
+    def seen_header(self, sender: str, message_id: bytes) -> bytes | None:
+        entry = self._ids.get((sender, message_id))
+        return None if entry is None else entry[1]
+
     def numbered(self, sender: str) -> bool:
-        return self._last(sender) > 0
+        return any(seq for (s, _), (seq, _, _) in self._ids.items() if s == sender)
 
     def failed_attempt(self, message_id: bytes, envelope: bytes, reason: str) -> int:
         key = (message_id, _digest(envelope))
@@ -166,13 +177,13 @@ class MemoryInbox:
     def quarantined(self) -> list[QuarantinedEntry]:
         return list(self._quarantine)
 
-    def _last(self, sender: str) -> int:
-        return max((seq for (s, _), seq in self._ids.items() if s == sender), default=0)
-
-    def record(self, opened: Opened) -> list[Gap]:
-        gaps = _gaps(opened.sender, opened.header.seq, self._last(opened.sender))
-        self._ids[opened.sender, opened.message_id] = opened.header.seq
-        return gaps
+    def record(self, opened: Opened, retired: bool = False) -> list[Gap]:
+        sender, seq = opened.sender, opened.header.seq
+        mine = [(n, old) for (s, _), (n, _, old) in self._ids.items() if s == sender]
+        last = _last(seq, retired, max((n for n, old in mine if not old), default=0),
+                     [n for n, old in mine if old])
+        self._ids[sender, opened.message_id] = (seq, opened.header.encode(), retired)
+        return _gaps(sender, seq, last)
 
     def forget(self, opened: Opened) -> None:
         self._ids.pop((opened.sender, opened.message_id), None)
@@ -195,6 +206,19 @@ class MemoryInbox:
 
 def _digest(envelope: bytes) -> bytes:
     return hashlib.sha256(envelope).digest()
+
+
+def _last(seq: int, retired: bool, current: int, retired_numbers) -> int:
+    """
+    The sender's highest number to compare C{seq} with.  Numbers that
+    messages signed by a retired key of the sender carried count only below
+    C{seq} for a message signed by the current key: such a key may be in a
+    thief's hands, and one absurd number from it must not make every later
+    genuine message "late" (and hide what the relay withholds).
+    """
+    if retired:
+        return max([current, *retired_numbers])
+    return max([current, *(n for n in retired_numbers if n < seq)])
 
 
 def _gaps(sender: str, seq: int, last: int) -> list[Gap]:
@@ -244,11 +268,24 @@ class Inbox:
         ).fetchone()
         return row is not None
 
+    def seen_header(self, sender: str, message_id: bytes) -> bytes | None:
+        """
+        The header of the message recorded from C{sender} under this id, or
+        None if there is none (b"" for one recorded before headers were kept).
+        """
+        row = self._db.execute(
+            "SELECT header FROM messages WHERE sender = ? AND message_id = ?",
+            (sender, message_id)).fetchone()
+        return None if row is None else bytes(row[0] or b"")
+
     def numbered(self, sender: str) -> bool:
         """Whether C{sender} has sent us a numbered message (sequence above 0)."""
         row = self._db.execute(
             "SELECT last_seq FROM streams WHERE sender = ?", (sender,)).fetchone()
-        return row is not None and row[0] > 0
+        if row is not None and row[0] > 0:
+            return True
+        return self._db.execute("SELECT 1 FROM retired_numbers WHERE sender = ? AND seq > 0",
+                                (sender,)).fetchone() is not None
 
     def failed_attempt(self, message_id: bytes, envelope: bytes, reason: str) -> int:
         """Count one more failure to keep this delivery; fire how many so far."""
@@ -290,10 +327,12 @@ class Inbox:
             " FROM quarantine ORDER BY rowid").fetchall()
         return [QuarantinedEntry(bytes(m), s, bytes(e), r, a, q) for m, s, e, r, a, q in rows]
 
-    def record(self, opened: Opened) -> list[Gap]:
+    def record(self, opened: Opened, retired: bool = False) -> list[Gap]:
         """
         Commit C{opened} to the inbox; return what its sequence number says
-        is missing or late.  Call it before showing the message.
+        is missing or late.  Call it before showing the message.  A message
+        signed by a C{retired} key of its sender never raises the sender's
+        highest number (L{_last}).
         """
         h = opened.header
         sender = h.sender
@@ -302,14 +341,21 @@ class Inbox:
             row = self._db.execute(
                 "SELECT last_seq FROM streams WHERE sender = ?", (sender,)
             ).fetchone()
-            last = 0 if row is None else row[0]
+            current = 0 if row is None else row[0]
+            numbers = [n for (n,) in self._db.execute(
+                "SELECT seq FROM retired_numbers WHERE sender = ?", (sender,))]
+            last = _last(h.seq, retired, current, numbers)
             self._db.execute(
                 "INSERT OR IGNORE INTO messages (sender, message_id, seq, sent_at, received_at,"
                 " body, header) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (sender, h.message_id, h.seq, h.timestamp,
                  int(time.time()), opened.plaintext, h.encode()),
             )
-            if h.seq > last:
+            if retired:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO retired_numbers (sender, message_id, seq)"
+                    " VALUES (?, ?, ?)", (sender, h.message_id, h.seq))
+            elif h.seq > current:
                 self._db.execute(
                     "INSERT INTO streams (sender, last_seq) VALUES (?, ?) ON CONFLICT (sender)"
                     " DO UPDATE SET last_seq = excluded.last_seq",
@@ -329,8 +375,13 @@ class Inbox:
                 (opened.sender, opened.message_id),
             )
             self._db.execute(
-                "UPDATE streams SET last_seq = (SELECT COALESCE(MAX(seq), 0) FROM messages"
-                " WHERE sender = ?1) WHERE sender = ?1",
+                "DELETE FROM retired_numbers WHERE sender = ? AND message_id = ?",
+                (opened.sender, opened.message_id),
+            )
+            self._db.execute(
+                "UPDATE streams SET last_seq = (SELECT COALESCE(MAX(seq), 0) FROM messages m"
+                " WHERE m.sender = ?1 AND NOT EXISTS (SELECT 1 FROM retired_numbers r"
+                " WHERE r.sender = ?1 AND r.message_id = m.message_id)) WHERE sender = ?1",
                 (opened.sender,),
             )
 

@@ -96,6 +96,14 @@ class NotNow(Exception):
     """
 
 
+class SecondMessage(Exception):
+    """
+    A delivery that opens, under an id the inbox already holds another
+    message of the same sender for: set aside at once (quarantined), never
+    dropped as a repeat.
+    """
+
+
 MAX_DELIVERY_ATTEMPTS = 3
 """
 Sessions in a row that may fail to keep the same delivered envelope before
@@ -485,8 +493,10 @@ class ClientProtocol(Protocol):
         relay does not know.  Asked of the relay once per session.
         """
         known = self._trusted.get(name)
-        if known is not None:
-            return known
+        if known is not None and self.contacts.current_der(name) == known[0]:
+            # Still what the contacts store trusts: another process (`mailrelay
+            # trust`, a session that followed a rotation) may have changed it.
+            return known[1]
         try:
             der = yield self.lookup(name)
         except RelayError as e:
@@ -516,7 +526,7 @@ class ClientProtocol(Protocol):
                               "{name}", name=name)
             if self.on_key_rotated is not None:
                 self.on_key_rotated(name, outcome)
-        self._trusted[name] = outcome.key
+        self._trusted[name] = (keys.public_der(outcome.key), outcome.key)
         return outcome.key
 
     def rotate(self, new: keys.Identity, timestamp: int, certificate: bytes = b"") -> Deferred:
@@ -638,6 +648,7 @@ class ClientProtocol(Protocol):
             return False
         if failure.check(NotNow, Disconnected, RelayError, defer.CancelledError):
             return False
+        at_once = failure.check(SecondMessage) is not None
         reason = failure.getErrorMessage() or failure.type.__name__
         try:
             header = envelope.read_header(frame.envelope, wire.LARGEST_ENVELOPE)
@@ -646,7 +657,7 @@ class ClientProtocol(Protocol):
             sender = None
         try:
             attempts = self.inbox.failed_attempt(frame.message_id, frame.envelope, reason)
-            if attempts < MAX_DELIVERY_ATTEMPTS:
+            if attempts < MAX_DELIVERY_ATTEMPTS and not at_once:
                 return False
             self.inbox.quarantine(frame.message_id, sender, frame.envelope, reason, attempts)
         except Exception:
@@ -680,16 +691,20 @@ class ClientProtocol(Protocol):
             sender = env.header.sender
             if env.header.message_id != frame.message_id:
                 raise envelope.EnvelopeError("relay delivered it under another message id")
-            if self.inbox.seen(sender, frame.message_id):
+            seen = self.inbox.seen_header(sender, frame.message_id)
+            if seen is not None and (not seen or seen == env.header.encode()):
                 # Shown before (its ack was lost, or we died before sending
                 # it): acknowledge again, show nothing.  Only an envelope the
                 # sender's key opened was ever recorded, so a forger cannot
                 # make us drop a real message by reusing its id: ids are
-                # recorded per sender, and the sender is checked below.
+                # recorded per sender, the sender is checked below, and an
+                # envelope with another header under a recorded id is no
+                # repeat (see SecondMessage below).
                 return
             key = yield self.contact_key(sender)
             h = env.header
-            if h.sender_fingerprint != keys.fingerprint(keys.public_der(key)):
+            retired = h.sender_fingerprint != keys.fingerprint(keys.public_der(key))
+            if retired:
                 # Signed by another key of the sender: only one this client
                 # trusted before, or one the trusted key vouches for, and only
                 # what it signed before it was replaced, not long after.
@@ -706,6 +721,14 @@ class ClientProtocol(Protocol):
                     f"{sender!r} numbers its messages, but this one is unnumbered (envelope "
                     f"version {h.version}, sequence {h.seq}): a replayed or downgraded "
                     f"message; not shown")
+            if seen is not None:
+                # Two different messages, both signed by keys of the sender,
+                # under one id: one may be forged with a stolen retired key
+                # and was delivered first to hide the other.  Neither is
+                # dropped quietly: this one is set aside, reported, kept.
+                raise SecondMessage(
+                    f"{sender!r} signed another message under this id, already shown; "
+                    f"one of the two may be forged with a stolen retired key")
         except (envelope.EnvelopeError, keys.IdentityError, UnknownSender) as e:
             # Only what is wrong with the envelope itself, or with its claimed
             # sender, drops it: coming again would not make it any better.
@@ -720,7 +743,7 @@ class ClientProtocol(Protocol):
                 yield maybeDeferred(self.on_rejected, rejected)
             return
         # On disk before it is shown: a crash after showing cannot show it twice.
-        gaps = self.inbox.record(opened)
+        gaps = self.inbox.record(opened, retired=retired)
         try:
             for gap in gaps:
                 self.log.warn("{gap}", gap=gap.describe())
