@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 9000
 DATA ?= ./var
 
-.PHONY: run test demo bench clean fuzz crash-test hostile-test
+.PHONY: run test demo bench clean fuzz crash-test hostile-test mutation-test
 
 $(BIN)/twistd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,18 @@ fuzz: $(VENV)/.fuzz-installed
 	    -artifact_prefix=$(FUZZ_OUT)/$$target/ \
 	    $(FUZZ_OUT)/$$target/corpus fuzz/corpus/$$target || status=1; \
 	done; exit $$status
+
+# Mutation testing of the checks that decide what is accepted (tools/mutation.py,
+# scope and tests in tools/mutation.toml): fails on a surviving mutant that
+# tests/mutation-survivors.toml does not accept.  The whole run takes tens of
+# minutes; CI passes MUTATION_FLAGS="--sample N --seed 1" (a fixed sample of the
+# trust modules' mutants).  It mutates a copy under build/mutation/.
+$(VENV)/.mutation-installed: $(BIN)/twistd pyproject.toml
+	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[mutation]'
+	@touch $@
+
+mutation-test: $(VENV)/.mutation-installed
+	$(BIN)/python tools/mutation.py $(MUTATION_FLAGS)
 
 clean:
 	rm -rf $(VENV) _trial_temp* twisted/plugins/dropin.cache build
