@@ -333,7 +333,8 @@ def _verify_identity(certificate_data, roots, identity, public_key_der, now) -> 
         except (InvalidSignature, ValueError, TypeError):
             continue
         issuer = root
-        break
+        if root.not_valid_before_utc <= now <= root.not_valid_after_utc:
+            break  # else a root renewed with the same key may come later
     if issuer is None:
         raise CAError("the certificate's signature does not verify with the root")
     if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:

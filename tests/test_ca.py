@@ -309,3 +309,304 @@ class HostileCertificateTests(SynchronousTestCase):
         names = x509.load_pem_x509_certificate(pem).extensions.get_extension_for_class(
             x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
         self.assertEqual(names, ["xn--rlay-bpa.example"])
+
+
+# Found by mutation testing (make mutation-test): checks no test above guarded.
+
+def extension(certificate: x509.Certificate, kind):
+    found = certificate.extensions.get_extension_for_class(kind)
+    return found.value, found.critical
+
+
+def made_root(key, name: str, constraints=x509.BasicConstraints(ca=True, path_length=0),
+              usage: bool | None = True, signer=None, issuer: str | None = None) -> bytes:
+    """A root certificate (PEM) built by hand: C{usage} True, False (no keyCertSign) or None."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
+    builder = (x509.CertificateBuilder().subject_name(subject)
+               .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME,
+                                                          issuer or name)]))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1)))
+    if constraints is not None:
+        builder = builder.add_extension(constraints, critical=True)
+    if usage is not None:
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=False, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=usage, crl_sign=True,
+            encipher_only=False, decipher_only=False), critical=True)
+    return builder.sign((signer or key), hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+class IssuedShapeTests(SynchronousTestCase):
+    """Exactly what the CA issues: each extension, its criticality, the validity."""
+
+    def assertBackdated(self, certificate, before):
+        """Valid from five minutes before it was made (clocks differ a little)."""
+        after = datetime.datetime.now(datetime.timezone.utc)
+        start = certificate.not_valid_before_utc + datetime.timedelta(minutes=5)
+        self.assertTrue(before - datetime.timedelta(seconds=1) <= start <= after,
+                        (before, start, after))
+
+    def test_root(self):
+        asked = []
+        key = identity("ca-root").private_key
+
+        def generate(public_exponent, key_size):
+            asked.append(key_size)
+            return key
+
+        self.patch(ca.rsa, "generate_private_key", generate)
+        before = datetime.datetime.now(datetime.timezone.utc)
+        root = ca.create_authority("Shape Root").certificate
+        self.assertEqual(asked, [3072])
+        self.assertEqual(extension(root, x509.BasicConstraints),
+                         (x509.BasicConstraints(ca=True, path_length=0), True))
+        usage, critical = extension(root, x509.KeyUsage)
+        self.assertTrue(critical)
+        self.assertEqual((usage.digital_signature, usage.content_commitment,
+                          usage.key_encipherment, usage.data_encipherment, usage.key_agreement,
+                          usage.key_cert_sign, usage.crl_sign),
+                         (False, False, False, False, False, True, True))
+        self.assertBackdated(root, before)
+        self.assertEqual(root.not_valid_after_utc - root.not_valid_before_utc,
+                         datetime.timedelta(days=3650, minutes=5))
+
+    def test_identity(self):
+        before = datetime.datetime.now(datetime.timezone.utc)
+        certificate = x509.load_pem_x509_certificate(
+            ca.issue_identity(authority(), ca.make_request(identity("alice"))))
+        self.assertEqual(extension(certificate, x509.BasicConstraints),
+                         (x509.BasicConstraints(ca=False, path_length=None), True))
+        self.assertFalse(extension(certificate, x509.SubjectAlternativeName)[1])
+        self.assertEqual(extension(certificate, x509.ExtendedKeyUsage),
+                         (x509.ExtendedKeyUsage([ca.IDENTITY_EKU]), True))
+        self.assertFalse(extension(certificate, x509.AuthorityKeyIdentifier)[1])
+        self.assertBackdated(certificate, before)
+        self.assertEqual(certificate.not_valid_after_utc - certificate.not_valid_before_utc,
+                         datetime.timedelta(days=365, minutes=5))
+
+    def test_server(self):
+        before = datetime.datetime.now(datetime.timezone.utc)
+        _, pem = ca.issue_server(authority(), "localhost")
+        certificate = x509.load_pem_x509_certificate(pem)
+        self.assertEqual(extension(certificate, x509.BasicConstraints),
+                         (x509.BasicConstraints(ca=False, path_length=None), True))
+        self.assertFalse(extension(certificate, x509.SubjectAlternativeName)[1])
+        self.assertFalse(extension(certificate, x509.ExtendedKeyUsage)[1])
+        self.assertBackdated(certificate, before)
+
+    def test_one_day_is_the_shortest(self):
+        pem = ca.issue_identity(authority(), ca.make_request(identity("alice")), days=1)
+        certificate = x509.load_pem_x509_certificate(pem)
+        self.assertEqual(certificate.not_valid_after_utc - certificate.not_valid_before_utc,
+                         datetime.timedelta(days=1, minutes=5))
+        with self.assertRaises(ca.CAError) as caught:
+            ca.issue_identity(authority(), ca.make_request(identity("alice")), days=0)
+        self.assertIn("at least one day", str(caught.exception))
+
+
+class RequestTests(SynchronousTestCase):
+    def request(self, names: list[str], key=None) -> bytes:
+        key = key or identity("alice").private_key
+        subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, n) for n in names])
+        csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(
+            key, hashes.SHA256())
+        return csr.public_bytes(serialization.Encoding.PEM)
+
+    def test_exactly_one_identity(self):
+        for names in ([], ["alice", "bob"]):
+            with self.assertRaises(ca.CAError) as caught:
+                ca.issue_identity(authority(), self.request(names))
+            self.assertIn("exactly one identity", str(caught.exception))
+        ca.issue_identity(authority(), self.request(["alice"]))
+
+    def test_key_outside_the_limits(self):
+        from tests.test_keys import small_rsa_key
+
+        with self.assertRaises(ca.CAError) as caught:
+            ca.issue_identity(authority(), self.request(["alice"], small_rsa_key()))
+        self.assertIn("not usable", str(caught.exception))
+
+
+class CAFilesTests(SynchronousTestCase):
+    def test_unreadable_authority(self):
+        root = authority()
+        key_pem = root.key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption())
+        with self.assertRaises(ca.CAError) as caught:
+            ca.load_authority(b"junk", root.certificate_pem)
+        self.assertIn("cannot read the CA", str(caught.exception))
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        other = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption())
+        with self.assertRaises(ca.CAError) as caught:
+            ca.load_authority(other, root.certificate_pem)
+        self.assertIn("not an RSA key", str(caught.exception))
+        self.assertEqual(ca.load_authority(key_pem, root.certificate_pem).certificate,
+                         root.certificate)
+
+    def test_certificate_as_pem_from_any_form(self):
+        pem = certificate_for(identity("alice"))
+        parsed = x509.load_pem_x509_certificate(pem)
+        for form in (pem, ca.certificate_der(pem), parsed):
+            self.assertEqual(ca.certificate_pem(form), parsed.public_bytes(
+                serialization.Encoding.PEM))
+
+    def test_malformed_extension_fails_on_loading(self):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        alice = identity("alice")
+        der = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "alice")]))
+               .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "x")]))
+               .public_key(alice.public_key).serial_number(1)
+               .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.UnrecognizedExtension(
+                   x509.ExtensionOID.BASIC_CONSTRAINTS, b"\x30\x03\x01\x01"), critical=True)
+               .sign(alice.private_key, hashes.SHA256())
+               .public_bytes(serialization.Encoding.DER))
+        self.assertRaises(ca.CAError, ca.load_certificate, der)
+
+
+class RootBundleTests(SynchronousTestCase):
+    def test_not_a_bundle(self):
+        with self.assertRaises(ca.CAError) as caught:
+            ca.load_roots(b"-----BEGIN CERTIFICATE-----\njunk\n-----END CERTIFICATE-----\n")
+        self.assertIn("not a PEM certificate bundle", str(caught.exception))
+
+    def test_a_root_needs_every_mark_of_one(self):
+        key = identity("ca-shape").private_key
+        for pem, why in ((made_root(key, "No Constraints", constraints=None), "not a CA"),
+                         (made_root(key, "No Usage", usage=None), "not a CA"),
+                         (made_root(key, "No Cert Sign", usage=False), "may not sign"),
+                         (made_root(key, "Leaf Root", constraints=x509.BasicConstraints(
+                             ca=False, path_length=None)), "may not sign"),
+                         (made_root(key, "Issued", issuer="Another CA"), "not self-signed"),
+                         (made_root(key, "Forged", signer=identity("ca-other").private_key),
+                          "not self-signed")):
+            with self.assertRaises(ca.CAError) as caught:
+                ca.load_roots(pem)
+            self.assertIn(why, str(caught.exception))
+        self.assertEqual(len(ca.load_roots(made_root(key, "Good Root"))), 1)
+
+
+class IdentityCheckEdgeTests(SynchronousTestCase):
+    def setUp(self):
+        self.alice = identity("alice")
+        self.pem = certificate_for(self.alice)
+        self.certificate = x509.load_pem_x509_certificate(self.pem)
+        self.roots = [authority().certificate]
+
+    def check(self, pem=None, now=None, roots=None):
+        ca.verify_identity(pem or self.pem, roots or self.roots, "alice", self.alice.public_der,
+                           now)
+
+    def test_valid_at_both_ends_of_its_validity(self):
+        self.check(now=self.certificate.not_valid_before_utc)
+        self.check(now=self.certificate.not_valid_after_utc)
+        # And the root's: a root valid one day, the certificate thirty.
+        short = ca.create_authority("Edge Root", days=1, bits=2048)
+        start = short.certificate.not_valid_before_utc
+        pem = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "alice")]))
+               .issuer_name(short.certificate.subject)
+               .public_key(self.alice.public_key).serial_number(1)
+               .not_valid_before(start - datetime.timedelta(days=1))
+               .not_valid_after(start + datetime.timedelta(days=30))
+               .add_extension(x509.SubjectAlternativeName(
+                   [x509.UniformResourceIdentifier("mailrelay:alice")]), critical=False)
+               .add_extension(x509.ExtendedKeyUsage([ca.IDENTITY_EKU]), critical=True)
+               .add_extension(LEAF, critical=True).add_extension(SIGNING, critical=True)
+               .sign(short.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        for now in (start, short.certificate.not_valid_after_utc):
+            ca.verify_identity(pem, [short.certificate], "alice", self.alice.public_der, now)
+
+    def test_anything_malformed_is_a_refusal(self):
+        self.assertRaises(ca.CAError, self.check, roots=[None])
+
+    def test_certificate_without_the_purpose_or_names(self):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME,
+                                                               "alice")]))
+                   .issuer_name(authority().certificate.subject)
+                   .public_key(self.alice.public_key).serial_number(1)
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(LEAF, critical=True).add_extension(SIGNING, critical=True))
+        bare = builder.sign(authority().key, hashes.SHA256()).public_bytes(
+            serialization.Encoding.PEM)
+        with self.assertRaises(ca.CAError) as caught:
+            self.check(bare)
+        self.assertIn("not a mailrelay identity certificate", str(caught.exception))
+        unnamed = builder.add_extension(x509.ExtendedKeyUsage([ca.IDENTITY_EKU]), critical=True)
+        with self.assertRaises(ca.CAError) as caught:
+            self.check(unnamed.sign(authority().key, hashes.SHA256()).public_bytes(
+                serialization.Encoding.PEM))
+        self.assertIn("no identity", str(caught.exception))
+
+    def test_other_uris_do_not_count_as_ids(self):
+        pem = crafted_certificate(self.alice, ["alice", "https://alice.example/"])
+        self.check(pem)
+
+
+class RenewedRootTests(SynchronousTestCase):
+    def test_root_renewed_with_the_same_key(self):
+        """
+        The CA renewed its root (same name, same key) and both are in the
+        bundle: a certificate it issued is good whichever comes first.
+        """
+        root = ca.create_authority("Renewed Root", bits=2048)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        expired = (x509.CertificateBuilder().subject_name(root.certificate.subject)
+                   .issuer_name(root.certificate.subject).public_key(root.key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=400))
+                   .not_valid_after(now - datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                   .sign(root.key, hashes.SHA256()))
+        alice = identity("alice")
+        pem = certificate_for(alice, root)
+        for roots in ([expired, root.certificate], [root.certificate, expired]):
+            ca.verify_identity(pem, roots, "alice", alice.public_der)
+        with self.assertRaises(ca.CAError) as caught:
+            ca.verify_identity(pem, [expired], "alice", alice.public_der)
+        self.assertIn("is not valid now", str(caught.exception))
+
+    def test_renewed_root_valid_at_either_end(self):
+        """The first root that verifies and is valid at that very second is the one."""
+        root = ca.create_authority("Renewed Edge Root", bits=2048)
+        alice = identity("alice")
+        pem = certificate_for(alice, root, days=30)
+        start = x509.load_pem_x509_certificate(pem).not_valid_before_utc + datetime.timedelta(
+            days=1)
+
+        def copy(valid_from, valid_until):
+            return (x509.CertificateBuilder().subject_name(root.certificate.subject)
+                    .issuer_name(root.certificate.subject).public_key(root.key.public_key())
+                    .serial_number(x509.random_serial_number())
+                    .not_valid_before(valid_from).not_valid_after(valid_until)
+                    .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                    .sign(root.key, hashes.SHA256()))
+
+        day = datetime.timedelta(days=1)
+        expired, later = copy(start - 400 * day, start - day), copy(start + day, start + 400 * day)
+        for roots in ([copy(start, start + 10 * day), expired],
+                      [copy(start - 10 * day, start), later]):
+            ca.verify_identity(pem, roots, "alice", alice.public_der, start)
+
+
+class HostNameEncodingTests(SynchronousTestCase):
+    def test_name_that_cannot_be_encoded(self):
+        with self.assertRaises(ca.CAError) as caught:
+            ca.issue_server(authority(), "é" * 64 + ".example")
+        self.assertIn("is not a host name", str(caught.exception))
+
+    def test_authority_cannot_be_altered(self):
+        import dataclasses
+
+        self.assertRaises(dataclasses.FrozenInstanceError, setattr, authority(), "key", None)
