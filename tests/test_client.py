@@ -2040,3 +2040,25 @@ class InboxFileTests(SynchronousTestCase):
         self.addCleanup(inbox.close)
         self.assertTrue(inbox.seen("alice", mid(7)))
         self.assertTrue((home.path / "inbox.sqlite").exists())
+
+
+class MemoryInboxRecordTests(SynchronousTestCase):
+    """The inbox of a client without files keeps the same record as the file one."""
+
+    def test_header_numbers_and_senders(self):
+        inbox = MemoryInbox()
+        first = opened_message(b"x", message_id=mid(1), seq=1)
+        self.assertEqual(inbox.record(first), [])
+        self.assertEqual(inbox.seen_header("alice", mid(1)), first.header.encode())
+        self.assertIsNone(inbox.seen_header("alice", mid(2)))
+        self.assertFalse(inbox.numbered("carol"))  # alice's numbers are alice's
+        self.assertEqual(inbox.record(opened_message(b"y", message_id=mid(3), seq=3)),
+                         [Gap("alice", 2, 2)])
+        self.assertEqual(inbox.record(opened_message(b"z", message_id=mid(4), seq=4)), [])
+
+    def test_unflagged_records_count_as_the_current_keys(self):
+        inbox = MemoryInbox()
+        inbox.record(opened_message(b"x", message_id=mid(1), seq=1000))
+        self.assertEqual(inbox.record(opened_message(b"y", message_id=mid(2), seq=5),
+                                      retired=False),
+                         [Gap("alice", 5, 5, late=True)])

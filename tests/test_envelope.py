@@ -793,3 +793,27 @@ class StrictReadingTests(SynchronousTestCase):
         self.assertEqual(len(envelope._names), 1)
         self.assertIsNone(envelope._name(b"Upper"))
         self.assertIsNone(envelope._name(b"\xff"))
+
+
+class FastPathEdgeTests(SynchronousTestCase):
+    def test_fast_path_takes_envelopes_at_every_edge(self):
+        """Empty and largest fields, a ciphertext as large as allowed: still read fast."""
+        header = _forged_header(1_700_000_000, 1)
+        for wrapped in (0, 1024):
+            for ciphertext in (0, 32):
+                for signature in (0, 1024):
+                    data = (Writer().raw(header).blob16(b"w" * wrapped)
+                            .raw(b"n" * envelope.NONCE_SIZE).blob32(b"c" * ciphertext)
+                            .blob16(b"s" * signature).getvalue())
+                    self.assertEqual(envelope._route(data, max(ciphertext, 1)),
+                                     envelope.parse(data).header,
+                                     (wrapped, ciphertext, signature))
+
+
+class UnusableKeyTests(SynchronousTestCase):
+    def test_sealing_to_a_key_no_one_holds(self):
+        """An even modulus parses but encrypts to nothing: refused as an envelope error."""
+        even = rsa.RSAPublicNumbers(keys.PUBLIC_EXPONENT, 2**2047 + 2).public_key()
+        with self.assertRaises(EnvelopeError) as caught:
+            envelope.seal(alice(), "bob", even, b"hi")
+        self.assertIn("cannot seal for 'bob'", str(caught.exception))

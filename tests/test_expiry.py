@@ -108,3 +108,25 @@ class ExpireTests(SynchronousTestCase):
         self.assertEqual(describe_duration(7200), "2 hours")
         self.assertEqual(describe_duration(90), "90 seconds")
         self.assertEqual(describe_duration(120), "2 minutes")
+
+
+# Found by mutation testing (make mutation-test): checks no test above guarded.
+
+class ExpiryEdgeTests(SynchronousTestCase):
+    """Exactly at the TTL a message stays; a second later it expires."""
+
+    setUp = ExpireTests.setUp
+    accept = ExpireTests.accept
+
+    def test_at_exactly_the_ttl(self):
+        self.accept(1)
+        self.clock.advance(30 * DAY)
+        self.assertEqual(self.successResultOf(self.mailboxes.expire(30 * DAY)), 0)
+        self.clock.advance(1)
+        self.assertEqual(self.successResultOf(self.mailboxes.expire(30 * DAY)), 1)
+
+    def test_a_sweep_is_a_deferred(self):
+        """The relay's hourly sweep chains on what expire returns (tap.expireOldMessages)."""
+        from twisted.internet.defer import Deferred
+
+        self.assertIsInstance(self.mailboxes.expire(30 * DAY), Deferred)

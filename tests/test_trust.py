@@ -1224,3 +1224,32 @@ class VerifyWhileTheKeyChangesTests(SynchronousTestCase):
         self.assertFalse(contacts.is_verified("alice"))
         contacts.verify("alice", der=ALICE_2.public_der)
         self.assertTrue(contacts.is_verified("alice"))
+
+
+class ExtendingAnAcceptedChainTests(SynchronousTestCase):
+    """Past an accepted chain, every new step is checked as the first ones were."""
+
+    def setUp(self):
+        self.contacts = MemoryContacts()
+        self.contacts.pin("alice", ALICE.public_der)
+        self.first = step(ALICE, ALICE_2, T0 - 3 * DAY)
+        self.contacts.accept_key("alice", ALICE_2.public_der, [self.first], now=T0)
+
+    def offer(self, key, rotations):
+        return self.contacts.accept_key("alice", key.public_der, rotations, now=T0 + DAY)
+
+    def test_extension_signed_by_a_forger_is_refused(self):
+        for forged in (step(ALICE_2, FORGER, T0, new_signer=FORGER, old_signer=FORGER),
+                       step(ALICE_2, ALICE_3, T0, new_signer=FORGER),
+                       step(ALICE_2, ALICE_3, T0, old_signer=FORGER)):
+            offered = FORGER if forged.new_key == FORGER.public_der else ALICE_3
+            self.assertRaises(keys.IdentityError, self.offer, offered, [self.first, forged])
+            self.assertEqual(trusted(self.contacts), ALICE_2.public_der)
+            self.assertEqual(said(self.contacts), [pair(ALICE, ALICE_2)])
+
+    def test_every_key_on_an_extension_is_kept(self):
+        extension = [step(ALICE_2, ALICE_3, T0 - 2 * DAY), step(ALICE_3, ALICE_4, T0 - DAY)]
+        self.assertEqual(self.offer(ALICE_4, [self.first] + extension).rotated, 2)
+        self.assertEqual([(k.der, k.rotated_at) for k in self.contacts.history("alice")],
+                         [(ALICE.public_der, T0 - 3 * DAY), (ALICE_2.public_der, T0 - 2 * DAY),
+                          (ALICE_3.public_der, T0 - DAY), (ALICE_4.public_der, None)])
