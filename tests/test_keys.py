@@ -1017,3 +1017,14 @@ class HomeFilesReadTests(SynchronousTestCase):
         self.assertFalse(home.path.exists())  # asking creates nothing
         self.assertIs(home.contacts, home.contacts)
         self.assertEqual(mode_of(home.path), 0o700)
+
+
+class EvenModulusTests(SynchronousTestCase):
+    def test_even_modulus_is_refused(self):
+        """It parses, but no private key has it: nothing could be sealed to it."""
+        even = rsa.RSAPublicNumbers(keys.PUBLIC_EXPONENT, 2**2047 + 2).public_key()
+        with self.assertRaises(keys.BadKey) as caught:
+            keys.load_public_der(spki_der(even))
+        self.assertIn("modulus is even", str(caught.exception))
+        odd = rsa.RSAPublicNumbers(keys.PUBLIC_EXPONENT, 2**2047 + 3).public_key()
+        self.assertEqual(keys.load_public_der(spki_der(odd)).key_size, 2048)
