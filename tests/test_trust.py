@@ -1253,3 +1253,79 @@ class ExtendingAnAcceptedChainTests(SynchronousTestCase):
         self.assertEqual([(k.der, k.rotated_at) for k in self.contacts.history("alice")],
                          [(ALICE.public_der, T0 - 3 * DAY), (ALICE_2.public_der, T0 - 2 * DAY),
                           (ALICE_3.public_der, T0 - DAY), (ALICE_4.public_der, None)])
+
+
+class RetiredNumbersInTheInboxTests(SynchronousTestCase):
+    """
+    The inbox's bookkeeping of numbers signed by a retired key, on both
+    inboxes: they never raise the sender's highest for the current key's
+    messages, except below them.
+    """
+
+    def inboxes(self):
+        from mailrelay.client.inbox import Inbox
+
+        yield MemoryInbox()
+        inbox = Inbox(self.mktemp())
+        self.addCleanup(inbox.close)
+        yield inbox
+
+    def opened(self, seq, n=None):
+        return envelope.Opened(envelope.Header(
+            envelope.VERSION, envelope.SUITE_RSA, "alice", ALICE.fingerprint, "bob",
+            BOB.fingerprint, mid(seq if n is None else n), T0, seq), b"m")
+
+    def test_an_absurd_retired_number_leaves_the_current_numbering_alone(self):
+        from mailrelay.client.inbox import Gap
+
+        for inbox in self.inboxes():
+            self.assertEqual(inbox.record(self.opened(2**63 - 1), retired=True),
+                             [Gap("alice", 1, 2**63 - 2)])
+            self.assertEqual(inbox.record(self.opened(1)), [])
+            self.assertEqual(inbox.record(self.opened(3)), [Gap("alice", 2, 2)])
+            self.assertTrue(inbox.numbered("alice"))
+
+    def test_retired_numbers_count_among_themselves(self):
+        from mailrelay.client.inbox import Gap
+
+        for inbox in self.inboxes():
+            inbox.record(self.opened(5), retired=True)
+            self.assertEqual(inbox.record(self.opened(3), retired=True),
+                             [Gap("alice", 3, 3, late=True)])
+
+    def test_numbering_goes_on_across_the_rotation(self):
+        for inbox in self.inboxes():
+            self.assertEqual(inbox.record(self.opened(1), retired=True), [])
+            self.assertEqual(inbox.record(self.opened(2), retired=True), [])
+            self.assertEqual(inbox.record(self.opened(3)), [])
+            self.assertEqual(inbox.record(self.opened(4)), [])
+
+    def test_a_retired_number_equal_to_a_current_one_makes_it_no_later(self):
+        """A thief's message took number 2: alice's own 2 is not "late" for it."""
+        for inbox in self.inboxes():
+            inbox.record(self.opened(1), retired=True)
+            inbox.record(self.opened(2, n=20), retired=True)
+            self.assertEqual(inbox.record(self.opened(2)), [])
+
+    def test_a_retired_number_forgotten_counts_no_more(self):
+        from mailrelay.client.inbox import Gap
+
+        for inbox in self.inboxes():
+            inbox.record(self.opened(5), retired=True)
+            inbox.forget(self.opened(5))
+            self.assertEqual(inbox.record(self.opened(6)), [Gap("alice", 1, 5)])
+
+    def test_a_second_message_under_an_id_is_set_aside_with_a_file_inbox(self):
+        from mailrelay.client.inbox import Inbox
+
+        contacts = MemoryContacts()
+        contacts.accept_key("alice", ALICE.public_der, now=T0 - 10 * DAY)
+        inbox = Inbox(self.mktemp())
+        self.addCleanup(inbox.close)
+        relay = HostileRelay(self, contacts, inbox=inbox)
+        relay.key(ALICE_2, [step(ALICE, ALICE_2, T0 - DAY)])
+        relay.deliver(sealed_by(ALICE, b"forged", mid(7), T0 - 2 * DAY), mid(7))
+        relay.deliver(sealed_by(ALICE_2, b"genuine", mid(7), T0), mid(7))
+        self.assertEqual(relay.texts(), [b"forged"])
+        [kept] = inbox.quarantined()
+        self.assertEqual(kept.message_id, mid(7))
