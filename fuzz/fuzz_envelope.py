@@ -42,6 +42,7 @@ import os
 import sys
 
 import atheris
+from oracle import expect
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 with atheris.instrument_imports(include=["mailrelay"]):
@@ -90,16 +91,6 @@ BASES: tuple[tuple[bytes, bytes | None], ...] = (
 BASE_PARSED = tuple(envelope.parse(e) for e, _ in BASES)
 SOUND = {parsed.signed for parsed, (_, text) in zip(BASE_PARSED, BASES) if text is not None}
 """The signed parts that may open, once signed by alice: nothing else ever may."""
-
-
-def expect(holds: bool, *context) -> None:
-    """
-    A property of the oracle: unless it holds, raise AssertionError with
-    C{context} (the fuzzer then reports a crash).  Not C{assert}, which
-    C{python -O} would remove.
-    """
-    if not holds:
-        raise AssertionError(*context)
 
 
 def open_(data) -> envelope.Opened | None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import sys
 
 import atheris
+from oracle import expect
 
 with atheris.instrument_imports(include=["mailrelay"]):
     from mailrelay import wire
@@ -47,16 +48,6 @@ SMALL_COMPACT_AFTER = 32
 """A compaction threshold a few frames long, which inputs of a few KiB pass many times."""
 COMPACT_AFTER = wire.COMPACT_AFTER
 """The real threshold, put back after every input."""
-
-
-def expect(holds: bool, *context) -> None:
-    """
-    A property of the oracle: unless it holds, raise AssertionError with
-    C{context} (the fuzzer then reports a crash).  Not C{assert}, which
-    C{python -O} would remove.
-    """
-    if not holds:
-        raise AssertionError(*context)
 
 
 def check_body(body: bytes, max_envelope: int) -> wire.Frame | None:

@@ -59,6 +59,16 @@ class Authority:
         return self.certificate.public_bytes(serialization.Encoding.PEM)
 
 
+def _key_usage(**allowed: bool) -> x509.KeyUsage:
+    """A key usage extension allowing what is named, and nothing else."""
+    flags = dict.fromkeys(
+        ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+         "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only"),
+        False)
+    flags.update(allowed)
+    return x509.KeyUsage(**flags)
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
@@ -79,11 +89,7 @@ def create_authority(name: str, days: int = ROOT_DAYS, bits: int = CA_KEY_BITS) 
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
+            _key_usage(key_cert_sign=True, crl_sign=True),
             critical=True,
         )
         .add_extension(ski, critical=False)
@@ -235,11 +241,7 @@ def issue_identity(authority: Authority, request_pem: bytes, days: int = DEFAULT
         )
         .add_extension(x509.ExtendedKeyUsage([IDENTITY_EKU]), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
-            ),
+            _key_usage(digital_signature=True),
             critical=True,
         )
         .add_extension(

@@ -2255,9 +2255,9 @@ class RelayLogTests(RelayTestMixin, SynchronousTestCase):
         lines = self.captured(flood)
         self.assertEqual(len([line for line in lines if "sends faster than" in line]), 1)
 
-    def test_full_mailbox_logged_with_its_figures(self):
-        self.factory = RelayFactory(MemoryStore(Quota(messages=1, bytes=0)), self.clock,
-                                    name=RELAY)
+    def refusal_logged(self, quota: Quota) -> str:
+        """The one log line of a sender sending three messages past C{quota}."""
+        self.factory = RelayFactory(MemoryStore(quota), self.clock, name=RELAY)
         self.factory.storeReady()
         self.register(A, B)
         client = self.connect(A)
@@ -2266,24 +2266,15 @@ class RelayLogTests(RelayTestMixin, SynchronousTestCase):
             for n in range(1, 4):
                 client.send(wire.Send(seal(A, B, message_id=mid(n))))
 
-        lines = self.captured(fill)
-        [line] = [line for line in lines if "refusing messages from" in line]
-        self.assertIn("1 messages", line)
+        [line] = [line for line in self.captured(fill) if "refusing messages from" in line]
+        return line
+
+    def test_full_mailbox_logged_with_its_figures(self):
+        self.assertIn("1 messages", self.refusal_logged(Quota(messages=1, bytes=0)))
 
     def test_sender_at_its_cap_logged_with_its_figures(self):
-        self.factory = RelayFactory(MemoryStore(Quota(sender_messages=1)), self.clock,
-                                    name=RELAY)
-        self.factory.storeReady()
-        self.register(A, B)
-        client = self.connect(A)
-
-        def fill():
-            for n in range(1, 4):
-                client.send(wire.Send(seal(A, B, message_id=mid(n))))
-
-        lines = self.captured(fill)
-        [line] = [line for line in lines if "refusing messages from" in line]
-        self.assertIn("the sender has 1 messages", line)
+        self.assertIn("the sender has 1 messages",
+                      self.refusal_logged(Quota(sender_messages=1)))
 
     def test_failed_delete_is_logged_and_the_session_goes_on(self):
         self.register(A, B)
