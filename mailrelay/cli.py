@@ -569,7 +569,7 @@ def cmd_send(reactor, args):
             client = None
             _report_others(result, entry.message_id)
             if outbox.sent(entry.message_id):
-                _out(f"Message {entry.message_id.hex()} accepted by the relay for {recipient}.")
+                _say_accepted(entry)
                 return 0
             for refused, why in result.refused:
                 if refused.message_id == entry.message_id:
@@ -602,11 +602,14 @@ ANSWER_TIMEOUT = 30.0
 
 
 @inlineCallbacks
-def _flush(reactor, outbox, client):
-    """Flush C{outbox} through C{client}, cutting the connection if answers stop coming."""
+def _flush(reactor, outbox, client, accepted=None):
+    """
+    Flush C{outbox} through C{client}, cutting the connection if answers
+    stop coming; C{accepted} is called with each entry the relay accepts.
+    """
     timer = reactor.callLater(ANSWER_TIMEOUT, client.transport.abortConnection)
     try:
-        result = yield outbox.flush(client)
+        result = yield outbox.flush(client, accepted)
     finally:
         timed_out = not timer.active()
         if not timed_out:
@@ -616,6 +619,10 @@ def _flush(reactor, outbox, client):
         result.held = [(e, why if e.message_id in result.deferred_by_relay else silent)
                        for e, why in result.held]
     return result
+
+
+def _say_accepted(entry) -> None:
+    _out(f"Message {entry.message_id.hex()} accepted by the relay for {entry.recipient}.")
 
 
 def _report_others(result, own: bytes | None = None, accepted: bool = True) -> None:
@@ -647,11 +654,11 @@ def cmd_flush(reactor, args):
     except Failed as e:
         raise Failed(f"{e}; {waiting} message(s) still queued") from None
     try:
-        result = yield _flush(reactor, outbox, client)
+        # Each is reported as it is accepted: a flush cut short (by a lost
+        # connection or a kill) has said which ones the relay holds.
+        result = yield _flush(reactor, outbox, client, _say_accepted)
     finally:
         yield client.close()
-    for entry in result.accepted:
-        _out(f"Message {entry.message_id.hex()} accepted by the relay for {entry.recipient}.")
     for entry, why in result.refused:
         _err(f"mailrelay flush: the relay refused message {entry.message_id.hex()} for "
              f"{entry.recipient}: {why}")

@@ -35,6 +35,7 @@ class LineReader:
 
     def __init__(self, stream) -> None:
         self.lines: list[str] = []
+        self.ended = False
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self._thread.start()
@@ -44,26 +45,65 @@ class LineReader:
             self._queue.put(line)
         self._queue.put(None)
 
+    def _next(self, deadline: float) -> str | None:
+        """The next line (None once the stream has ended); queue.Empty at C{deadline}."""
+        if self.ended:
+            return None
+        line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+        if line is None:
+            self.ended = True
+        else:
+            self.lines.append(line)
+        return line
+
     def wait_for(self, pattern: str, timeout: float = 30.0) -> re.Match:
         """The first new line matching C{pattern}; AssertionError at the deadline."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no line matching {pattern!r} in:\n" + "".join(self.lines))
             try:
-                line = self._queue.get(timeout=remaining)
+                line = self._next(deadline)
             except queue.Empty:
-                continue
+                raise AssertionError(
+                    f"no line matching {pattern!r} in:\n" + "".join(self.lines)) from None
             if line is None:
                 raise AssertionError(
                     f"process ended without a line matching {pattern!r}:\n" + "".join(self.lines)
                 )
-            self.lines.append(line)
             match = regex.search(line)
             if match:
                 return match
+
+    def wait_quiet(self, pattern: str, quiet: float, timeout: float = 30.0) -> None:
+        """
+        Return once no new line has matched C{pattern} for C{quiet} seconds,
+        or the stream has ended; AssertionError at the deadline.
+        """
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        until = time.monotonic() + quiet
+        while until <= deadline:
+            try:
+                line = self._next(until)
+            except queue.Empty:
+                return
+            if line is None:
+                return
+            if regex.search(line):
+                until = time.monotonic() + quiet
+        raise AssertionError(f"lines matching {pattern!r} still coming after {timeout:g} s:\n"
+                             + "".join(self.lines))
+
+    def rest(self, timeout: float = 60.0) -> str:
+        """All the lines, once the stream has ended; AssertionError at the deadline."""
+        deadline = time.monotonic() + timeout
+        try:
+            while self._next(deadline) is not None:
+                pass
+        except queue.Empty:
+            raise AssertionError(f"the stream did not end within {timeout:g} s:\n"
+                                 + "".join(self.lines)) from None
+        return "".join(self.lines)
 
 
 class Relay:

@@ -12,7 +12,6 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -216,27 +215,33 @@ class CrashTests(SynchronousTestCase):
                                                contacts=home))
         outbox.close()
 
-        flush = subprocess.Popen(
-            [str(BIN / "mailrelay"), "flush", "--home", str(alice), "--server", relay.server],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(),
-        )
+        errors = root / "flush.err"
+        with errors.open("w") as stderr:
+            flush = subprocess.Popen(
+                [str(BIN / "mailrelay"), "flush", "--home", str(alice), "--server", relay.server],
+                stdout=subprocess.PIPE, stderr=stderr, text=True, env=environment(),
+            )
         self.addCleanup(lambda: flush.poll() is None and flush.kill())
-        # (The outbox is read only to time what happens to the relay.)  Once
-        # a few are accepted, the store's write lock is taken from here: the
-        # relay's next commit waits for it, and the relay is killed while it
-        # waits, with a send in flight, then the lock is let go.
-        wait_until(lambda: _sent_count(alice) >= 5, "the flush to get going")
+        printed = LineReader(flush.stdout)
+        # Once the flush has printed a few as accepted, the store's write
+        # lock is taken from here: the relay's next commit waits for it, and
+        # once the flush has printed nothing more for a while the relay is
+        # killed as it waits, with a send in flight, then the lock is let go.
+        ACCEPTED = r"^Message ([0-9a-f]{32}) accepted by the relay for 345\.$"
+        for _ in range(5):
+            printed.wait_for(ACCEPTED)
         store = sqlite3.connect(relay.data / "mailrelay.sqlite", timeout=10,
                                 isolation_level=None)
         store.execute("BEGIN IMMEDIATE")
-        wait_until(_stalled(alice, flush), "the flush to wait for the relay")
+        printed.wait_quiet(ACCEPTED, quiet=0.3)
         relay.kill()
         self.assertEqual(relay.process.returncode, -9)
         store.execute("ROLLBACK")
         store.close()
-        out, err = flush.communicate(timeout=60)
-        accepted = re.findall(r"^Message ([0-9a-f]{32}) accepted by the relay for 345\.$",
-                              out, re.MULTILINE)
+        out = printed.rest(timeout=60)
+        flush.wait(timeout=60)
+        err = errors.read_text()
+        accepted = re.findall(ACCEPTED, out, re.MULTILINE)
 
         relay.start(port=relay.port)
         first = cli(bob, relay.server, "recv", "--json", "--count", str(len(accepted)),
@@ -259,43 +264,6 @@ class CrashTests(SynchronousTestCase):
         self.assertEqual(len({r["id"] for r in shown}), self.COUNT)
         nothing = cli(bob, relay.server, "recv", "--timeout", "2")
         self.assertEqual((nothing.returncode, nothing.stdout), (0, ""))
-
-
-def wait_until(condition, what: str, timeout: float = 30.0) -> None:
-    """Poll C{condition} until it holds; AssertionError, naming C{what}, at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:g} s for {what}")
-        time.sleep(0.005)
-
-
-def _stalled(home: Path, flush: subprocess.Popen, quiet: float = 0.3):
-    """
-    A condition for L{wait_until}: the flush has ended, or has had no
-    message accepted for C{quiet} seconds.
-    """
-    last = [_sent_count(home), time.monotonic()]
-
-    def stalled() -> bool:
-        count = _sent_count(home)
-        if count != last[0]:
-            last[:] = [count, time.monotonic()]
-        return flush.poll() is not None or time.monotonic() - last[1] >= quiet
-
-    return stalled
-
-
-def _sent_count(home: Path) -> int:
-    """Messages the home's outbox has moved to its sent log (0 while it cannot be read)."""
-    try:
-        db = sqlite3.connect(f"file:{home / 'outbox.sqlite'}?mode=ro", uri=True, timeout=1)
-        try:
-            return db.execute("SELECT count(*) FROM sent").fetchone()[0]
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return 0
 
 
 class RelayIdentityTests(SynchronousTestCase):

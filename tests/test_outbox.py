@@ -307,6 +307,25 @@ class FlushRulesTests(SynchronousTestCase):
         [failed] = self.outbox.failed()
         self.assertRaises(dataclasses.FrozenInstanceError, setattr, failed, "seq", 5)
 
+    def test_each_acceptance_is_reported_as_it_happens(self):
+        """
+        C{accepted} hears of each message once the relay accepted it and the
+        outbox recorded it as sent, before the flush ends; never of one held.
+        """
+        first, second = self.queue("bob", b"one"), self.queue("bob", b"two")
+        client = ScriptedClient(wait=True)
+        heard = []
+        d = self.outbox.flush(
+            client, lambda entry: heard.append((entry.message_id,
+                                                self.outbox.sent(entry.message_id))))
+        client.waiting.pop(0).callback(first.message_id)
+        self.assertNoResult(d)
+        self.assertEqual(heard, [(first.message_id, True)])
+        client.waiting.pop(0).errback(Disconnected("gone"))
+        result = self.successResultOf(d)
+        self.assertEqual(heard, [(first.message_id, True)])
+        self.assertEqual([q.message_id for q, _ in result.held], [second.message_id])
+
     def test_held_by_the_relay_or_by_the_connection(self):
         self.queue("bob", b"full")
         self.queue("carol", b"lost")

@@ -216,20 +216,22 @@ class Outbox:
                 (reason, entry.message_id),
             )
 
-    def flush(self, client) -> Deferred[FlushResult]:
+    def flush(self, client, accepted=None) -> Deferred[FlushResult]:
         """
         Send everything queued through C{client} (a connected
         L{ClientProtocol}), oldest first, up to L{FLUSH_WINDOW} at a time.
         Fires when each has an answer or the connection is gone.  A flush
-        already running is joined, not doubled.
+        already running is joined, not doubled.  C{accepted}, if given, is
+        called with each L{Queued} entry as soon as the relay has accepted
+        it and the outbox has recorded that.
         """
         if self._flushing is not None:
             # Once the running flush ends, flush again: it may have started
             # before the newest messages were queued.
             d: Deferred[None] = Deferred()
             self._flushing.addBoth(lambda r: (d.callback(None), r)[1])
-            return d.addCallback(lambda _: self.flush(client))
-        self._flushing = self._flush(client)
+            return d.addCallback(lambda _: self.flush(client, accepted))
+        self._flushing = self._flush(client, accepted)
 
         def done(result):
             self._flushing = None
@@ -238,7 +240,7 @@ class Outbox:
         return self._flushing.addBoth(done)
 
     @inlineCallbacks
-    def _flush(self, client):
+    def _flush(self, client, accepted):
         from twisted.internet.defer import DeferredSemaphore
 
         result = FlushResult([], [], [])
@@ -251,14 +253,15 @@ class Outbox:
         window = DeferredSemaphore(FLUSH_WINDOW)
         state = {"gone": None}
         yield DeferredList(
-            [window.run(self._flushStream, client, stream, result, state)
+            [window.run(self._flushStream, client, stream, result, state, accepted)
              for stream in streams.values()],
             consumeErrors=True,
         )
         return result
 
     @inlineCallbacks
-    def _flushStream(self, client, stream: list[Queued], result: FlushResult, state: dict):
+    def _flushStream(self, client, stream: list[Queued], result: FlushResult, state: dict,
+                     accepted):
         from mailrelay.client.protocol import RelayError, SendRefused
 
         for position, entry in enumerate(stream):
@@ -281,6 +284,8 @@ class Outbox:
                 else:
                     self._accepted(entry)
                     result.accepted.append(entry)
+                    if accepted is not None:
+                        accepted(entry)
                     continue
             result.held.append((entry, reason))
             for later in stream[position + 1:]:
