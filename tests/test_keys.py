@@ -980,11 +980,7 @@ class HomeFilesReadTests(SynchronousTestCase):
         path = self.home.path / keys.CERTIFICATE_FILE
         path.write_bytes(pem)
         self.assertEqual(self.home.certificate(), ca.certificate_der(pem))
-        path.write_bytes(b"junk")
-        self.assertRaises(keys.IdentityError, self.home.certificate)
-        path.unlink()
-        path.mkdir()
-        self.assertRaises(keys.IdentityError, self.home.certificate)
+        self.assertRefusesJunkAndFolders(path, self.home.certificate)
 
     def test_identity_roots(self):
         from mailrelay import ca
@@ -995,11 +991,15 @@ class HomeFilesReadTests(SynchronousTestCase):
         path.write_bytes(authority.certificate_pem)
         [root] = self.home.identity_roots()
         self.assertEqual(root.subject, authority.certificate.subject)
+        self.assertRefusesJunkAndFolders(path, self.home.identity_roots)
+
+    def assertRefusesJunkAndFolders(self, path, read):
+        """C{read} raises IdentityError for junk at C{path}, and for a folder there."""
         path.write_bytes(b"junk")
-        self.assertRaises(keys.IdentityError, self.home.identity_roots)
+        self.assertRaises(keys.IdentityError, read)
         path.unlink()
         path.mkdir()
-        self.assertRaises(keys.IdentityError, self.home.identity_roots)
+        self.assertRaises(keys.IdentityError, read)
 
     def test_relay_pin_file(self):
         """Where earlier versions pinned a relay: the same file, so the pin still holds."""

@@ -24,11 +24,10 @@ from tests.test_client import ALICE, BOB, CAROL, MemoryRelay
 E = wire.ErrorCode
 
 
-class OutboxTests(SynchronousTestCase):
+class OutboxTestCase(SynchronousTestCase):
+    """An outbox of ALICE's in a file, with BOB's and CAROL's keys pinned."""
+
     def setUp(self):
-        self.relay = MemoryRelay(quota=Quota(messages=0, bytes=0))
-        for who in (ALICE, BOB, CAROL):
-            self.relay.register(who)
         self.contacts = MemoryContacts()
         for who in (BOB, CAROL):
             self.contacts.pin(who.name, who.public_der)
@@ -39,6 +38,14 @@ class OutboxTests(SynchronousTestCase):
     def queue(self, recipient: str, text: bytes):
         return self.successResultOf(queue_message(self.outbox, ALICE, recipient, text,
                                                   contacts=self.contacts))
+
+
+class OutboxTests(OutboxTestCase):
+    def setUp(self):
+        super().setUp()
+        self.relay = MemoryRelay(quota=Quota(messages=0, bytes=0))
+        for who in (ALICE, BOB, CAROL):
+            self.relay.register(who)
 
     def flush(self, client):
         d = self.outbox.flush(client)
@@ -274,19 +281,7 @@ class ScriptedClient:
         return fail(answer) if answer is not None else succeed(message_id)
 
 
-class FlushRulesTests(SynchronousTestCase):
-    def setUp(self):
-        self.contacts = MemoryContacts()
-        for who in (BOB, CAROL):
-            self.contacts.pin(who.name, who.public_der)
-        self.path = os.path.abspath(self.mktemp())
-        self.outbox = Outbox(self.path)
-        self.addCleanup(self.outbox.close)
-
-    def queue(self, recipient: str, text: bytes):
-        return self.successResultOf(queue_message(self.outbox, ALICE, recipient, text,
-                                                  contacts=self.contacts))
-
+class FlushRulesTests(OutboxTestCase):
     def flush(self, client):
         return self.successResultOf(self.outbox.flush(client))
 

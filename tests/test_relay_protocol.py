@@ -2242,31 +2242,27 @@ class RelayLogTests(RelayTestMixin, SynchronousTestCase):
             action()
         return [formatEvent(e) for e in events]
 
-    def test_rate_refusals_logged_once_a_session(self):
-        self.factory = RelayFactory(self.store, self.clock, name=RELAY, rate=1, burst=1)
+    def logged_sending(self, store, count: int, **options) -> list[str]:
+        """The log lines of A sending C{count} messages to B through a relay on C{store}."""
+        self.factory = RelayFactory(store, self.clock, name=RELAY, **options)
         self.factory.storeReady()
         self.register(A, B)
         client = self.connect(A)
 
-        def flood():
-            for n in range(1, 5):
+        def send():
+            for n in range(1, count + 1):
                 client.send(wire.Send(seal(A, B, message_id=mid(n))))
 
-        lines = self.captured(flood)
+        return self.captured(send)
+
+    def test_rate_refusals_logged_once_a_session(self):
+        lines = self.logged_sending(self.store, 4, rate=1, burst=1)
         self.assertEqual(len([line for line in lines if "sends faster than" in line]), 1)
 
     def refusal_logged(self, quota: Quota) -> str:
         """The one log line of a sender sending three messages past C{quota}."""
-        self.factory = RelayFactory(MemoryStore(quota), self.clock, name=RELAY)
-        self.factory.storeReady()
-        self.register(A, B)
-        client = self.connect(A)
-
-        def fill():
-            for n in range(1, 4):
-                client.send(wire.Send(seal(A, B, message_id=mid(n))))
-
-        [line] = [line for line in self.captured(fill) if "refusing messages from" in line]
+        lines = self.logged_sending(MemoryStore(quota), 3)
+        [line] = [line for line in lines if "refusing messages from" in line]
         return line
 
     def test_full_mailbox_logged_with_its_figures(self):

@@ -390,17 +390,24 @@ class FollowingRotationsTests(SynchronousTestCase):
         self.assertEqual(relay.rotated, [])
 
 
-class RollbackAndForkTests(SynchronousTestCase):
-    """The longest chain accepted per contact: nothing older, nothing beside it."""
+class AcceptedChainTestCase(SynchronousTestCase):
+    """alice pinned, then her rotation to ALICE_2 (at C{FIRST_AT}) accepted at T0."""
+
+    FIRST_AT = T0 - 2 * DAY
 
     def setUp(self):
         self.contacts = MemoryContacts()
         self.contacts.pin("alice", ALICE.public_der)
-        self.first = step(ALICE, ALICE_2, T0 - 2 * DAY)
+        self.first = step(ALICE, ALICE_2, self.FIRST_AT)
         self.contacts.accept_key("alice", ALICE_2.public_der, [self.first], now=T0)
 
     def offer(self, key, rotations):
+        """The relay's answer for alice, a day later."""
         return self.contacts.accept_key("alice", key.public_der, rotations, now=T0 + DAY)
+
+
+class RollbackAndForkTests(AcceptedChainTestCase):
+    """The longest chain accepted per contact: nothing older, nothing beside it."""
 
     def test_older_key_is_refused(self):
         with self.assertRaises(RolledBack) as caught:
@@ -1226,17 +1233,10 @@ class VerifyWhileTheKeyChangesTests(SynchronousTestCase):
         self.assertTrue(contacts.is_verified("alice"))
 
 
-class ExtendingAnAcceptedChainTests(SynchronousTestCase):
+class ExtendingAnAcceptedChainTests(AcceptedChainTestCase):
     """Past an accepted chain, every new step is checked as the first ones were."""
 
-    def setUp(self):
-        self.contacts = MemoryContacts()
-        self.contacts.pin("alice", ALICE.public_der)
-        self.first = step(ALICE, ALICE_2, T0 - 3 * DAY)
-        self.contacts.accept_key("alice", ALICE_2.public_der, [self.first], now=T0)
-
-    def offer(self, key, rotations):
-        return self.contacts.accept_key("alice", key.public_der, rotations, now=T0 + DAY)
+    FIRST_AT = T0 - 3 * DAY
 
     def test_extension_signed_by_a_forger_is_refused(self):
         for forged in (step(ALICE_2, FORGER, T0, new_signer=FORGER, old_signer=FORGER),
