@@ -176,9 +176,9 @@ def _migrate(txn) -> int:
 class _Group:
     """
     One group commit's view of mailbox usage, per mailbox and per (mailbox,
-    sender): what is committed (cached by the store, read from the
-    C{mailboxes} and C{senders} tables on first use) plus what this group
-    changed so far.  The group writes each touched row once, at its end,
+    sender): what is committed (cached by the store: mailboxes read from
+    the C{mailboxes} table on first use, the whole C{senders} table read at
+    start) plus what this group changed so far.  The group writes each touched row once, at its end,
     rather than once per message.
     """
 
@@ -222,14 +222,9 @@ class _Group:
         """(messages, bytes) the sender holds in the mailbox, C{key} = (recipient, sender)."""
         current = self.changed_senders.get(key)
         if current is None:
-            current = self._senders.get(key)
-        if current is None:
-            row = self.txn.execute(
-                "SELECT messages, bytes FROM senders WHERE recipient = ? AND sender = ?", key
-            ).fetchone()
-            if row is None:
-                return (0, 0)  # not cached: no entry at zero
-            current = self._senders[key] = (row[0], row[1])
+            # The store holds every row of the table (read at start), so a
+            # pair it lacks holds nothing: no query on the way.
+            current = self._senders.get(key, (0, 0))
         return current
 
     def change_sender(self, key: tuple[str, str], messages: int, size: int) -> None:
@@ -356,8 +351,7 @@ def _write_batch(group: _Group, items: list, outcomes: list, quota: Quota) -> No
             group.change(op.recipient, -1, -size)
             if kind == KIND_MESSAGE:
                 holder = (op.recipient, sender)
-                held, held_bytes = group.sender_usage(holder)
-                group.changed_senders[holder] = (held - 1, held_bytes - size)
+                group.change_sender(holder, -1, -size)
             if inserts.pop(key, None) is None:
                 doomed.append(seq)
             settled.append((op.recipient, op.message_id, sender, message_digest, op.now))
@@ -547,8 +541,10 @@ class SQLiteStore(Engine):
         # the reactor thread updates it, after a commit, between groups.
         self._usage: dict[str, tuple[int, int]] = {}
         # The same for what each sender holds in each mailbox, (recipient,
-        # sender) -> (messages, bytes); an entry at zero is dropped (as its
-        # row is), so only the pairs with messages waiting take memory.
+        # sender) -> (messages, bytes): the whole senders table, read at
+        # start, so a pair missing holds nothing.  An entry at zero is
+        # dropped (as its row is), so only the pairs with messages waiting
+        # take memory.
         self._senders: dict[tuple[str, str], tuple[int, int]] = {}
         # The last seq given (see _Group.next_seq); only the pool's thread
         # uses it, at start and in groups.
@@ -617,10 +613,16 @@ class SQLiteStore(Engine):
             )
 
     def _read_seq(self, txn) -> None:
-        """Go on numbering from the highest seq the table ever gave."""
+        """
+        Go on numbering from the highest seq the table ever gave; read what
+        each sender holds in each mailbox.
+        """
         (highest,) = txn.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()
         row = txn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
         self._seq[0] = max(highest, row[0] if row is not None else 0)
+        self._senders.update(
+            ((recipient, sender), (messages, size)) for recipient, sender, messages, size
+            in txn.execute("SELECT recipient, sender, messages, bytes FROM senders"))
 
     def _close(self) -> None:
         if not self._closed:
