@@ -16,7 +16,7 @@ from twisted.application import service
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python import monkey, usage
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -522,6 +522,32 @@ class ClientServiceTests(HomeMixin, SynchronousTestCase):
         self.assertEqual(len(self.reactor.tcpClients), 1)
         self.accept()
         self.assertEqual(len(self.connected_events()), 2)
+
+    def test_rotation_logged_once(self):
+        """A contact's key followed along its rotation is one warning in the log, not two."""
+        from twisted.logger import capturedLogs
+
+        from tests.test_trust import ALICE_2
+
+        top = self.make()
+        top.startService()
+        self.addCleanup(top.stopService)
+        self.accept()
+        alice = self.relay.client(ALICE)
+        d = alice.send("bob", b"before")
+        self.relay.flush()
+        self.successResultOf(d)
+        d = alice.rotate(ALICE_2, int(self.reactor.seconds()))
+        self.relay.flush()
+        self.successResultOf(d)
+        self.assertEqual(self.relay.store._keys["alice"], ALICE_2.public_der)
+        with capturedLogs() as protocol_events:
+            d = self.relay.client(ALICE_2).send("bob", b"after")
+            self.relay.flush()
+            self.successResultOf(d)
+        self.assertEqual(len(os.listdir(os.path.join(self.maildir, "new"))), 2, [formatEvent(e) for e in [*self.events, *protocol_events]])
+        told = [e for e in [*self.events, *protocol_events] if "rotated" in formatEvent(e)]
+        self.assertEqual(len(told), 1, [formatEvent(e) for e in told])
 
     def test_filer_rejected_logged(self):
         from mailrelay.client.protocol import Rejected

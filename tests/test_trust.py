@@ -85,16 +85,29 @@ class HostileRelay:
             **settings)
         self.client.retired_key_window = min(ttl, RETIRED_KEY_WINDOW) if ttl \
             else RETIRED_KEY_WINDOW
+        self.answer: wire.Key | None = None
+        self.lookups = 0
 
     def key(self, key: keys.Identity, rotations=(), certificate: bytes = b"") -> None:
-        """The relay's answer to LOOKUP(alice), this session."""
-        self.client.dataReceived(wire.encode(
-            wire.Key("alice", key.public_der, certificate, tuple(rotations))))
+        """The relay's answer to LOOKUP(alice), this session, and to every one asked later."""
+        self.answer = wire.Key("alice", key.public_der, certificate, tuple(rotations))
+        self.client.dataReceived(wire.encode(self.answer))
 
     def deliver(self, data: bytes, message_id: bytes = mid(1)) -> list:
-        """Deliver C{data}; return the frames the client wrote back."""
+        """
+        Deliver C{data}; return the frames the client wrote back, less the
+        LOOKUPs of alice, which get the answer L{key} gave.
+        """
         self.client.dataReceived(wire.encode(wire.Deliver(message_id, data)))
-        return read_frames(self.transport)
+        frames = []
+        for frame in read_frames(self.transport):
+            if frame == wire.Lookup("alice") and self.answer is not None:
+                self.lookups += 1
+                self.client.dataReceived(wire.encode(self.answer))
+                frames += read_frames(self.transport)
+            else:
+                frames.append(frame)
+        return frames
 
     def texts(self) -> list[bytes]:
         return [m.plaintext for m in self.received]
@@ -1083,6 +1096,42 @@ class RunningSessionTests(SynchronousTestCase):
         other.close()
         relay.deliver(sealed_by(ALICE, b"dated after the rotation", mid(2), T0, seq=2), mid(2))
         self.assertEqual(relay.texts(), [b"genuine"])
+
+
+class RotationDuringASessionTests(SynchronousTestCase):
+    def test_a_contact_rotating_while_the_session_runs_is_asked_about_again(self):
+        """
+        alice rotates while bob's session runs (a twistd mailclient, a chat):
+        her first message signed by the new key makes the session ask the
+        relay again, and it is shown once the answer's rotation checks out,
+        not dropped as signed by an unknown key.  A message signed by her
+        retired key, a key the client knows, asks nothing.
+        """
+        relay = HostileRelay(self)
+        relay.key(ALICE)
+        relay.deliver(sealed_by(ALICE, b"before", mid(1), T0 - 3 * DAY), mid(1))
+        relay.answer = wire.Key("alice", ALICE_2.public_der, b"",
+                                (step(ALICE, ALICE_2, T0 - DAY),))
+        frames = relay.deliver(sealed_by(ALICE_2, b"after", mid(2), T0, seq=2), mid(2))
+        self.assertEqual(frames, [wire.Ack(mid(2))])
+        self.assertEqual(relay.lookups, 1)
+        self.assertEqual(relay.rejected, [])
+        self.assertEqual(trusted(relay.contacts), ALICE_2.public_der)
+        frames = relay.deliver(sealed_by(ALICE, b"late", mid(3), T0 - 2 * DAY, seq=3), mid(3))
+        self.assertEqual(frames, [wire.Ack(mid(3))])
+        self.assertEqual(relay.lookups, 1)
+        self.assertEqual(relay.texts(), [b"before", b"after", b"late"])
+
+    def test_a_forgery_asked_about_again_is_still_refused(self):
+        """The second answer is checked like the first: the same forged chain, refused."""
+        relay = HostileRelay(self)
+        relay.contacts.pin("alice", ALICE.public_der)
+        relay.key(ALICE, [step(FORGER, ALICE, old_signer=FORGER, new_signer=FORGER)])
+        frames = relay.deliver(sealed_by(FORGER, b"send money"))
+        self.assertEqual(relay.lookups, 1)
+        self.assertEqual((frames, relay.received), ([wire.Ack(mid(1))], []))
+        [rejected] = relay.rejected
+        self.assertIn("it may be forged by the relay", rejected.reason)
 
 
 class StolenRetiredKeyTests(SynchronousTestCase):

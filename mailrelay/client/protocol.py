@@ -469,6 +469,11 @@ class ClientProtocol(Protocol):
             self._write(wire.Lookup(name))
         return d
 
+    def _forgetKey(self, name: str) -> None:
+        """Forget the relay's answer for C{name} this session: the next use asks again."""
+        for answers in (self._directory, self._certificates, self._rotations, self._trusted):
+            answers.pop(name, None)
+
     def certificate_of(self, name: str) -> bytes:
         """The certificate the relay gave with C{name}'s key this session (or empty)."""
         return self._certificates.get(name, b"")
@@ -503,7 +508,7 @@ class ClientProtocol(Protocol):
             if e.code == E.UNKNOWN_IDENTITY:
                 raise UnknownSender(e.code, e.text) from None
             raise
-        certificate = self._certificates.get(name, b"")
+        certificate = self.certificate_of(name)
         if self.identity_roots:
             # The relay's word is not enough: the CA must have certified it.
             from mailrelay import ca
@@ -514,18 +519,21 @@ class ClientProtocol(Protocol):
                 raise UncertifiedKey(
                     f"the relay's key for {name!r} has no valid certificate from your CA "
                     f"({e}); not using it") from None
-        outcome = self.contacts.accept_key(name, der, self._rotations.get(name, ()),
-                                           certificate, now=self._now())
+        outcome = self.contacts.accept_key(name, der, self.rotations_of(name), certificate,
+                                           now=self._now())
         if outcome.rotated:
-            self.log.warn("{name} rotated its key to {fingerprint} (signed over from the key "
-                          "trusted before); now using the new one", name=name,
-                          fingerprint=keys.format_fingerprint(keys.fingerprint(der)))
-            if outcome.was_verified:
-                self.log.warn("{name} was verified, and no longer is: compare the new safety "
-                              "number (mailrelay fingerprint {name}), then mailrelay verify "
-                              "{name}", name=name)
+            # Told once: by the callback if there is one (the CLI's terminal,
+            # the twistd client's log), else in the log.
             if self.on_key_rotated is not None:
                 self.on_key_rotated(name, outcome)
+            else:
+                self.log.warn("{name} rotated its key to {fingerprint} (signed over from the "
+                              "key trusted before); now using the new one", name=name,
+                              fingerprint=keys.format_fingerprint(keys.fingerprint(der)))
+                if outcome.was_verified:
+                    self.log.warn("{name} was verified, and no longer is: compare the new "
+                                  "safety number (mailrelay fingerprint {name}), then "
+                                  "mailrelay verify {name}", name=name)
         self._trusted[name] = (keys.public_der(outcome.key), outcome.key)
         return outcome.key
 
@@ -621,8 +629,7 @@ class ClientProtocol(Protocol):
             return
         if failure.check(NotNow):
             self.log.info("leaving message {id} with the relay for a later session",
-                          id=_frame_id(frame).hex() if not isinstance(frame, envelope.Opened)
-                          else frame.message_id.hex())
+                          id=_frame_id(frame).hex())
         else:
             self.log.failure("handling a delivered message failed; closing so it comes again",
                              failure)
@@ -665,12 +672,13 @@ class ClientProtocol(Protocol):
                              id=frame.message_id.hex())
             return False
         quarantined = Quarantined(frame.message_id, sender, reason, attempts)
-        self.log.warn("{what}", what=quarantined.describe())
         if self.on_quarantined is not None:
             try:
                 self.on_quarantined(quarantined)
             except Exception:
                 self.log.failure("reporting a quarantined message failed")
+        else:
+            self.log.warn("{what}", what=quarantined.describe())
         self._write(wire.Ack(frame.message_id))
         self._delivering = False
         self._nextDelivery()
@@ -703,6 +711,14 @@ class ClientProtocol(Protocol):
                 return
             key = yield self.contact_key(sender)
             h = env.header
+            if (h.sender_fingerprint != keys.fingerprint(keys.public_der(key))
+                    and not any(k.fingerprint == h.sender_fingerprint
+                                for k in self.contacts.history(sender))):
+                # A key this client never trusted: the sender may have rotated
+                # since this session asked the relay.  Ask again; the answer
+                # goes through every check the first one did.
+                self._forgetKey(sender)
+                key = yield self.contact_key(sender)
             retired = h.sender_fingerprint != keys.fingerprint(keys.public_der(key))
             if retired:
                 # Signed by another key of the sender: only one this client
