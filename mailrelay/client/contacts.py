@@ -370,8 +370,7 @@ class Contacts:
         replaced, or None.
         """
         name = keys.check_identity(name)
-        key = keys.load_public_der(der)
-        der = keys.public_der(key)
+        der = keys.canonical_der(der)
         actual = keys.fingerprint(der)
         if actual != expected:
             raise keys.IdentityError(
@@ -379,11 +378,13 @@ class Contacts:
                 f"{keys.format_fingerprint(actual)}, not {keys.format_fingerprint(expected)}: "
                 f"nothing was changed. Check the fingerprint with {name!r} again.")
         now = int(time.time()) if now is None else int(now)
-        current = self._current(name)
         chain = tuple(rotations)
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            if current is None or current != der:
+            # Read inside the transaction: a session in another process may
+            # have followed a rotation since.
+            current = self._current(name)
+            if current != der:
                 if current is not None:
                     self._retire(name, current, now, None)
                     self._db.execute("DELETE FROM chain WHERE contact = ?", (name,))
