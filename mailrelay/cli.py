@@ -731,7 +731,7 @@ def cmd_inbox(reactor, args):
         if args.json:
             _out(json.dumps(_notice_json(n), ensure_ascii=False))
         else:
-            _out(_notice_line(n))
+            _out(for_terminal(_notice_line(n)))
     for q in inbox.quarantined():
         if sender is not None and q.sender != sender:
             continue
@@ -754,9 +754,10 @@ def _notice_json(notice: wire.Notice) -> dict:
 
 
 def _notice_line(notice: wire.Notice) -> str:
-    # The text is the relay's: it must not pose as a message or rewrite the screen.
-    return (f"Message {notice.message_id.hex()} from {notice.sender} "
-            f"{for_terminal(notice.text)}; it will not arrive")
+    # The text is the relay's: printed through for_terminal (here, or by _err)
+    # so it cannot pose as a message or rewrite the screen.
+    return (f"Message {notice.message_id.hex()} from {notice.sender} {notice.text}; "
+            f"it will not arrive")
 
 
 def _format(opened: envelope.Opened, as_json: bool) -> str:

@@ -928,6 +928,19 @@ class RecvTests(OnlineTestCase):
         self.assertEqual(self.relay.count("alice"), 0)
         self.assertTrue(os.path.exists(os.path.join(self.home, "inbox.sqlite")))
 
+    def test_notice_text_escaped_once(self):
+        """A line break in a notice's text (the relay's words) is indented once, not twice."""
+        self.relay._result(self.relay.store.enqueue("alice", "bob", mid(9), b"old", 100))
+        self.relay._result(self.relay.store.expire(150, 200, "expired\nunread", 10))
+        self.queue(BOB, ALICE, b"after it", 1, seq=1)
+        d = self.run_online("recv", "--home", self.home, "--count", "1")
+        self.accept()
+        self.reactor.advance(0)
+        self.relay.flush()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertIn(f"mailrelay: Message {mid(9).hex()} from bob expired\n    unread; it "
+                      f"will not arrive\n", self.stderr.getvalue())
+
     def test_notice_gap_and_inbox(self):
         """
         recv shows a relay notice and a gap in a sender's numbering on
