@@ -57,6 +57,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import loadgen  # noqa: E402
+from tests.skips import in_ci  # noqa: E402  (what counts as CI, as for the tests)
 
 BIN = Path(sys.executable).parent
 CONFIGS = ("memory", "sqlite", "bare", "mosquitto")
@@ -849,11 +850,6 @@ def main(argv=None) -> int:
         print("bench: under CI the plot must be written: failing", file=sys.stderr)
         return 1
     return 0 if doc["ok"] else 1
-
-
-def in_ci() -> bool:
-    """Whether this run is CI's: C{CI} set to anything but empty, 0, false or no."""
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def plot(doc: dict, path: Path) -> str | None:

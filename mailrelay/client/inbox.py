@@ -289,30 +289,31 @@ class Inbox:
 
     def failed_attempt(self, message_id: bytes, envelope: bytes, reason: str) -> int:
         """Count one more failure to keep this delivery; fire how many so far."""
+        digest = _digest(envelope)
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
                 "INSERT INTO attempts (message_id, digest, count, last_error) VALUES (?, ?, 1, ?)"
                 " ON CONFLICT (message_id, digest) DO UPDATE SET count = count + 1,"
                 " last_error = excluded.last_error",
-                (message_id, _digest(envelope), reason))
+                (message_id, digest, reason))
             (count,) = self._db.execute(
                 "SELECT count FROM attempts WHERE message_id = ? AND digest = ?",
-                (message_id, _digest(envelope))).fetchone()
+                (message_id, digest)).fetchone()
         return count
 
     def quarantine(self, message_id: bytes, sender: str | None, envelope: bytes, reason: str,
                    attempts: int) -> None:
         """Keep a delivery that could not be kept otherwise, as it came, with the reason."""
+        digest = _digest(envelope)
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
                 "INSERT OR REPLACE INTO quarantine (message_id, digest, sender, envelope, reason,"
                 " attempts, quarantined_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (message_id, _digest(envelope), sender, envelope, reason, attempts,
-                 int(time.time())))
+                (message_id, digest, sender, envelope, reason, attempts, int(time.time())))
             self._db.execute("DELETE FROM attempts WHERE message_id = ? AND digest = ?",
-                             (message_id, _digest(envelope)))
+                             (message_id, digest))
 
     def kept(self, message_id: bytes) -> None:
         """A delivery was kept (or refused for good): forget its failed attempts, if any."""

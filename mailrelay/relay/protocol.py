@@ -794,7 +794,7 @@ class RelaySession(Protocol, TimeoutMixin):
                           identity=self.identity, why=why)
             return Refused(E.ROTATION_REFUSED, b"", f"key rotation refused: {why}")
 
-        if frame.timestamp >= 2**63:
+        if frame.timestamp > envelope.MAX_TIME_SEQ:
             # Kept as a signed 64-bit number, as every time is.
             raise refuse(f"its time {frame.timestamp} is out of range (under 2^63 seconds)")
         try:
