@@ -46,7 +46,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -296,12 +295,6 @@ class Process:
                 self.kill()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def together(calls: list[tuple]) -> list[subprocess.CompletedProcess]:
     """Run the C{mailrelay} commands C{calls} (arguments of L{cli}) at once; their results."""
     with ThreadPoolExecutor(len(calls)) as pool:
@@ -353,19 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     homes = make_homes(root, senders, recipients)
     data = root / "relay"
     data.mkdir()
-    port = free_port()
-    server = f"tcp:127.0.0.1:{port}"
     relay = Relay(data, "--window", "16")
     logs = {s: SenderLog(s, root / f"{s}.out", recipients, per_pair) for s in senders}
     shown = {r: RecipientLog(r, root / f"{r}.out") for r in recipients}
-    workers = (
-        [Process("sender", s, [sys.executable, __file__, "worker-send", "--home",
-                               str(homes[s]), "--server", server, "--to",
-                               ",".join(recipients), "--count", str(per_pair)],
-                 root / f"{s}.out", root / f"{s}.err") for s in senders]
-        + [Process("recipient", r, [str(BIN / "mailrelay"), "recv", "--json", "--home",
-                                    str(homes[r]), "--server", server],
-                   root / f"{r}.out", root / f"{r}.err") for r in recipients])
+    workers: list[Process] = []  # once the relay has its port
     failed: list[str] = []
     relay_kills = 0
     client_kills: Counter[str] = Counter()
@@ -402,7 +386,17 @@ def main(argv: list[str] | None = None) -> int:
         return False
 
     try:
-        relay.start(port)
+        # On a port the kernel picks; after each kill, restarted on the same one.
+        port = relay.start().port
+        server = relay.server
+        workers += (
+            [Process("sender", s, [sys.executable, __file__, "worker-send", "--home",
+                                   str(homes[s]), "--server", server, "--to",
+                                   ",".join(recipients), "--count", str(per_pair)],
+                     root / f"{s}.out", root / f"{s}.err") for s in senders]
+            + [Process("recipient", r, [str(BIN / "mailrelay"), "recv", "--json", "--home",
+                                        str(homes[r]), "--server", server],
+                       root / f"{r}.out", root / f"{r}.err") for r in recipients])
         for name in recipients:
             # Registered before anyone sends to them: the real CLI's first session.
             done = cli(homes[name], server, "recv", "--timeout", "0.1")
