@@ -110,16 +110,19 @@ def _conditions(node):
 
 
 class _ConditionOperator(Operator):
-    value = "True"
+    value: str
+    """What the condition becomes (a subclass says)."""
+
+    def _targets(self, node):
+        """The conditions of C{node} that are not C{value} already."""
+        return [c for c in _conditions(node) if c.get_code().strip() != self.value]
 
     def mutation_positions(self, node):
-        for condition in _conditions(node):
-            if condition.get_code().strip() != self.value:
-                yield condition.start_pos, condition.end_pos
+        for condition in self._targets(node):
+            yield condition.start_pos, condition.end_pos
 
     def mutate(self, node, index):
-        conditions = [c for c in _conditions(node) if c.get_code().strip() != self.value]
-        condition = conditions[index]
+        condition = self._targets(node)[index]
         position = node.children.index(condition)
         node.children[position] = _keyword(self.value, condition)
         return node
@@ -163,10 +166,27 @@ def _statement(node, kinds):
     return None
 
 
-class RemoveCall(Operator):
+class _RemoveStatement(Operator):
+    """A statement of a kind a subclass picks becomes C{pass}."""
+
+    def _target(self, node):
+        """The statement of C{node} to remove, or None."""
+        raise NotImplementedError
+
+    def mutation_positions(self, node):
+        statement = self._target(node)
+        if statement is not None:
+            yield statement.start_pos, statement.end_pos
+
+    def mutate(self, node, index):
+        node.children[0] = _keyword("pass", self._target(node))
+        return node
+
+
+class RemoveCall(_RemoveStatement):
     """A call made for its effect (a write, a check, a setting) is not made."""
 
-    def _call(self, node):
+    def _target(self, node):
         statement = _statement(node, ("atom_expr", "power"))
         if (statement is not None and statement.children[0].type != "keyword"
                 and statement.children[-1].type == "trailer"
@@ -175,32 +195,16 @@ class RemoveCall(Operator):
             return statement
         return None
 
-    def mutation_positions(self, node):
-        statement = self._call(node)
-        if statement is not None:
-            yield statement.start_pos, statement.end_pos
-
-    def mutate(self, node, index):
-        statement = self._call(node)
-        node.children[0] = _keyword("pass", statement)
-        return node
-
     @classmethod
     def examples(cls):
         return (Example("f(x)\n", "pass\n"),)
 
 
-class RemoveRaise(Operator):
+class RemoveRaise(_RemoveStatement):
     """A refusal (raise) that does not happen."""
 
-    def mutation_positions(self, node):
-        statement = _statement(node, ("raise_stmt",))
-        if statement is not None:
-            yield statement.start_pos, statement.end_pos
-
-    def mutate(self, node, index):
-        node.children[0] = _keyword("pass", node.children[0])
-        return node
+    def _target(self, node):
+        return _statement(node, ("raise_stmt",))
 
     @classmethod
     def examples(cls):
@@ -506,6 +510,14 @@ def run_plain(command: str, tree: Path, timeout: float | None = None):
     return done.returncode, done.stdout.decode("utf-8", "replace"), time.monotonic() - started
 
 
+def skip(db_path: Path, job_ids: list[str], reason: str) -> None:
+    """Mark C{job_ids} of a module's session as skipped, for C{reason}."""
+    if job_ids:
+        with use_db(str(db_path), WorkDB.Mode.open) as db:
+            db.set_multiple_results(job_ids, WorkResult(
+                output=reason, worker_outcome=WorkerOutcome.SKIPPED))
+
+
 def check_copy(tree: Path) -> None:
     """The tests must import the copy, or every mutant would survive unseen."""
     code, output, _ = run_plain(shlex.join(
@@ -605,12 +617,10 @@ def main(argv=None) -> int:
                            and s["function"] == scope.function_at(m.start_pos[0])
                            and s["line"].startswith(text) for s in last)
 
-            keep = [item for item in pending if again(item)]
-            dropped = [item.job_id for item in pending if not again(item)]
-            if dropped:
-                with use_db(str(db_path), WorkDB.Mode.open) as db:
-                    db.set_multiple_results(dropped, WorkResult(
-                        output="survived no earlier run", worker_outcome=WorkerOutcome.SKIPPED))
+            keep, dropped = [], []
+            for item in pending:
+                (keep if again(item) else dropped).append(item)
+            skip(db_path, [item.job_id for item in dropped], "survived no earlier run")
             plan[i] = (module, db_path, scope, keep)
 
     if args.sample is not None:
@@ -622,12 +632,10 @@ def main(argv=None) -> int:
             if n not in chosen:
                 dropped.setdefault(i, []).append(item.job_id)
         for i, (module, db_path, scope, pending) in enumerate(plan):
-            if dropped.get(i):
-                with use_db(str(db_path), WorkDB.Mode.open) as db:
-                    db.set_multiple_results(dropped[i], WorkResult(
-                        output="not in the sample", worker_outcome=WorkerOutcome.SKIPPED))
-            keep = set(dropped.get(i, ()))
-            plan[i] = (module, db_path, scope, [p for p in pending if p.job_id not in keep])
+            dropped_ids = set(dropped.get(i, ()))
+            skip(db_path, list(dropped_ids), "not in the sample")
+            plan[i] = (module, db_path, scope,
+                       [p for p in pending if p.job_id not in dropped_ids])
 
     total = sum(len(p) for _, _, _, p in plan)
     what = (f"a sample of {total} (seed {args.seed}) of the trust modules' mutants"
@@ -704,24 +712,24 @@ def main(argv=None) -> int:
     header = (f"{'module':38} {'mutants':>7} {'killed':>6} {'survived':>8} {'accepted':>8} "
               f"{'score':>6} {'time':>7} {'s/mutant':>8}")
     print(header)
-    totals = {"killed": 0, "survived": 0, "timeout": 0, "accepted": 0}
-    n_all = 0
-    for path, counts, n, elapsed in rows:
-        for k in totals:
-            totals[k] += counts[k]
-        n_all += n
+
+    def row(name: str, counts: dict, n: int, seconds: float) -> float:
+        """Print one line of the table; return its score."""
         judged = counts["killed"] + counts["survived"]
         score = 100.0 * counts["killed"] / judged if judged else 100.0
-        print(f"{path:38} {n:7} {counts['killed']:6} {counts['survived']:8} "
-              f"{counts['accepted']:8} {score:5.1f}% {elapsed:6.0f}s {elapsed / max(n, 1):8.1f}")
+        print(f"{name:38} {n:7} {counts['killed']:6} {counts['survived']:8} "
+              f"{counts['accepted']:8} {score:5.1f}% {seconds:6.0f}s {seconds / max(n, 1):8.1f}")
+        return score
+
+    totals = {k: sum(counts[k] for _, counts, _, _ in rows)
+              for k in ("killed", "survived", "timeout", "accepted")}
+    for path, counts, n, elapsed in rows:
+        row(path, counts, n, elapsed)
+    score = row("total", totals, total, elapsed_all)
     judged = totals["killed"] + totals["survived"]
-    score = 100.0 * totals["killed"] / judged if judged else 100.0
-    print(f"{'total':38} {n_all:7} {totals['killed']:6} {totals['survived']:8} "
-          f"{totals['accepted']:8} {score:5.1f}% {elapsed_all:6.0f}s "
-          f"{elapsed_all / max(n_all, 1):8.1f}")
     print(f"mutation score {score:.1f}% ({totals['killed']} of {judged} killed, "
           f"{totals['timeout']} by timeout; {totals['accepted']} survivors accepted as "
-          f"equivalent), {elapsed_all:.0f} s, {elapsed_all / max(n_all, 1):.1f} s a mutant; "
+          f"equivalent), {elapsed_all:.0f} s, {elapsed_all / max(total, 1):.1f} s a mutant; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     (work / "summary.json").write_text(json.dumps({
